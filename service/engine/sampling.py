@@ -1,0 +1,80 @@
+"""Per-row token choice: greedy, or temperature/top-k/top-p sampling with a per-request seeded generator.
+
+Each sampled row draws exactly one uniform number per step from its own generator and picks by inverse CDF
+over candidates in a fixed order, so a seeded request's tokens do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.engine.types import SamplingOptions, TopToken
+
+_NUCLEUS_FIRST_TRY = 256  # candidates examined before falling back to sorting the whole vocabulary
+
+
+def apply_penalties(logits: np.ndarray, seen: np.ndarray | None, penalty: float, banned: tuple[int, ...]) -> None:
+    """In place on one row [V]: repetition penalty on `seen` ids (CTRL / HF style) and banned ids to -inf."""
+    if seen is not None and seen.size and penalty != 1.0:
+        picked = logits[seen]
+        logits[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
+    if banned:
+        logits[list(banned)] = -np.inf
+
+
+def _sorted(z: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    return pool[np.lexsort((pool, -z[pool]))]  # most likely first, ties by id: a fixed order
+
+
+def _candidates(z: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate ids and their unnormalised probabilities after top-k, then top-p (as HF warpers apply them)."""
+    v = z.shape[0]
+    z = z - z.max()
+    if 0 < top_k < v:
+        pool = np.argpartition(-z, top_k - 1)[:top_k]
+    elif top_p >= 1.0:
+        return np.arange(v), np.exp(z)  # plain sampling: id order is fixed already
+    else:
+        pool = np.arange(v)
+    if top_p >= 1.0:
+        ids = _sorted(z, pool)
+        return ids, np.exp(z[ids])
+    total = np.exp(z[pool]).sum()
+    # The nucleus is usually small: look at the most likely few first, and sort everything only if needed.
+    if pool.size > _NUCLEUS_FIRST_TRY:
+        few = pool[np.argpartition(-z[pool], _NUCLEUS_FIRST_TRY - 1)[:_NUCLEUS_FIRST_TRY]]
+        ids = _sorted(z, few)
+        probs = np.exp(z[ids])
+        cum = np.cumsum(probs) / total
+        if cum[-1] >= top_p:
+            cut = int(np.searchsorted(cum, top_p, side="left")) + 1
+            return ids[:cut], probs[:cut]
+    ids = _sorted(z, pool)
+    probs = np.exp(z[ids])
+    cum = np.cumsum(probs) / total
+    cut = min(int(np.searchsorted(cum, top_p, side="left")) + 1, ids.size)
+    return ids[:cut], probs[:cut]
+
+
+def sample_row(logits: np.ndarray, opts: SamplingOptions, rng: np.random.Generator) -> int:
+    """Choose the next token from one row of processed logits [V] (float64)."""
+    if opts.greedy:
+        return int(np.argmax(logits))
+    z = logits / opts.temperature
+    ids, probs = _candidates(z, opts.top_k, opts.top_p)
+    cdf = np.cumsum(probs)
+    u = rng.random() * cdf[-1]
+    return int(ids[min(int(np.searchsorted(cdf, u, side="right")), len(ids) - 1)])
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max()
+    return z - np.log(np.exp(z).sum())
+
+
+def top_alternatives(logprobs: np.ndarray, n: int, decode: callable) -> tuple[TopToken, ...]:  # type: ignore[valid-type]
+    if n <= 0:
+        return ()
+    part = np.argpartition(-logprobs, n - 1)[:n]
+    order = np.lexsort((part, -logprobs[part]))
+    return tuple(TopToken(int(i), decode([int(i)]), float(logprobs[i])) for i in part[order])

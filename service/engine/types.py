@@ -1,0 +1,108 @@
+"""What goes into the engine and what comes out of it, free of any transport."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Finish(enum.Enum):
+    MAX_TOKENS = "max_tokens"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+    TIME_LIMIT = "time_limit"
+    CONTEXT_LENGTH = "context_length"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+class ErrorKind(enum.Enum):
+    """Why a request failed, so the transport can pick a status code in one place."""
+
+    INTERNAL = "internal"
+    OUT_OF_MEMORY = "out_of_memory"
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 means no limit
+    top_p: float = 1.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    min_new_tokens: int = 0
+    stop_sequences: tuple[str, ...] = ()
+    include_stop_sequence: bool = False
+    deadline: float | None = None  # time.monotonic() at which the stream ends with TIME_LIMIT
+    logprobs: bool = False
+    top_n: int = 0
+    echo_prompt_tokens: bool = False
+    request_id: str = ""
+    debug_fault: str | None = None  # "prefill_oom" or "error_at_N"; honoured only with EngineConfig.debug_faults
+
+
+@dataclass(frozen=True)
+class TopToken:
+    id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenOut:
+    id: int
+    text: str
+    logprob: float | None = None
+    top: tuple[TopToken, ...] = ()
+
+
+@dataclass(frozen=True)
+class Timings:
+    arrival_ns: int  # wall clock, for spans
+    prefill_start_ns: int
+    first_token_ns: int
+    end_ns: int
+
+    @property
+    def queue_ms(self) -> float:
+        return max(0, self.prefill_start_ns - self.arrival_ns) / 1e6 if self.prefill_start_ns else self.total_ms
+
+    @property
+    def ttft_ms(self) -> float:
+        return (self.first_token_ns - self.arrival_ns) / 1e6 if self.first_token_ns else 0.0
+
+    @property
+    def decode_ms(self) -> float:
+        return (self.end_ns - self.first_token_ns) / 1e6 if self.first_token_ns else 0.0
+
+    @property
+    def total_ms(self) -> float:
+        return (self.end_ns - self.arrival_ns) / 1e6
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One stream message: released text and the tokens it covers; `finish` is set on the last one only."""
+
+    text: str
+    tokens: tuple[TokenOut, ...] = ()
+    finish: Finish | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timings: Timings | None = None
+    stop_sequence: str = ""
+    seed: int | None = None
+    error: str = ""
+    error_kind: ErrorKind | None = None
+    prompt_token_ids: tuple[int, ...] = ()
