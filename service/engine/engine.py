@@ -141,6 +141,8 @@ class Engine:
         self._last_step = time.monotonic()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._cancel_all = False
+        self._stepped = threading.Condition()
         self._decode_token = model.tokenizer.decode
 
     # -- lifecycle (any thread) ------------------------------------------------------------------
@@ -156,6 +158,22 @@ class Engine:
         self._inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def wait_until(self, predicate: Callable[[EngineStats], bool], timeout: float) -> bool:
+        """Block until predicate(stats) holds after some engine iteration, or timeout; returns whether it held."""
+        deadline = time.monotonic() + timeout
+        with self._stepped:
+            while not predicate(self.stats()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._stepped.wait(left)
+        return True
+
+    def cancel_all(self) -> None:
+        """End every stream at the next step with a final CANCELLED message (shutdown after the grace period)."""
+        self._cancel_all = True
+        self._inbox.put(None)
 
     @property
     def alive(self) -> bool:
@@ -227,6 +245,8 @@ class Engine:
                     log.exception("engine iteration failed")
                     self._fail_all(exc)
                 self._publish()
+                with self._stepped:
+                    self._stepped.notify_all()
         self._fail_all(RuntimeError("engine stopped"), Finish.CANCELLED)
         self._publish()
 
@@ -244,8 +264,9 @@ class Engine:
             item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
-        while item is not None:
-            self._waiting.append(item)
+        while True:
+            if item is not None:
+                self._waiting.append(item)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -254,6 +275,9 @@ class Engine:
     def _reap(self) -> None:
         """End cancelled, expired and stalled sequences wherever they are, freeing their slots now."""
         now = time.monotonic()
+        if self._cancel_all:
+            for seq in [*self._waiting, *self._active, *([self._prefilling] if self._prefilling else [])]:
+                seq.handle.cancel()
 
         def verdict(seq: _Sequence) -> tuple[Finish, str] | None:
             if seq.handle.cancelled:

@@ -1,0 +1,159 @@
+"""Server assembly and lifecycle: start (model loads in the background), serve, drain on SIGTERM, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+from service.config import DEFAULT_MODEL, Config
+from service.engine.default_model import TINY, ensure_random_model
+from service.engine.engine import Engine, EngineConfig
+from service.engine.loader import LoadedModel, load_model
+from service.servicer import GenerationServicer, ServerState
+from service.telemetry import get_tracer
+from tokenstream.v1 import generation_pb2 as pb
+from tokenstream.v1 import generation_pb2_grpc as pb_grpc
+
+log = logging.getLogger("tokenstream.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def resolve_model_dir(config: Config) -> str:
+    if config.model_dir == DEFAULT_MODEL:
+        return str(ensure_random_model(TINY, config.model_cache_path))
+    return config.model_dir
+
+
+def load_engine(config: Config) -> tuple[LoadedModel, Engine, Config]:
+    """Blocking: load the checkpoint, build and warm up the engine. Returns the config with effective limits."""
+    model = load_model(resolve_model_dir(config), dtype=config.dtype)
+    max_context = min(config.max_context, model.config.max_position_embeddings)
+    config = dataclasses.replace(config, max_context=max_context)
+    engine = Engine(model, EngineConfig(
+        max_slots=config.max_slots, max_prefill_tokens=config.max_prefill_tokens, max_context=max_context,
+        max_queue=config.max_queue, max_backlog=config.max_backlog, device=config.device, dtype=config.dtype,
+        debug_faults=config.debug_faults,
+    ))
+    engine.start(warmup=True)
+    return model, engine, config
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    state: ServerState
+    health: health_aio.HealthServicer
+    load_task: asyncio.Task[None]
+
+    async def wait_ready(self) -> None:
+        await self.load_task
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop admitting (UNAVAILABLE), let streams finish for grace_s, then end the rest with a final message."""
+        self.state.draining = True
+        await self.health.enter_graceful_shutdown()
+        if self.state.active_streams:
+            try:
+                await asyncio.wait_for(self.state.drained.wait(), grace_s)
+            except TimeoutError:
+                log.warning("grace period over: cancelling %d streams", self.state.active_streams)
+        engine = self.state.engine
+        if engine is not None and self.state.active_streams:
+            engine.cancel_all()  # each remaining stream gets its final message, FINISH_REASON_CANCELLED
+            try:
+                await asyncio.wait_for(self.state.drained.wait(), 5.0)
+            except TimeoutError:
+                log.error("%d streams did not end after cancellation", self.state.active_streams)
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        if not self.load_task.done():
+            self.load_task.cancel()
+        await self.server.stop(grace_s)
+        if self.state.engine is not None:
+            await asyncio.to_thread(self.state.engine.stop)
+
+
+EngineLoader = Callable[[Config], tuple[LoadedModel, Engine, Config]]
+
+
+async def start_server(
+    config: Config, *, tracer_provider: trace.TracerProvider | None = None, loader: EngineLoader = load_engine
+) -> RunningServer:
+    """Bind and start serving at once (health NOT_SERVING), loading the model in a background thread."""
+    interceptors = []
+    if tracer_provider is not None:
+        # Health checks are probes, not requests: keep them out of traces.
+        interceptors.append(aio_server_interceptor(tracer_provider=tracer_provider,
+                                                   filter_=filters.negate(filters.health_check())))
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", config.max_receive_message_bytes),
+            ("grpc.max_metadata_size", config.max_metadata_bytes),
+            # Long-lived streams: accept client keepalive pings down to every 10 s, even without calls.
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    state = ServerState(config=config)
+    health = health_aio.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        await health.set(name, NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(state, get_tracer(tracer_provider)), server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+
+    async def load() -> None:
+        model, eng, effective = await asyncio.to_thread(loader, config)
+        state.config = dataclasses.replace(effective, host=config.host, port=port)
+        state.model, state.engine = model, eng
+        for name in ("", SERVICE_NAME):
+            await health.set(name, SERVING)
+        log.info("serving %s on %s:%d", model.name, config.host, port)
+
+    return RunningServer(server, port, state, health, asyncio.create_task(load()))
+
+
+async def serve(config: Config, tracer_provider: trace.TracerProvider | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and exit."""
+    sys.setswitchinterval(config.switch_interval_ms / 1000.0)
+    running = await start_server(config, tracer_provider=tracer_provider)
+    log.info("listening on %s:%d (health NOT_SERVING until the model is warm)", config.host, running.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running.load_task.add_done_callback(lambda task: task.cancelled() or task.exception() is None or stop.set())
+    await stop.wait()
+    if running.load_task.done() and not running.load_task.cancelled() and running.load_task.exception():
+        await running.stop(0)
+        raise running.load_task.exception()  # type: ignore[misc]
+    log.info("signal received: draining for up to %.1f s", config.grace_s)
+    await running.drain(config.grace_s)
+    await running.stop(1.0)
+    log.info("stopped")

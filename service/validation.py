@@ -1,0 +1,126 @@
+"""Every field of every request is checked here, and every violation is reported with its field path."""
+
+from __future__ import annotations
+
+import math
+
+from service.config import Config
+from service.engine.tokenizer import Tokenizer
+from service.engine.types import GenerationRequest, SamplingOptions
+from service.errors import FieldViolation, InvalidRequestError
+from tokenstream.v1 import generation_pb2 as pb
+
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 10.0
+
+
+def _check_sampling(s: pb.SamplingParams, bad: list[FieldViolation]) -> SamplingOptions:
+    temperature = s.temperature if s.HasField("temperature") else 0.0
+    if not math.isfinite(temperature) or not 0.0 <= temperature <= MAX_TEMPERATURE:
+        bad.append(FieldViolation("sampling.temperature", f"must be 0 (greedy) or in (0, {MAX_TEMPERATURE:g}]"))
+    top_p = s.top_p if s.top_p != 0.0 else 1.0
+    if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
+        bad.append(FieldViolation("sampling.top_p", "must be in (0, 1]"))
+    penalty = s.repetition_penalty if s.repetition_penalty != 0.0 else 1.0
+    if not math.isfinite(penalty) or not 0.0 < penalty <= MAX_REPETITION_PENALTY:
+        bad.append(FieldViolation("sampling.repetition_penalty", f"must be in (0, {MAX_REPETITION_PENALTY:g}]"))
+    return SamplingOptions(
+        temperature=temperature if math.isfinite(temperature) else 0.0,
+        top_k=s.top_k,
+        top_p=top_p,
+        seed=s.seed if s.HasField("seed") else None,
+        repetition_penalty=penalty,
+    )
+
+
+def _check_stopping(st: pb.StoppingCriteria, cfg: Config, bad: list[FieldViolation]) -> tuple[int, int, int]:
+    max_new = st.max_new_tokens if st.HasField("max_new_tokens") else cfg.max_new_tokens
+    if st.HasField("max_new_tokens") and not 0 < max_new <= cfg.max_new_tokens_limit:
+        bad.append(FieldViolation("stopping.max_new_tokens", f"must be in [1, {cfg.max_new_tokens_limit}]"))
+    if st.min_new_tokens > max_new:
+        bad.append(FieldViolation("stopping.min_new_tokens", "must not exceed max_new_tokens"))
+    time_limit = st.time_limit_ms if st.HasField("time_limit_ms") else cfg.max_request_ms
+    if st.HasField("time_limit_ms") and time_limit == 0:
+        bad.append(FieldViolation("stopping.time_limit_ms", "must be positive; leave it unset for the server maximum"))
+    if len(st.stop_sequences) > cfg.max_stop_sequences:
+        bad.append(FieldViolation("stopping.stop_sequences", f"at most {cfg.max_stop_sequences} are allowed"))
+    for i, stop in enumerate(st.stop_sequences[: cfg.max_stop_sequences]):
+        if not stop:
+            bad.append(FieldViolation(f"stopping.stop_sequences[{i}]", "must not be empty"))
+        elif len(stop) > cfg.max_stop_sequence_chars:
+            bad.append(FieldViolation(f"stopping.stop_sequences[{i}]",
+                                      f"longer than {cfg.max_stop_sequence_chars} characters"))
+    return max_new, min(time_limit, cfg.max_request_ms), st.min_new_tokens
+
+
+def _prompt_text(req: pb.GenerateRequest, cfg: Config, tok: Tokenizer, bad: list[FieldViolation]) -> str | None:
+    if req.prompt and req.messages:
+        bad.append(FieldViolation("messages", "set either prompt or messages, not both"))
+        return None
+    if req.messages:
+        if len(req.messages) > cfg.max_messages:
+            bad.append(FieldViolation("messages", f"at most {cfg.max_messages} messages are allowed"))
+            return None
+        for i, m in enumerate(req.messages):
+            if not m.role:
+                bad.append(FieldViolation(f"messages[{i}].role", "must not be empty"))
+        if any(v.field.startswith("messages") for v in bad):
+            return None
+        if not tok.chat_template:
+            bad.append(FieldViolation("messages", "the model has no chat template; send a raw prompt instead"))
+            return None
+        if bad:
+            return None  # don't render a template for a request that is rejected anyway
+        return tok.render_chat([{"role": m.role, "content": m.content} for m in req.messages])
+    if not req.prompt:
+        bad.append(FieldViolation("prompt", "must not be empty (or send messages)"))
+        return None
+    return req.prompt
+
+
+def validate_generate(req: pb.GenerateRequest, cfg: Config, tok: Tokenizer) -> tuple[GenerationRequest, int]:
+    """The engine request and its time limit in ms; InvalidRequestError naming every bad field otherwise.
+
+    The engine request has no deadline yet: the servicer sets it from the time limit and the gRPC deadline.
+    """
+    bad: list[FieldViolation] = []
+    sampling = _check_sampling(req.sampling, bad)
+    max_new, time_limit_ms, min_new = _check_stopping(req.stopping, cfg, bad)
+    if req.response.top_n > cfg.max_top_n:
+        bad.append(FieldViolation("response.top_n", f"must be at most {cfg.max_top_n}"))
+    if len(req.prompt.encode("utf-8")) > cfg.max_prompt_bytes:
+        bad.append(FieldViolation("prompt", f"longer than {cfg.max_prompt_bytes} bytes"))
+    if sum(len(m.content.encode("utf-8")) for m in req.messages) > cfg.max_prompt_bytes:
+        bad.append(FieldViolation("messages", f"longer than {cfg.max_prompt_bytes} bytes in all"))
+    before = len(bad)
+    text = _prompt_text(req, cfg, tok, bad)
+    ids: list[int] = []
+    if text is not None and len(bad) == before and not bad:
+        ids = tok.encode(text)
+        field = "messages" if req.messages else "prompt"
+        if not ids:
+            bad.append(FieldViolation(field, "has no tokens"))
+        elif len(ids) >= cfg.max_context:
+            bad.append(FieldViolation(field, f"is {len(ids)} tokens; the context holds {cfg.max_context}, "
+                                             "including at least one generated token"))
+    if bad:
+        raise InvalidRequestError(bad)
+    engine_request = GenerationRequest(
+        prompt_ids=ids,
+        max_new_tokens=max_new,
+        sampling=sampling,
+        min_new_tokens=min_new,
+        stop_sequences=tuple(req.stopping.stop_sequences),
+        include_stop_sequence=req.stopping.include_stop_sequence,
+        logprobs=req.response.logprobs,
+        top_n=req.response.top_n,
+        echo_prompt_tokens=req.response.echo_prompt_tokens,
+    )
+    return engine_request, time_limit_ms
+
+
+def validate_tokenize(req: pb.TokenizeRequest, cfg: Config) -> None:
+    if not req.text:
+        raise InvalidRequestError([FieldViolation("text", "must not be empty")])
+    if len(req.text.encode("utf-8")) > cfg.max_prompt_bytes:
+        raise InvalidRequestError([FieldViolation("text", f"longer than {cfg.max_prompt_bytes} bytes")])
