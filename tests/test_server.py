@@ -1,0 +1,204 @@
+"""The real server on port 0 with the real Paddle engine: health, reflection, streams, cancel, deadlines, errors."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from grpc_status import rpc_status
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from service.server import SERVICE_NAME, load_engine
+from tests.conftest import ServerThread, base_config, started
+from tokenstream.v1 import generation_pb2 as pb
+from tokenstream.v1 import generation_pb2_grpc as pb_grpc
+
+
+def health_status(channel: grpc.Channel, service: str) -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def bad_fields(err: grpc.RpcError) -> list[str]:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None, "INVALID_ARGUMENT must carry google.rpc.Status details"
+    fields = []
+    for detail in status.details:
+        br = error_details_pb2.BadRequest()
+        if detail.Unpack(br):
+            fields += [v.field for v in br.field_violations]
+    return fields
+
+
+def test_health_is_not_serving_until_the_model_is_loaded(model_dir: Path) -> None:
+    release = threading.Event()
+
+    def slow_loader(config):  # the real loader, held until the test has looked at health
+        assert release.wait(60)
+        return load_engine(config)
+
+    srv = ServerThread(base_config(model_dir), loader=slow_loader)
+    try:
+        with srv.channel() as ch:
+            for name in ("", SERVICE_NAME):
+                assert health_status(ch, name) == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                list(pb_grpc.GenerationServiceStub(ch).Generate(pb.GenerateRequest(prompt="hi"), timeout=5))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            release.set()
+            srv.wait_ready()
+            for name in ("", SERVICE_NAME):
+                assert health_status(ch, name) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        release.set()
+        srv.close()
+
+
+def test_reflection_lists_and_describes_the_service(server: ServerThread) -> None:
+    with server.channel() as ch:
+        db = ProtoReflectionDescriptorDatabase(ch)
+        assert SERVICE_NAME in db.get_services()
+        assert "grpc.health.v1.Health" in db.get_services()
+        desc = db.FindFileContainingSymbol(SERVICE_NAME)
+        assert desc.name == "tokenstream/v1/generation.proto"
+
+
+def test_stream_deltas_concatenate_to_the_decoded_tokens(stub, loaded_model) -> None:
+    req = pb.GenerateRequest(prompt="北京是中国的首都。", stopping=pb.StoppingCriteria(max_new_tokens=24))
+    msgs = list(stub.Generate(req, timeout=30))
+    ids = [t.id for m in msgs for t in m.tokens]
+    assert "".join(m.text for m in msgs) == loaded_model.tokenizer.decode(ids)
+    assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
+    final = msgs[-1]
+    assert final.finish_reason == pb.FINISH_REASON_MAX_TOKENS
+    assert final.usage.completion_tokens == 24 == len(ids)
+    assert final.usage.prompt_tokens == len(loaded_model.tokenizer.encode("北京是中国的首都。"))
+    assert final.timings.time_to_first_token_ms > 0
+    assert all(m.text or m is final for m in msgs), "no empty delta before the final message"
+
+
+def test_greedy_stream_equals_in_process_reference(stub, loaded_model) -> None:
+    from tests.reference import NumpyLlama
+
+    prompt = "The capital of France is"
+    expected = NumpyLlama(loaded_model.path).greedy(loaded_model.tokenizer.encode(prompt), 10)
+    msgs = list(stub.Generate(pb.GenerateRequest(prompt=prompt, stopping=pb.StoppingCriteria(max_new_tokens=10)),
+                              timeout=30))
+    assert [t.id for m in msgs for t in m.tokens][: len(expected)] == expected
+
+
+def test_client_cancel_stops_decoding(server: ServerThread, stub) -> None:
+    call = stub.Generate(pb.GenerateRequest(prompt="count to a million:",
+                                            stopping=pb.StoppingCriteria(max_new_tokens=2000)), timeout=60)
+    first = [next(call) for _ in range(3)]
+    assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in first)
+    call.cancel()
+    assert server.engine.wait_until(lambda s: s.active == 0 and s.waiting == 0, 10), "engine kept decoding"
+    steps = server.engine.stats().steps
+    assert server.engine.stats().used_positions == 0
+    # Nothing left to decode: the engine goes idle rather than stepping on (idle polls are at most 2/s).
+    assert not server.engine.wait_until(lambda s: s.active > 0, 1.0)
+    assert server.engine.stats().steps - steps <= 3
+
+
+def test_deadline_ends_the_stream_and_the_work(server: ServerThread, stub) -> None:
+    req = pb.GenerateRequest(prompt="a long story:", stopping=pb.StoppingCriteria(max_new_tokens=2000))
+    msgs = []
+    try:
+        for m in stub.Generate(req, timeout=0.5):
+            msgs.append(m)
+    except grpc.RpcError as err:  # a graceful TIME_LIMIT is expected; a bare deadline is tolerated
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    if msgs and msgs[-1].finish_reason:
+        assert msgs[-1].finish_reason == pb.FINISH_REASON_TIME_LIMIT
+        assert msgs[-1].usage.completion_tokens < 2000
+    assert server.engine.wait_until(lambda s: s.active == 0, 10)
+
+
+def test_time_limit_ends_gracefully_with_partial_text(stub) -> None:
+    req = pb.GenerateRequest(prompt="go", stopping=pb.StoppingCriteria(max_new_tokens=2000, time_limit_ms=300))
+    msgs = list(stub.Generate(req, timeout=30))
+    assert msgs[-1].finish_reason == pb.FINISH_REASON_TIME_LIMIT
+    assert 0 < msgs[-1].usage.completion_tokens < 2000
+    assert 250 <= msgs[-1].timings.total_ms < 5000
+
+
+def test_server_maximum_request_time(model_dir: Path) -> None:
+    srv = started(base_config(model_dir, max_request_ms=200, max_new_tokens_limit=5000))
+    try:
+        with srv.channel() as ch:
+            req = pb.GenerateRequest(prompt="go", stopping=pb.StoppingCriteria(max_new_tokens=5000))
+            msgs = list(pb_grpc.GenerationServiceStub(ch).Generate(req, timeout=30))
+        assert msgs[-1].finish_reason == pb.FINISH_REASON_TIME_LIMIT
+    finally:
+        srv.close()
+
+
+BAD_REQUESTS = [
+    (pb.GenerateRequest(prompt=""), "prompt"),
+    (pb.GenerateRequest(prompt="x", stopping=pb.StoppingCriteria(max_new_tokens=0)), "stopping.max_new_tokens"),
+    (pb.GenerateRequest(prompt="x", stopping=pb.StoppingCriteria(max_new_tokens=10**6)), "stopping.max_new_tokens"),
+    (pb.GenerateRequest(prompt="x", stopping=pb.StoppingCriteria(time_limit_ms=0)), "stopping.time_limit_ms"),
+    (pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(top_p=1.5)), "sampling.top_p"),
+    (pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(top_p=-0.1)), "sampling.top_p"),
+    (pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(temperature=-1)), "sampling.temperature"),
+    (pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(temperature=float("nan"))), "sampling.temperature"),
+    (pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(repetition_penalty=-2)), "sampling.repetition_penalty"),
+    (pb.GenerateRequest(prompt="word " * 600), "prompt"),  # longer than the 512-token context
+    (pb.GenerateRequest(prompt="x", stopping=pb.StoppingCriteria(stop_sequences=[""])), "stopping.stop_sequences[0]"),
+    (pb.GenerateRequest(prompt="x", stopping=pb.StoppingCriteria(max_new_tokens=4, min_new_tokens=5)),
+     "stopping.min_new_tokens"),
+]
+
+
+@pytest.mark.parametrize(("request_", "field"), BAD_REQUESTS, ids=[f for _, f in BAD_REQUESTS])
+def test_bad_input_names_the_field(stub, request_: pb.GenerateRequest, field: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(request_, timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in bad_fields(err.value)
+    assert field.split("[")[0] in err.value.details()
+
+
+def test_every_bad_field_is_reported_at_once(stub) -> None:
+    req = pb.GenerateRequest(prompt="", sampling=pb.SamplingParams(top_p=2.0, temperature=-1))
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(req, timeout=10))
+    assert {"prompt", "sampling.top_p", "sampling.temperature"} <= set(bad_fields(err.value))
+
+
+def test_one_span_per_request_with_child_spans(model_dir: Path) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    srv = started(base_config(model_dir), tracer_provider=provider)
+    try:
+        with srv.channel() as ch:
+            health_status(ch, "")
+            msgs = list(pb_grpc.GenerationServiceStub(ch).Generate(
+                pb.GenerateRequest(prompt="trace me", stopping=pb.StoppingCriteria(max_new_tokens=5)), timeout=30))
+        assert msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS
+        provider.force_flush()
+        spans = exporter.get_finished_spans()
+        servers = [s for s in spans if s.name == f"/{SERVICE_NAME}/Generate"]
+        assert len(servers) == 1, [s.name for s in spans]
+        assert not [s for s in spans if "Health" in s.name], "health checks are not traced"
+        root = servers[0]
+        attrs = dict(root.attributes or {})
+        assert attrs["gen_ai.usage.input_tokens"] == msgs[-1].usage.prompt_tokens
+        assert attrs["gen_ai.usage.output_tokens"] == 5
+        assert tuple(attrs["gen_ai.response.finish_reasons"]) == ("max_tokens",)
+        assert attrs["tokenstream.time_to_first_token_ms"] > 0
+        children = {s.name: s for s in spans if s.parent is not None and s.parent.span_id == root.context.span_id}
+        assert set(children) == {"queue", "prefill", "decode"}
+        assert children["queue"].end_time <= children["prefill"].start_time + 1
+        assert children["prefill"].end_time <= children["decode"].start_time + 1
+        assert root.start_time <= children["queue"].start_time and children["decode"].end_time <= root.end_time
+    finally:
+        srv.close()
