@@ -39,6 +39,7 @@ class RandomModelSpec:
     intermediate_size: int
     max_position_embeddings: int = 4096
     seed: int = 0
+    init: str = "fan-in"  # part of the cache key: a changed initialisation rebuilds cached models
 
 
 # The spine's default (ENGINE-NOTES' "tiny") and the smaller one the tests use.
@@ -121,13 +122,16 @@ def _random_state(spec: RandomModelSpec) -> dict[str, np.ndarray]:
     h, i, d = spec.hidden_size, spec.intermediate_size, spec.hidden_size // spec.num_heads
     kv = spec.num_kv_heads * d
 
+    # 1/sqrt(fan_in) keeps every layer's contribution comparable to the residual stream. With the usual 0.02,
+    # a tied random model only repeats its last input token, which no attention or cache bug could change.
     def lin(out: int, inp: int) -> np.ndarray:
-        return (rng.standard_normal((out, inp)) * 0.02).astype(np.float32)
+        return (rng.standard_normal((out, inp)) / np.sqrt(inp)).astype(np.float32)
 
     def norm() -> np.ndarray:
         return (1.0 + 0.1 * rng.standard_normal(h)).astype(np.float32)
 
-    state = {"model.embed_tokens.weight": (rng.standard_normal((QWEN2_VOCAB_SIZE, h)) * 0.02).astype(np.float32)}
+    embed = rng.standard_normal((QWEN2_VOCAB_SIZE, h)) / np.sqrt(h)
+    state = {"model.embed_tokens.weight": embed.astype(np.float32)}
     for n in range(spec.num_layers):
         p = f"model.layers.{n}."
         state[p + "input_layernorm.weight"] = norm()

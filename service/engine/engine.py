@@ -104,6 +104,7 @@ class _Sequence:
         self.prefill_start_ns = 0
         self.first_token_ns = 0
         self.first_chunk_sent = False
+        self.finished = False
         eos = model.config.eos_token_ids
         self.eos = frozenset(eos)
         self.needs_logits = (
@@ -136,6 +137,7 @@ class Engine:
         self._active: list[_Sequence] = []  # decode rows; index == slot
         self._prefilling: _Sequence | None = None  # partly prefilled, at slot len(_active)
         self._outbox: list[tuple[StreamHandle, Chunk]] = []
+        self._done: list[_Sequence] = []  # finished in this step, slots not yet freed
         self._admitted = 0
         self._steps = 0
         self._last_step = time.monotonic()
@@ -293,6 +295,7 @@ class Engine:
             self._finish(seq, *verdict(seq))  # type: ignore[misc]
         for seq in [s for s in [*self._active, self._prefilling] if s is not None and verdict(s)]:
             self._finish(seq, *verdict(seq))  # type: ignore[misc]
+        self._release_done()
 
     def _ensure_capacity(self, extra_for: _Sequence | None = None, extra: int = 0) -> None:
         longest = max((s.cache_len + 1 for s in self._active), default=1)
@@ -323,6 +326,7 @@ class Engine:
                                               seq.prefilled, want_logits=done)
             except MemoryError as exc:
                 self._finish(seq, Finish.ERROR, f"out of memory in prefill: {exc}", ErrorKind.OUT_OF_MEMORY)
+                self._release_done()
                 continue
             seq.prefilled += n
             budget -= n
@@ -331,6 +335,7 @@ class Engine:
                 self._active.append(seq)
                 assert logits is not None
                 self._sample_rows([seq], logits.unsqueeze(0))
+                self._release_done()
 
     def _decode(self) -> None:
         rows = self._active
@@ -339,6 +344,7 @@ class Engine:
         self._ensure_capacity()
         logits = self.decoder.decode_step(self.cache, tokens, positions)  # [B, V]
         self._sample_rows(list(rows), logits)
+        self._release_done()
 
     def _sample_rows(self, rows: list[_Sequence], logits: paddle.Tensor) -> None:
         """Pick each row's next token with its own parameters; logits: [B, V] float32."""
@@ -404,6 +410,9 @@ class Engine:
         self, seq: _Sequence, reason: Finish, error: str = "", error_kind: ErrorKind | None = None,
         text: str = "", stop: str = "",
     ) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
         if reason is not Finish.STOP_SEQUENCE and reason is not Finish.ERROR:
             tail, matched = seq.stops.feed(seq.detok.flush())  # held bytes, as the full decode shows them
             text += tail
@@ -421,7 +430,14 @@ class Engine:
             prompt_token_ids=self._echo(seq),
         ))
         seq.pending = []
-        self._release(seq)
+        self._done.append(seq)
+
+    def _release_done(self) -> None:
+        """Free the slots of finished sequences. Only between steps: a row that has not taken its token yet
+        would report one cached position too few if it were moved in the middle of a step."""
+        done, self._done = self._done, []
+        for seq in done:
+            self._release(seq)
 
     def _release(self, seq: _Sequence) -> None:
         """Free the sequence's slot, moving the last active slot (and the prefilling one) down to stay packed."""
@@ -466,6 +482,7 @@ class Engine:
     def _fail_all(self, exc: BaseException, reason: Finish = Finish.ERROR) -> None:
         for seq in [*self._active, *( [self._prefilling] if self._prefilling else []), *self._waiting]:
             self._finish(seq, reason, f"{type(exc).__name__}: {exc}" if reason is Finish.ERROR else "")
+        self._done = []
         self._waiting.clear()
         self._active.clear()
         self._prefilling = None
