@@ -40,7 +40,7 @@ class Config:
     switch_interval_ms: float = 1.0  # sys.setswitchinterval: how long the engine thread may hold the GIL
     # Operations
     grace_s: float = 20.0  # drain time for in-flight streams after SIGTERM
-    metrics_port: int = 0  # Prometheus exposition; 0 turns it off
+    metrics_port: int = 0  # Prometheus exposition; 0 turns it off, -1 picks a free port
     watchdog_s: float = 30.0  # liveness fails when no engine step for this long while work is queued
     log_text: bool = False  # log prompts and outputs (off: privacy)
     debug_faults: bool = False  # let tests inject engine faults through request metadata

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from service.config import DEFAULT_MODEL, Config
 from service.engine.default_model import TINY, ensure_random_model
 from service.engine.engine import Engine, EngineConfig
 from service.engine.loader import LoadedModel, load_model
+from service.metrics import Metrics
 from service.servicer import GenerationServicer, ServerState
 from service.telemetry import get_tracer
 from tokenstream.v1 import generation_pb2 as pb
@@ -60,6 +62,10 @@ class RunningServer:
     state: ServerState
     health: health_aio.HealthServicer
     load_task: asyncio.Task[None]
+    metrics: Metrics
+    metrics_port: int = 0
+    watchdog_task: asyncio.Task[None] | None = None
+    _metrics_http: object = None
 
     async def wait_ready(self) -> None:
         await self.load_task
@@ -85,7 +91,30 @@ class RunningServer:
             except TimeoutError:
                 log.error("%d streams did not end after cancellation", self.state.active_streams)
 
+    async def watchdog(self) -> None:
+        """Liveness: NOT_SERVING for "" when the engine thread is dead, or has not stepped for watchdog_s
+        while work is queued. Runs on the event loop, so health answers never wait for a decode step."""
+        live = True
+        interval_s = min(1.0, self.state.config.watchdog_s / 4)
+        while True:
+            await asyncio.sleep(interval_s)  # a periodic check, not synchronisation
+            engine = self.state.engine
+            if engine is None or self.state.draining:
+                continue
+            stats = engine.stats()
+            busy = stats.active + stats.prefilling + stats.waiting > 0
+            stalled = busy and time.monotonic() - stats.last_step_monotonic > self.state.config.watchdog_s
+            ok = stats.alive and not stalled
+            if ok != live:
+                live = ok
+                log.error("engine %s", "recovered" if ok else ("thread died" if not stats.alive else "stalled"))
+                await self._set_health(SERVING if ok else NOT_SERVING)
+
     async def stop(self, grace_s: float = 0.0) -> None:
+        if self.watchdog_task is not None:
+            self.watchdog_task.cancel()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()  # type: ignore[attr-defined]
         if not self.load_task.done():
             self.load_task.cancel()
         await self.server.stop(grace_s)
@@ -117,11 +146,12 @@ async def start_server(
         ],
     )
     state = ServerState(config=config)
+    metrics = Metrics(lambda: state.engine.stats() if state.engine is not None else None)
     health = health_aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await health.set(name, NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(state, get_tracer(tracer_provider)), server)
+    pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(state, get_tracer(tracer_provider), metrics), server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
@@ -136,14 +166,20 @@ async def start_server(
             await health.set(name, SERVING)
         log.info("serving %s on %s:%d", model.name, config.host, port)
 
-    return RunningServer(server, port, state, health, asyncio.create_task(load()))
+    running = RunningServer(server, port, state, health, asyncio.create_task(load()), metrics)
+    if config.metrics_port != 0:  # -1 picks a free port (tests)
+        running._metrics_http = metrics.serve(config.host, max(config.metrics_port, 0))
+        running.metrics_port = int(running._metrics_http.server_port)  # type: ignore[attr-defined]
+    running.watchdog_task = asyncio.create_task(running.watchdog())
+    return running
 
 
 async def serve(config: Config, tracer_provider: trace.TracerProvider | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain and exit."""
     sys.setswitchinterval(config.switch_interval_ms / 1000.0)
     running = await start_server(config, tracer_provider=tracer_provider)
-    log.info("listening on %s:%d (health NOT_SERVING until the model is warm)", config.host, running.port)
+    log.info("listening on %s:%d (health NOT_SERVING until the model is warm)", config.host, running.port,
+             extra={"fields": {"event": "listening", "port": running.port, "metrics_port": running.metrics_port}})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

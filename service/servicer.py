@@ -17,9 +17,16 @@ from service.config import Config
 from service.engine.engine import Engine
 from service.engine.loader import LoadedModel
 from service.engine.types import Chunk, ErrorKind, Finish
-from service.errors import EngineOutOfMemoryError, NotReadyError, ShuttingDownError, abort
-from service.errors import InvalidRequestError
 from service.engine.tokenizer import ChatTemplateError
+from service.errors import (
+    EngineOutOfMemoryError,
+    InvalidRequestError,
+    NotReadyError,
+    ShuttingDownError,
+    abort,
+    to_status,
+)
+from service.metrics import Metrics
 from service.validation import validate_generate, validate_tokenize
 from tokenstream.v1 import generation_pb2 as pb
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc
@@ -81,53 +88,84 @@ def to_response(chunk: Chunk) -> pb.GenerateResponse:
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    def __init__(self, state: ServerState, tracer: trace.Tracer) -> None:
+    def __init__(self, state: ServerState, tracer: trace.Tracer, metrics: Metrics) -> None:
         self.state = state
         self.tracer = tracer
+        self.metrics = metrics
 
     async def Generate(  # noqa: N802 (gRPC method name)
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         config = self.state.config
+        metadata = {k: v for k, v in (context.invocation_metadata() or ())}
+        request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)
+        span = trace.get_current_span()
+        final: Chunk | None = None
+        code = grpc.StatusCode.OK
+        output: list[str] = []
         try:
             engine, model = self.state.ready_engine()
             engine_request, limit_ms = validate_generate(request, config, model.tokenizer)
-        except (NotReadyError, ShuttingDownError, InvalidRequestError, ChatTemplateError) as exc:
+            now = time.monotonic()
+            deadline = now + limit_ms / 1000.0
+            remaining = context.time_remaining()
+            if remaining is not None:  # end gracefully with TIME_LIMIT just before the caller gives up
+                deadline = min(deadline, now + remaining - config.deadline_margin_ms / 1000.0)
+            fault = metadata.get("x-tokenstream-debug-fault") if config.debug_faults else None
+            engine_request = dataclasses.replace(engine_request, deadline=deadline, request_id=request_id,
+                                                 debug_fault=str(fault) if fault else None)
+            span.set_attribute("gen_ai.request.max_tokens", engine_request.max_new_tokens)
+            span.set_attribute("gen_ai.usage.input_tokens", len(engine_request.prompt_ids))
+            span.set_attribute("tokenstream.request_id", request_id)
+            self.state.active_streams += 1
+            try:
+                sent_tokens = 0
+                async for chunk in engine.generate(engine_request):
+                    if chunk.error_kind is ErrorKind.OUT_OF_MEMORY and sent_tokens == 0:
+                        raise EngineOutOfMemoryError(chunk.error)
+                    if chunk.finish is not None:
+                        final = chunk
+                        self._record(span, chunk)
+                    sent_tokens += len(chunk.tokens)
+                    if config.log_text:
+                        output.append(chunk.text)
+                    yield to_response(chunk)
+            finally:
+                self.state.active_streams -= 1
+                if self.state.draining and self.state.active_streams == 0:
+                    self.state.drained.set()
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # mapped to a status in one place
+            code = to_status(exc).code
             await abort(context, exc)
-        now = time.monotonic()
-        deadline = now + limit_ms / 1000.0
-        remaining = context.time_remaining()
-        if remaining is not None:  # end gracefully with TIME_LIMIT just before the caller gives up
-            deadline = min(deadline, now + remaining - config.deadline_margin_ms / 1000.0)
-        metadata = dict(context.invocation_metadata() or ())
-        engine_request = dataclasses.replace(
-            engine_request,
-            deadline=deadline,
-            request_id=str(metadata.get("x-request-id") or uuid.uuid4().hex),
-            debug_fault=str(metadata.get("x-tokenstream-debug-fault")) if config.debug_faults and
-            "x-tokenstream-debug-fault" in metadata else None,
-        )
-        span = trace.get_current_span()
-        span.set_attribute("gen_ai.request.max_tokens", engine_request.max_new_tokens)
-        span.set_attribute("gen_ai.usage.input_tokens", len(engine_request.prompt_ids))
-        self.state.active_streams += 1
-        sent_tokens = 0
-        try:
-            async for chunk in engine.generate(engine_request):
-                if chunk.error_kind is ErrorKind.OUT_OF_MEMORY and sent_tokens == 0:
-                    await abort(context, EngineOutOfMemoryError(chunk.error))
-                if chunk.finish is not None:
-                    self._record(span, chunk)
-                sent_tokens += len(chunk.tokens)
-                yield to_response(chunk)
-        except Exception as exc:
-            if isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError)):
-                raise
-            await abort(context, exc)  # QueueFullError and anything unexpected, mapped in one place
         finally:
-            self.state.active_streams -= 1
-            if self.state.draining and self.state.active_streams == 0:
-                self.state.drained.set()
+            self.metrics.observe(final, code.name)
+            self._log(request_id, span, code, final, request.prompt if config.log_text else None,
+                      "".join(output) if config.log_text else None)
+
+    def _log(self, request_id: str, span: trace.Span, code: grpc.StatusCode, final: Chunk | None,
+             prompt: str | None, output: str | None) -> None:
+        ctx = span.get_span_context()
+        fields: dict[str, object] = {
+            "event": "generate", "request_id": request_id, "grpc_code": code.name,
+            "trace_id": format(ctx.trace_id, "032x") if ctx.is_valid else None,
+        }
+        if final is not None:
+            fields.update(finish_reason=final.finish.value if final.finish else None,
+                          prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens)
+            if final.timings is not None:
+                t = final.timings
+                fields.update(queue_ms=round(t.queue_ms, 3), ttft_ms=round(t.ttft_ms, 3),
+                              decode_ms=round(t.decode_ms, 3), total_ms=round(t.total_ms, 3))
+            if final.error:
+                fields["error"] = final.error
+        if prompt is not None:  # only with --log-text: prompts and outputs are private by default
+            fields.update(prompt=prompt, output=output)
+        log.info("generate finished", extra={"fields": fields})
 
     def _record(self, span: trace.Span, chunk: Chunk) -> None:
         span.set_attribute("gen_ai.usage.output_tokens", chunk.completion_tokens)

@@ -254,6 +254,8 @@ class Engine:
 
     def _iteration(self) -> None:
         self._admit(block=not (self._active or self._waiting or self._prefilling))
+        if self.config.debug_faults:
+            self._debug_stall()
         self._reap()
         self._prefill()
         if self._active:
@@ -486,6 +488,14 @@ class Engine:
         self._waiting.clear()
         self._active.clear()
         self._prefilling = None
+
+    def _debug_stall(self) -> None:
+        """Test hook: a request with debug_fault "stall_ms_N" freezes the engine thread once for N ms."""
+        for seq in [*self._active, *self._waiting]:
+            fault = seq.req.debug_fault or ""
+            if fault.startswith("stall_ms_"):
+                seq.req.debug_fault = None
+                time.sleep(int(fault.removeprefix("stall_ms_")) / 1000.0)
 
     def _warmup(self) -> None:
         """Run one prefill and one decode step so the first request does not pay for kernel set-up."""

@@ -1,21 +1,54 @@
-"""Load a checkpoint directory (Hugging Face layout) into decoder weights."""
+"""Load a checkpoint directory into decoder weights.
+
+Two on-disk layouts are accepted, each with one file or several shards:
+
+* Hugging Face: `model.safetensors`, or `model-0000X-of-0000N.safetensors` with `model.safetensors.index.json`.
+  Linear weights are stored [out, in].
+* PaddleNLP / PaddleFormers (`save_pretrained(..., save_to_hf=False)`, ERNIEKit): `model_state.pdparams`
+  (`paddle.save` of the state dict, optionally sharded with `model_state.pdparams.index.json`), or safetensors
+  written by Paddle. Linear weights are stored transposed, [in, out]; keys may start with the base model's
+  own prefix (`llama.`, `qwen2.`, `ernie.`) instead of `model.`; attention and MLP may be fused
+  (`qkv_proj`, `up_gate_proj`).
+
+Which layout a checkpoint uses is decided from explicit signals first (a `.pdparams` file, safetensors metadata
+{"format": "np"|"pd"|"paddle"} as PaddleFormers writes it, `"source": "paddle"` in config.json), then checked
+against the shapes of non-square projections, which tell the two apart without doubt; only a checkpoint whose
+every projection is square and that carries no signal is taken to be in the Hugging Face layout.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import paddle
 
 from service.engine.model import LayerWeights, ModelWeights
 from service.engine.model_config import ModelConfig, UnsupportedModelError
 from service.engine.tokenizer import Tokenizer
 
+log = logging.getLogger("tokenstream.loader")
+
+HF_SINGLE = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+PADDLE_SINGLE = "model_state.pdparams"
+PADDLE_INDEX = "model_state.pdparams.index.json"
+PADDLE_FORMATS = ("np", "pd", "paddle")  # safetensors metadata "format" written by Paddle tools
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+# Base-model prefixes that PaddleNLP / ERNIEKit checkpoints use instead of "model.".
+PADDLE_PREFIXES = ("llama.", "qwen2.", "mistral.", "ernie.")
+# Files fetched from the hub: configs, tokenizer and weights in either layout (not optimizer states, etc.).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.pdparams", "tokenizer.model", "*.tiktoken", "*.txt"]
+
 
 class ModelNotFoundError(FileNotFoundError):
-    """The model directory is missing or incomplete."""
+    """The model directory is missing or incomplete, or the model cannot be fetched."""
 
 
 @dataclass
@@ -28,81 +61,355 @@ class LoadedModel:
     generation_defaults: dict[str, Any]
 
 
-def _read_state(model_dir: Path) -> dict[str, paddle.Tensor]:
+# -- locating the model ------------------------------------------------------------------------------------
+
+
+def network_allowed() -> bool:
+    """False when the Hugging Face libraries are told to stay offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return False
+    return True
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_model(name_or_path: str | os.PathLike[str], allow_network: bool) -> Path:
+    """A local model directory for `name_or_path`.
+
+    An existing directory is used as it is. Anything else that looks like a hub id ("org/name") is downloaded with
+    huggingface_hub's snapshot_download, but only when `allow_network`; otherwise the error says how to provide a
+    local directory.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    how = (
+        "download it beforehand (e.g. `huggingface-cli download ORG/NAME --local-dir DIR`) and pass that local "
+        "directory, in the Hugging Face or PaddleFormers layout (config.json, tokenizer.json and weights), with "
+        "--model-dir or TOKENSTREAM_MODEL_DIR"
+    )
+    if path.exists():
+        raise ModelNotFoundError(f"model path {name!r} is not a directory; {how}")
+    if not _REPO_ID.match(name):
+        raise ModelNotFoundError(f"model directory {name!r} does not exist; {how}")
+    if not allow_network:
+        raise ModelNotFoundError(
+            f"model {name!r} is not a local directory and networking is off (HF_HUB_OFFLINE=1 or "
+            f"TRANSFORMERS_OFFLINE=1), so it cannot be fetched from the Hugging Face Hub; {how}"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise ModelNotFoundError(
+            f"model {name!r} is not a local directory and huggingface_hub is not installed to fetch it; {how}"
+        ) from exc
+    try:
+        return Path(snapshot_download(repo_id=name, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # network, auth, missing repo: all end the same way for the caller
+        raise ModelNotFoundError(f"could not fetch model {name!r} from the Hugging Face Hub ({exc}); {how}") from exc
+
+
+# -- reading tensors ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RawCheckpoint:
+    state: dict[str, paddle.Tensor]
+    files: list[Path]
+    paddle_signal: bool | None  # True: Paddle says so; False: a Hugging Face tool says so; None: nothing says
+
+
+def _shards(model_dir: Path, index_name: str) -> list[Path]:
+    index = json.loads((model_dir / index_name).read_text())
+    return [model_dir / shard for shard in sorted(set(index["weight_map"].values()))]
+
+
+def _read_checkpoint(model_dir: Path) -> RawCheckpoint:
+    from safetensors import safe_open
     from safetensors.paddle import load_file
 
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, paddle.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(str(model_dir / shard)))
-        return state
-    single = model_dir / "model.safetensors"
-    if single.exists():
-        return dict(load_file(str(single)))
-    raise ModelNotFoundError(f"{model_dir} has no model.safetensors or model.safetensors.index.json")
+    if (model_dir / HF_INDEX).exists():
+        files = _shards(model_dir, HF_INDEX)
+    elif (model_dir / HF_SINGLE).exists():
+        files = [model_dir / HF_SINGLE]
+    elif (model_dir / PADDLE_INDEX).exists():
+        files = _shards(model_dir, PADDLE_INDEX)
+    elif (model_dir / PADDLE_SINGLE).exists():
+        files = [model_dir / PADDLE_SINGLE]
+    else:
+        raise ModelNotFoundError(
+            f"{model_dir} has no weights: expected {HF_SINGLE}, {HF_INDEX} with its shards, {PADDLE_SINGLE} "
+            f"or {PADDLE_INDEX} with its shards"
+        )
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise ModelNotFoundError(f"{model_dir} lacks weight shards {missing}")
+    state: dict[str, paddle.Tensor] = {}
+    signal: bool | None = None
+    for f in files:
+        if f.suffix == ".pdparams":
+            signal = True
+            for key, value in paddle.load(str(f)).items():
+                if isinstance(value, paddle.Tensor):
+                    state[key] = value
+                elif isinstance(value, np.ndarray):
+                    state[key] = paddle.to_tensor(value)
+                # anything else (e.g. "StructuredToParameterName@@", a name map) carries no weights
+            continue
+        with safe_open(str(f), framework="np") as handle:
+            fmt = (handle.metadata() or {}).get("format")
+        if fmt is not None and signal is None:
+            signal = fmt in PADDLE_FORMATS
+        state.update(load_file(str(f)))
+    return RawCheckpoint(state=state, files=files, paddle_signal=signal)
 
 
-def _linear(state: dict[str, paddle.Tensor], name: str, dtype: str) -> paddle.Tensor:
-    """HF stores Linear weights as [out, in]; the decoder multiplies x @ W, so keep [in, out]."""
-    return state.pop(name).astype(dtype).t().contiguous()
+# -- layouts -----------------------------------------------------------------------------------------------
 
 
-def build_weights(cfg: ModelConfig, state: dict[str, paddle.Tensor], dtype: str) -> ModelWeights:
-    def vec(name: str) -> paddle.Tensor:
-        return state.pop(name).astype(dtype)
+def _normalize_keys(state: dict[str, paddle.Tensor]) -> str | None:
+    """Rename a base-model prefix such as `llama.` to `model.` in place; returns the prefix found, if any."""
+    if any(k.startswith("model.") for k in state):
+        return None
+    for prefix in PADDLE_PREFIXES:
+        if any(k.startswith(prefix) for k in state):
+            for key in [k for k in state if k.startswith(prefix)]:
+                state["model." + key[len(prefix) :]] = state.pop(key)
+            return prefix
+    return None
 
+
+def _linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """HF [out, in] shape of each projection, by the key suffix after `model.layers.N.`."""
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    return {
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.qkv_proj.weight": (q + 2 * kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "mlp.gate_proj.weight": (i, h),
+        "mlp.up_proj.weight": (i, h),
+        "mlp.up_gate_proj.weight": (2 * i, h),
+        "mlp.gate_up_proj.weight": (2 * i, h),
+        "mlp.down_proj.weight": (h, i),
+    }
+
+
+def _layout_from_shapes(cfg: ModelConfig, state: dict[str, paddle.Tensor]) -> str | None:
+    """'hf' or 'paddle' as the non-square projections of layer 0 show it; None when every one is square."""
+    for suffix, (out, inp) in _linear_shapes(cfg).items():
+        t = state.get(f"model.layers.0.{suffix}")
+        if t is None or out == inp:
+            continue
+        shape = tuple(t.shape)
+        if shape == (out, inp):
+            return "hf"
+        if shape == (inp, out):
+            return "paddle"
+        raise UnsupportedModelError(
+            f"{cfg.architecture} weight model.layers.0.{suffix} has shape {list(shape)}, which fits neither "
+            f"[{out}, {inp}] nor [{inp}, {out}] from config.json"
+        )
+    return None
+
+
+def detect_layout(cfg: ModelConfig, state: dict[str, paddle.Tensor], paddle_signal: bool | None) -> str:
+    """'hf' (Linear weights [out, in]) or 'paddle' ([in, out]); `state` must have `model.` keys already."""
+    by_shape = _layout_from_shapes(cfg, state)
+    by_signal = None if paddle_signal is None else ("paddle" if paddle_signal else "hf")
+    if by_shape is not None:
+        if by_signal is not None and by_signal != by_shape:
+            log.warning("checkpoint is marked as %s layout but its weight shapes are %s layout; using the shapes",
+                        by_signal, by_shape)
+        return by_shape
+    return by_signal or "hf"
+
+
+# -- building decoder weights ------------------------------------------------------------------------------
+
+
+def _check_shape(name: str, t: paddle.Tensor, want: tuple[int, ...]) -> None:
+    if tuple(t.shape) != want:
+        raise UnsupportedModelError(f"weight {name} has shape {list(t.shape)}, expected {list(want)} from config.json")
+
+
+def _interleave_perm(heads: int, d: int) -> np.ndarray:
+    """Per head, even dims first then odd: rotate-half RoPE on permuted q/k is interleaved RoPE on the originals.
+
+    q.k is unchanged by permuting both the same way, and V is not permuted, so attention is exact.
+    """
+    within = np.concatenate([np.arange(0, d, 2), np.arange(1, d, 2)])
+    return (np.arange(heads)[:, None] * d + within[None, :]).reshape(-1)
+
+
+class _WeightBuilder:
+    def __init__(self, cfg: ModelConfig, state: dict[str, paddle.Tensor], dtype: str, layout: str,
+                 fused_qkv: str) -> None:
+        self.cfg, self.state, self.dtype, self.layout, self.fused_qkv = cfg, state, dtype, layout, fused_qkv
+        self.shapes = _linear_shapes(cfg)
+
+    def vec(self, name: str, size: int) -> paddle.Tensor:
+        t = self.state.pop(name)
+        _check_shape(name, t, (size,))
+        return t.astype(self.dtype)
+
+    def linear(self, name: str, suffix: str) -> paddle.Tensor:
+        """[in, out] for x @ W, whichever way the checkpoint stores it."""
+        t = self.state.pop(name)
+        out, inp = self.shapes[suffix]
+        if self.layout == "hf":
+            _check_shape(name, t, (out, inp))
+            return t.astype(self.dtype).t().contiguous()
+        _check_shape(name, t, (inp, out))
+        return t.astype(self.dtype)
+
+    def qkv(self, p: str) -> tuple[paddle.Tensor, paddle.Tensor | None]:
+        """Fused [H, (nh + 2 kv) d] weight and [(nh + 2 kv) d] bias, q and k in the decoder's RoPE order."""
+        cfg = self.cfg
+        q_w, kv_w = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        if p + "self_attn.qkv_proj.weight" in self.state:
+            w = self.linear(p + "self_attn.qkv_proj.weight", "self_attn.qkv_proj.weight")
+            b = self.state.pop(p + "self_attn.qkv_proj.bias", None)
+            if self.fused_qkv == "grouped":  # PaddleFormers: per kv head [its g query heads, k, v]
+                order = self._grouped_order()
+                w = paddle.gather(w, paddle.to_tensor(order), axis=1)
+                b = None if b is None else paddle.gather(b, paddle.to_tensor(order))
+            if b is not None:
+                _check_shape(p + "self_attn.qkv_proj.bias", b, (q_w + 2 * kv_w,))
+                b = b.astype(self.dtype)
+        else:
+            w = paddle.concat([self.linear(p + f"self_attn.{n}_proj.weight", f"self_attn.{n}_proj.weight")
+                               for n in ("q", "k", "v")], axis=1)
+            b = None
+            if cfg.attention_bias:
+                b = paddle.concat([self.vec(p + f"self_attn.{n}_proj.bias", size)
+                                   for n, size in (("q", q_w), ("k", kv_w), ("v", kv_w))])
+        if cfg.attention_bias and b is None:
+            raise KeyError(p + "self_attn.q_proj.bias")
+        if cfg.rope_interleaved:
+            perm = np.concatenate([
+                _interleave_perm(cfg.num_heads, cfg.head_dim),
+                q_w + _interleave_perm(cfg.num_kv_heads, cfg.head_dim),
+                np.arange(q_w + kv_w, q_w + 2 * kv_w),
+            ])
+            index = paddle.to_tensor(perm)
+            w = paddle.gather(w, index, axis=1)
+            b = None if b is None else paddle.gather(b, index)
+        return w.contiguous(), b
+
+    def _grouped_order(self) -> np.ndarray:
+        """Column order that turns per-kv-head [q_0..q_{g-1}, k, v] blocks into [all q | all k | all v]."""
+        cfg = self.cfg
+        kv, g, d = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+        block = np.arange(kv * (g + 2) * d).reshape(kv, g + 2, d)
+        return np.concatenate([block[:, :g].reshape(-1), block[:, g].reshape(-1), block[:, g + 1].reshape(-1)])
+
+    def gate_up(self, p: str) -> paddle.Tensor:
+        for fused in ("mlp.up_gate_proj.weight", "mlp.gate_up_proj.weight"):  # [gate | up] along the output
+            if p + fused in self.state:
+                return self.linear(p + fused, fused)
+        return paddle.concat([self.linear(p + "mlp.gate_proj.weight", "mlp.gate_proj.weight"),
+                              self.linear(p + "mlp.up_proj.weight", "mlp.up_proj.weight")], axis=1)
+
+    def lm_head(self, embed: paddle.Tensor) -> paddle.Tensor:
+        cfg = self.cfg
+        head = self.state.pop("lm_head.weight", None)
+        if cfg.tie_word_embeddings:
+            return embed.t().contiguous()
+        if head is None:
+            raise KeyError("lm_head.weight")
+        v, h = cfg.vocab_size, cfg.hidden_size
+        # [V, H] like nn.Linear / PaddleFormers' LMHead, or [H, V] as older PaddleNLP and ERNIEKit store it.
+        if tuple(head.shape) == (v, h):
+            return head.astype(self.dtype).t().contiguous()
+        _check_shape("lm_head.weight", head, (h, v))
+        return head.astype(self.dtype)
+
+
+def build_weights(
+    cfg: ModelConfig, state: dict[str, paddle.Tensor], dtype: str, layout: str = "hf", fused_qkv: str = "grouped"
+) -> ModelWeights:
+    """Decoder weights from a state dict with `model.` keys; pops what it uses.
+
+    layout: 'hf' ([out, in] Linear weights) or 'paddle' ([in, out]). fused_qkv: how a fused `qkv_proj` orders its
+    columns: 'grouped' (PaddleFormers: per kv head, its queries then k then v) or 'plain' ([q | k | v], ERNIEKit).
+    """
+    b = _WeightBuilder(cfg, state, dtype, layout, fused_qkv)
+    h = cfg.hidden_size
     layers = []
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        qkv = paddle.concat(
-            [_linear(state, p + f"self_attn.{n}_proj.weight", dtype) for n in ("q", "k", "v")], axis=1
-        )
-        bias = None
-        if cfg.attention_bias:
-            bias = paddle.concat([vec(p + f"self_attn.{n}_proj.bias") for n in ("q", "k", "v")])
-        gate_up = paddle.concat(
-            [_linear(state, p + "mlp.gate_proj.weight", dtype), _linear(state, p + "mlp.up_proj.weight", dtype)],
-            axis=1,
-        )
+        qkv, bias = b.qkv(p)
         layers.append(
             LayerWeights(
-                input_norm=vec(p + "input_layernorm.weight"),
+                input_norm=b.vec(p + "input_layernorm.weight", h),
                 qkv=qkv,
                 qkv_bias=bias,
-                o=_linear(state, p + "self_attn.o_proj.weight", dtype),
-                post_norm=vec(p + "post_attention_layernorm.weight"),
-                gate_up=gate_up,
-                down=_linear(state, p + "mlp.down_proj.weight", dtype),
+                o=b.linear(p + "self_attn.o_proj.weight", "self_attn.o_proj.weight"),
+                post_norm=b.vec(p + "post_attention_layernorm.weight", h),
+                gate_up=b.gate_up(p),
+                down=b.linear(p + "mlp.down_proj.weight", "mlp.down_proj.weight"),
             )
         )
-    embed = vec("model.embed_tokens.weight")
-    if "lm_head.weight" in state and not cfg.tie_word_embeddings:
-        lm_head = _linear(state, "lm_head.weight", dtype)
-    else:
-        state.pop("lm_head.weight", None)
-        lm_head = embed.t().contiguous()
-    return ModelWeights(embed=embed, layers=layers, norm=vec("model.norm.weight"), lm_head=lm_head)
+    embed = state.pop("model.embed_tokens.weight")
+    _check_shape("model.embed_tokens.weight", embed, (cfg.vocab_size, h))
+    embed = embed.astype(dtype)
+    lm_head = b.lm_head(embed)
+    norm = b.vec("model.norm.weight", h)
+    return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
 
 
-def load_model(model_dir: Path, dtype: str = "float32") -> LoadedModel:
-    model_dir = Path(model_dir)
+# Buffers some exporters keep in the state dict; they carry no learned weights.
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
+
+
+def load_model(
+    model_dir: str | os.PathLike[str], dtype: str = "float32", allow_network: bool | None = None
+) -> LoadedModel:
+    """Load config, tokenizer, generation defaults and weights.
+
+    `model_dir` is a local directory; a hub id is fetched only when networking is allowed (see resolve_model;
+    by default as HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE say).
+    """
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; supported: {', '.join(SUPPORTED_DTYPES)}")
+    model_dir = resolve_model(model_dir, network_allowed() if allow_network is None else allow_network)
     if not (model_dir / "config.json").exists():
         raise ModelNotFoundError(
             f"model directory {str(model_dir)!r} has no config.json; pass a local directory in the Hugging Face "
             "layout (config.json, model.safetensors, tokenizer.json) with --model-dir or TOKENSTREAM_MODEL_DIR"
         )
-    cfg = ModelConfig.from_dir(model_dir)
+    raw_cfg = json.loads((model_dir / "config.json").read_text())
+    cfg = ModelConfig.from_dict(raw_cfg)
     if not (model_dir / "tokenizer.json").exists():
         raise ModelNotFoundError(f"{model_dir} has no tokenizer.json")
-    state = _read_state(model_dir)
+    ckpt = _read_checkpoint(model_dir)
+    state = ckpt.state
+    prefix = _normalize_keys(state)
+    signal = ckpt.paddle_signal
+    if signal is None and raw_cfg.get("source") == "paddle":
+        signal = True
+    layout = detect_layout(cfg, state, signal)
+    # ERNIEKit (`ernie.` keys) concatenates q, k and v; PaddleFormers groups them per kv head.
+    fused_qkv = "plain" if prefix == "ernie." else "grouped"
     try:
-        weights = build_weights(cfg, state, dtype)
+        weights = build_weights(cfg, state, dtype, layout=layout, fused_qkv=fused_qkv)
     except KeyError as exc:
         raise UnsupportedModelError(f"{cfg.architecture} checkpoint in {model_dir} lacks weight {exc}") from exc
-    gen_path = model_dir / "generation_config.json"
-    generation = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+    leftover = sorted(k for k in state if not _IGNORED.search(k))
+    if leftover:
+        shown = ", ".join(leftover[:6]) + (", ..." if len(leftover) > 6 else "")
+        raise UnsupportedModelError(
+            f"{cfg.architecture} checkpoint in {model_dir} has weights the decoder would ignore: {shown}"
+        )
+    log.info("loaded %s (%s, %s layout, %d file(s)) as %s", model_dir, cfg.architecture, layout, len(ckpt.files),
+             dtype)
+    generation = _generation_defaults(model_dir)
     eos = generation.get("eos_token_id")
     if eos is not None:
         ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
@@ -115,3 +422,15 @@ def load_model(model_dir: Path, dtype: str = "float32") -> LoadedModel:
         tokenizer=Tokenizer(model_dir),
         generation_defaults=generation,
     )
+
+
+def _generation_defaults(model_dir: Path) -> dict[str, Any]:
+    """generation_config.json as a dict (eos ids, default sampling values); empty when absent."""
+    path = model_dir / "generation_config.json"
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UnsupportedModelError(f"{path} is not valid JSON: {exc}") from exc
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,80 @@
+"""Prometheus metrics on their own HTTP port.
+
+prometheus-client rather than the OTel metrics SDK + Prometheus exporter: the exporter is itself built on
+prometheus-client, is still pre-release, and adds a translation layer between our names and what is scraped.
+Names follow the OpenTelemetry GenAI semantic conventions where they define one (gen_ai.server.*), as
+Prometheus spells them (dots to underscores, unit suffix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from service.engine.engine import EngineStats
+from service.engine.types import Chunk
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+class _EngineCollector(Collector):
+    """Gauges read from the engine at scrape time, so the decode loop does no bookkeeping for them."""
+
+    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        s = self._stats()
+        if s is None:
+            return
+        yield GaugeMetricFamily("tokenstream_active_slots", "Sequences holding a KV-cache slot", value=s.active)
+        yield GaugeMetricFamily("tokenstream_queue_depth", "Requests waiting for a slot", value=s.waiting)
+        yield GaugeMetricFamily("tokenstream_batch_size", "Rows in the most recent decode step", value=s.active)
+        yield GaugeMetricFamily("tokenstream_kv_cache_fill_ratio",
+                                "Cached positions over max_slots * max_context", value=s.kv_fill_ratio)
+        yield GaugeMetricFamily("tokenstream_kv_cache_bytes", "Bytes allocated to the KV cache", value=s.cache_bytes)
+
+
+class Metrics:
+    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("tokenstream_requests", "Finished Generate calls",
+                                ["finish_reason", "grpc_code"], registry=r)
+        self.ttft = Histogram("gen_ai_server_time_to_first_token_seconds",
+                              "Time from arrival to the first generated token", buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("gen_ai_server_time_per_output_token_seconds",
+                              "Decode time per output token after the first", buckets=_TPOT_BUCKETS, registry=r)
+        self.duration = Histogram("gen_ai_server_request_duration_seconds", "End-to-end request time",
+                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("tokenstream_queue_time_seconds", "Time from arrival to the start of prefill",
+                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("tokenstream_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.completion_tokens = Counter("tokenstream_completion_tokens", "Tokens generated", registry=r)
+        r.register(_EngineCollector(stats))
+
+    def observe(self, final: Chunk | None, grpc_code: str) -> None:
+        """Record one finished call: its final chunk (None when it was rejected before streaming)."""
+        reason = final.finish.value if final is not None and final.finish is not None else "none"
+        self.requests.labels(finish_reason=reason, grpc_code=grpc_code).inc()
+        if final is None or final.timings is None:
+            return
+        t = final.timings
+        self.prompt_tokens.inc(final.prompt_tokens)
+        self.completion_tokens.inc(final.completion_tokens)
+        self.duration.observe(t.total_ms / 1000.0)
+        if t.prefill_start_ns:
+            self.queue.observe(t.queue_ms / 1000.0)
+        if t.first_token_ns:
+            self.ttft.observe(t.ttft_ms / 1000.0)
+        if final.completion_tokens > 1:
+            self.tpot.observe(t.decode_ms / 1000.0 / (final.completion_tokens - 1))
+
+    def serve(self, host: str, port: int) -> object:
+        """Expose on host:port in a background thread; returns the HTTP server (port 0 picks a free one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server

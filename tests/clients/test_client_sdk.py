@@ -1,0 +1,236 @@
+"""The Python SDK, sync and asyncio, against the real server with the real engine."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from tokenstream_client import AsyncClient, Client, Delta, FinishReason, TokenstreamError
+
+PROMPT = "你好世界 Hello"
+LONG = 400  # tokens: far more than a test takes to read its first delta; the test context holds 512
+
+
+@pytest.fixture
+def client(server: Any) -> Iterator[Client]:
+    with Client(server.target, timeout=60) as c:
+        yield c
+
+
+def assert_consistent(deltas: list[Delta], loaded_model: Any, max_new_tokens: int) -> None:
+    ids = [i for d in deltas for i in d.token_ids]
+    final = deltas[-1]
+    assert [d.is_final for d in deltas] == [False] * (len(deltas) - 1) + [True]
+    assert final.finish_reason is FinishReason.MAX_TOKENS
+    assert final.usage is not None and final.usage.completion_tokens == len(ids) == max_new_tokens
+    assert final.usage.prompt_tokens == len(loaded_model.tokenizer.encode(PROMPT))
+    assert final.timings is not None and final.timings.total_ms > 0
+    assert "".join(d.text for d in deltas) == loaded_model.tokenizer.decode(ids)
+
+
+def no_active_streams(server: Any) -> bool:
+    return bool(server.engine.wait_until(lambda s: s.active == 0 and s.waiting == 0, timeout=10))
+
+
+# -- sync ----------------------------------------------------------------------------------------------------------
+
+
+def test_generate_deltas_concatenate_to_decode(client: Client, loaded_model: Any) -> None:
+    deltas = list(client.generate(PROMPT, max_new_tokens=20))
+    assert_consistent(deltas, loaded_model, 20)
+
+
+def test_generate_text_collects_the_stream(client: Client, loaded_model: Any) -> None:
+    result = client.generate_text(PROMPT, max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.9, seed=1234)
+    assert result.finish_reason is FinishReason.MAX_TOKENS
+    assert len(result.token_ids) == result.usage.completion_tokens == 12
+    assert result.text == loaded_model.tokenizer.decode(list(result.token_ids))
+    assert result.seed == 1234 and result.attempts == 1
+    again = client.generate_text(PROMPT, max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.9, seed=1234)
+    assert again.token_ids == result.token_ids  # same seed, same tokens
+
+
+def test_stream_result_covers_iterated_deltas(client: Client) -> None:
+    with client.generate(PROMPT, max_new_tokens=8) as stream:
+        first = next(stream)
+        result = stream.collect()
+    assert result.token_ids[: len(first.token_ids)] == tuple(first.token_ids)
+    assert len(result.token_ids) == 8
+
+
+def test_deadline_ends_with_time_limit_or_deadline_exceeded(client: Client, server: Any) -> None:
+    try:
+        result = client.generate_text(PROMPT, max_new_tokens=LONG, timeout=0.3)
+    except TokenstreamError as error:
+        assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    else:
+        assert result.finish_reason is FinishReason.TIME_LIMIT
+        assert result.usage.completion_tokens < LONG
+    assert no_active_streams(server)
+
+
+def test_closing_the_iterator_cancels_the_call(client: Client, server: Any) -> None:
+    stream = client.generate(PROMPT, max_new_tokens=LONG)
+    assert next(stream).tokens
+    assert server.engine.stats().active == 1  # still decoding: LONG tokens take seconds
+    stream.close()
+    assert no_active_streams(server)
+    with pytest.raises(StopIteration):
+        next(stream)
+
+
+def test_breaking_out_of_a_with_block_cancels_the_call(client: Client, server: Any) -> None:
+    with client.generate(PROMPT, max_new_tokens=LONG) as stream:
+        for _ in stream:
+            break
+    assert no_active_streams(server)
+
+
+def test_a_garbage_collected_stream_cancels_the_call(client: Client, server: Any) -> None:
+    stream = client.generate(PROMPT, max_new_tokens=LONG)
+    next(stream)
+    assert server.engine.stats().active == 1
+    del stream
+    gc.collect()
+    assert no_active_streams(server)
+
+
+def test_request_id_metadata_is_accepted(client: Client) -> None:
+    stream = client.generate(PROMPT, max_new_tokens=4, request_id="client-test-0001", metadata={"x-extra": "1"})
+    result = stream.collect()
+    assert result.request_id == stream.request_id == "client-test-0001"
+    assert result.finish_reason is FinishReason.MAX_TOKENS
+
+
+def test_invalid_argument_carries_field_violations(client: Client) -> None:
+    with pytest.raises(TokenstreamError) as info:
+        client.generate_text(PROMPT, top_p=2.0, stop=["ok", ""])
+    error = info.value
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.attempts == 1
+    assert {v.field for v in error.field_violations} == {"sampling.top_p", "stopping.stop_sequences[1]"}
+
+
+def test_tokenize(client: Client, loaded_model: Any) -> None:
+    text = "Hello world, 你好"
+    result = client.tokenize(text, return_tokens=True, return_offsets=True)
+    assert list(result.ids) == loaded_model.tokenizer.encode(text)
+    assert result.token_count == len(result.ids) == len(result.tokens) == len(result.offsets)
+    assert result.offsets[0][0] == 0 and result.offsets[-1][1] == len(text)
+    assert client.tokenize(text, truncate_to=2).ids == result.ids[-2:]
+
+
+def test_model_info(client: Client, loaded_model: Any) -> None:
+    info = client.model_info()
+    assert info.vocab_size == 151_936 and info.architecture
+    assert info.max_context_length == 512 and info.max_batch_size == 8
+    assert set(info.eos_token_ids) and info.device
+
+
+def test_health(client: Client) -> None:
+    assert client.health() == "SERVING"
+    assert client.health("tokenstream.v1.GenerationService") == "SERVING"
+
+
+# -- asyncio -------------------------------------------------------------------------------------------------------
+
+
+def test_async_generate_and_collect(server: Any, loaded_model: Any) -> None:
+    async def run() -> tuple[list[Delta], Any, Any, str, Any, Any]:
+        async with AsyncClient(server.target, timeout=60) as client:
+            deltas = [d async for d in client.generate(PROMPT, max_new_tokens=16)]
+            result = await client.generate_text(PROMPT, max_new_tokens=16)
+            return (deltas, result, await client.tokenize("Hello"), await client.health(),
+                    await client.model_info(), loaded_model)
+
+    deltas, result, tokens, health, info, _ = asyncio.run(run())
+    assert_consistent(deltas, loaded_model, 16)
+    assert result.token_ids == tuple(i for d in deltas for i in d.token_ids)  # greedy: the same tokens
+    assert result.text == "".join(d.text for d in deltas)
+    assert list(tokens.ids) == loaded_model.tokenizer.encode("Hello")
+    assert health == "SERVING" and info.vocab_size == 151_936
+
+
+def test_async_deadline(server: Any) -> None:
+    async def run() -> Any:
+        async with AsyncClient(server.target) as client:
+            try:
+                return await client.generate_text(PROMPT, max_new_tokens=LONG, timeout=0.3)
+            except TokenstreamError as error:
+                return error
+
+    outcome = asyncio.run(run())
+    if isinstance(outcome, TokenstreamError):
+        assert outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    else:
+        assert outcome.finish_reason is FinishReason.TIME_LIMIT
+    assert no_active_streams(server)
+
+
+def test_async_aclose_cancels_the_call(server: Any) -> None:
+    async def run() -> bool:
+        async with AsyncClient(server.target, timeout=60) as client:
+            stream = client.generate(PROMPT, max_new_tokens=LONG)
+            async for _ in stream:
+                break
+            await stream.aclose()
+            return await asyncio.to_thread(no_active_streams, server)
+
+    assert asyncio.run(run())
+
+
+def test_async_cancel_from_another_task_ends_the_iteration(server: Any) -> None:
+    async def run() -> tuple[int, bool]:
+        async with AsyncClient(server.target, timeout=60) as client:
+            stream = client.generate(PROMPT, max_new_tokens=LONG)
+            got_one = asyncio.Event()
+            count = 0
+
+            async def consume() -> None:
+                nonlocal count
+                async for _ in stream:
+                    count += 1
+                    got_one.set()
+
+            task = asyncio.create_task(consume())
+            await got_one.wait()
+            stream.cancel()
+            await task  # ends quietly: no CancelledError, no error
+            return count, await asyncio.to_thread(no_active_streams, server)
+
+    count, idle = asyncio.run(run())
+    assert 1 <= count < LONG and idle
+
+
+def test_async_garbage_collected_stream_cancels_the_call(server: Any) -> None:
+    async def run() -> bool:
+        async with AsyncClient(server.target, timeout=60) as client:
+            stream = client.generate(PROMPT, max_new_tokens=LONG)
+            await stream.__anext__()
+            del stream
+            gc.collect()
+            return await asyncio.to_thread(no_active_streams, server)
+
+    assert asyncio.run(run())
+
+
+def test_async_task_cancellation_cancels_the_call(server: Any) -> None:
+    async def run() -> bool:
+        async with AsyncClient(server.target, timeout=60) as client:
+            started = asyncio.Event()
+
+            async def consume() -> None:
+                async for _ in client.generate(PROMPT, max_new_tokens=LONG):
+                    started.set()
+
+            task = asyncio.create_task(consume())
+            await started.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task  # the task's own cancellation is not swallowed
+            return await asyncio.to_thread(no_active_streams, server)
+
+    assert asyncio.run(run())
