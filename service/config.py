@@ -25,6 +25,7 @@ class Config:
     max_request_ms: int = 120_000  # server-side maximum request time: ends a stream with TIME_LIMIT
     deadline_margin_ms: int = 50  # end gracefully this long before the caller's gRPC deadline
     max_prompt_bytes: int = 65_536
+    max_prompt_tokens: int = 0  # 0: whatever fits the context with one generated token
     max_stop_sequences: int = 8
     max_stop_sequence_chars: int = 256
     max_top_n: int = 10

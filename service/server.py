@@ -23,10 +23,10 @@ from service.engine.default_model import TINY, ensure_random_model
 from service.engine.engine import Engine, EngineConfig
 from service.engine.loader import LoadedModel, load_model
 from service.metrics import Metrics
-from service.servicer import GenerationServicer, ServerState
+from service.security import BearerAuthInterceptor, load_tokens, server_credentials
+from service.servicer import GenerationServicer, ServerState, add_to_server
 from service.telemetry import get_tracer
 from tokenstream.v1 import generation_pb2 as pb
-from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("tokenstream.server")
 
@@ -134,11 +134,15 @@ async def start_server(
         # Health checks are probes, not requests: keep them out of traces.
         interceptors.append(aio_server_interceptor(tracer_provider=tracer_provider,
                                                    filter_=filters.negate(filters.health_check())))
+    tokens = load_tokens(config)
+    if tokens:
+        interceptors.append(BearerAuthInterceptor(tokens, protect_reflection=config.auth_reflection))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", config.max_receive_message_bytes),
-            ("grpc.max_metadata_size", config.max_metadata_bytes),
+            ("grpc.max_metadata_size", config.max_metadata_bytes),  # soft limit
+            ("grpc.absolute_max_metadata_size", config.max_metadata_bytes),  # hard limit
             # Long-lived streams: accept client keepalive pings down to every 10 s, even without calls.
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
@@ -151,11 +155,13 @@ async def start_server(
     for name in ("", SERVICE_NAME):
         await health.set(name, NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(state, get_tracer(tracer_provider), metrics), server)
+    add_to_server(GenerationServicer(state, get_tracer(tracer_provider), metrics), server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    credentials = server_credentials(config)
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await server.start()
 
     async def load() -> None:

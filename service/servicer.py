@@ -19,6 +19,7 @@ from service.engine.loader import LoadedModel
 from service.engine.types import Chunk, ErrorKind, Finish
 from service.engine.tokenizer import ChatTemplateError
 from service.errors import (
+    DeadlineTooShortError,
     EngineOutOfMemoryError,
     InvalidRequestError,
     NotReadyError,
@@ -27,7 +28,7 @@ from service.errors import (
     to_status,
 )
 from service.metrics import Metrics
-from service.validation import validate_generate, validate_tokenize
+from service.validation import check_decodable, tolerant, validate_generate, validate_tokenize
 from tokenstream.v1 import generation_pb2 as pb
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 
@@ -111,6 +112,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             remaining = context.time_remaining()
             if remaining is not None:  # end gracefully with TIME_LIMIT just before the caller gives up
                 deadline = min(deadline, now + remaining - config.deadline_margin_ms / 1000.0)
+                wait = engine.estimate_first_token_s(len(engine_request.prompt_ids))
+                if wait > remaining:  # don't make the caller wait for nothing
+                    raise DeadlineTooShortError(
+                        f"the deadline ({remaining * 1000:.0f} ms) is shorter than the estimated time to the first "
+                        f"token ({wait * 1000:.0f} ms); retry with a longer deadline or later")
             fault = metadata.get("x-tokenstream-debug-fault") if config.debug_faults else None
             engine_request = dataclasses.replace(engine_request, deadline=deadline, request_id=request_id,
                                                  debug_fault=str(fault) if fault else None)
@@ -206,8 +212,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
         try:
+            check_decodable(request)
             engine, model = self.state.ready_engine()
-        except (NotReadyError, ShuttingDownError) as exc:
+        except (NotReadyError, ShuttingDownError, InvalidRequestError) as exc:
             await abort(context, exc)
         cfg = self.state.config
         return pb.GetModelInfoResponse(
@@ -223,3 +230,16 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             has_chat_template=bool(model.tokenizer.chat_template),
             max_top_n=cfg.max_top_n,
         )
+
+
+def add_to_server(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
+    """Like the generated add_..._to_server, but undecodable requests reach the servicer as INVALID_ARGUMENT."""
+    service = pb.DESCRIPTOR.services_by_name["GenerationService"]
+    handlers = {}
+    for method in service.methods:
+        request_cls, response_cls = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=tolerant(request_cls.FromString),
+                                     response_serializer=response_cls.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

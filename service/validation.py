@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+
+from google.protobuf.message import DecodeError, Message
 
 from service.config import Config
 from service.engine.tokenizer import Tokenizer
@@ -12,6 +15,29 @@ from tokenstream.v1 import generation_pb2 as pb
 
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 10.0
+
+
+class UndecodableRequest:
+    """Stands in for request bytes that are not a valid message (bad wire format, or invalid UTF-8 in a string),
+    so the servicer can answer INVALID_ARGUMENT instead of gRPC's generic deserialization failure."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def tolerant(parse: Callable[[bytes], Message]) -> Callable[[bytes], Message | UndecodableRequest]:
+    def deserialize(data: bytes) -> Message | UndecodableRequest:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return UndecodableRequest(str(exc))
+
+    return deserialize
+
+
+def check_decodable(req: object) -> None:
+    if isinstance(req, UndecodableRequest):
+        raise InvalidRequestError([FieldViolation("request", f"not a valid message: {req.error}")])
 
 
 def _check_sampling(s: pb.SamplingParams, bad: list[FieldViolation]) -> SamplingOptions:
@@ -83,6 +109,7 @@ def validate_generate(req: pb.GenerateRequest, cfg: Config, tok: Tokenizer) -> t
 
     The engine request has no deadline yet: the servicer sets it from the time limit and the gRPC deadline.
     """
+    check_decodable(req)
     bad: list[FieldViolation] = []
     sampling = _check_sampling(req.sampling, bad)
     max_new, time_limit_ms, min_new = _check_stopping(req.stopping, cfg, bad)
@@ -103,6 +130,8 @@ def validate_generate(req: pb.GenerateRequest, cfg: Config, tok: Tokenizer) -> t
         elif len(ids) >= cfg.max_context:
             bad.append(FieldViolation(field, f"is {len(ids)} tokens; the context holds {cfg.max_context}, "
                                              "including at least one generated token"))
+        elif cfg.max_prompt_tokens and len(ids) > cfg.max_prompt_tokens:
+            bad.append(FieldViolation(field, f"is {len(ids)} tokens; at most {cfg.max_prompt_tokens} are allowed"))
     if bad:
         raise InvalidRequestError(bad)
     engine_request = GenerationRequest(
@@ -120,6 +149,7 @@ def validate_generate(req: pb.GenerateRequest, cfg: Config, tok: Tokenizer) -> t
 
 
 def validate_tokenize(req: pb.TokenizeRequest, cfg: Config) -> None:
+    check_decodable(req)
     if not req.text:
         raise InvalidRequestError([FieldViolation("text", "must not be empty")])
     if len(req.text.encode("utf-8")) > cfg.max_prompt_bytes:

@@ -122,25 +122,52 @@ def test_paddle_safetensors_recognized_by_metadata_alone(tiny: Callable[[str], T
     assert max_diff(load_model(dst), t.reference_logits(ids), ids) < TOL
 
 
-def test_interleaved_rope_is_what_makes_ernie_match(tiny: Callable[[str], TinyModel]) -> None:
-    """Negative control: without the load-time q/k permutation, ERNIE's logits are clearly off."""
+def test_paddlenlp_legacy_llama_prefix_and_lm_head(tiny: Callable[[str], TinyModel], tmp_path: Path) -> None:
+    """Older PaddleNLP Llama checkpoints: `llama.` instead of `model.` and lm_head stored [hidden, vocab]."""
+    import paddle
+
+    t = tiny("llama")
+    dst = tmp_path / "llama-paddlenlp"
+    shutil.copytree(t.save("paddle-pdparams"), dst)
+    state = paddle.load(str(dst / "model_state.pdparams"))
+    legacy = {("llama." + k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()}
+    legacy["lm_head.weight"] = legacy["lm_head.weight"].t().contiguous()
+    paddle.save(legacy, str(dst / "model_state.pdparams"))
+    ids = token_ids(t.spec.seed)
+    assert max_diff(load_model(dst), t.reference_logits(ids), ids) < TOL
+
+
+def test_negative_controls(tiny: Callable[[str], TinyModel]) -> None:
+    """The comparisons can fail: ERNIE without its q/k permutation, Llama 3 without its RoPE scaling are far off."""
     t = tiny("ernie")
     ids = token_ids(t.spec.seed)
     model = load_model(t.save("hf"))
     plain_cfg = dataclasses.replace(model.config, rope_interleaved=False)
-    state = _read_checkpoint(model.path).state
-    wrong = build_weights(plain_cfg, state, "float32")
+    wrong = build_weights(plain_cfg, _read_checkpoint(model.path).state, "float32")
     assert max_diff(model, t.reference_logits(ids), ids, weights=wrong) > 1e-2
-
-
-def test_bfloat16_compute_close_to_reference(tiny: Callable[[str], TinyModel]) -> None:
-    """bfloat16 weights computed in bfloat16: same model, looser tolerance."""
-    t = tiny("qwen2")
+    t = tiny("llama3")
     ids = token_ids(t.spec.seed)
-    ref = t.reference_logits(ids, bf16=True)
-    model = load_model(t.save("hf-bf16"), dtype="bfloat16")
-    assert model.weights.embed.dtype.name.lower().endswith("bfloat16") or "bfloat16" in str(model.weights.embed.dtype)
-    diff = max_diff(model, ref, ids, dtype="bfloat16")
+    model = load_model(t.save("hf"))
+    unscaled = dataclasses.replace(model, config=dataclasses.replace(model.config, rope_scaling=None))
+    assert max_diff(unscaled, t.reference_logits(ids), ids) > 1e-2
+
+
+def test_bfloat16_compute_where_the_device_has_it(tiny: Callable[[str], TinyModel]) -> None:
+    """bfloat16 weights computed in bfloat16 where Paddle has the kernels; a clear refusal where it has not (CPU)."""
+    import paddle
+
+    t = tiny("qwen2")
+    path = t.save("hf-bf16")
+    probe = paddle.ones([2, 2], dtype="bfloat16")
+    try:
+        paddle.matmul(probe, probe)
+    except RuntimeError:
+        with pytest.raises(ValueError, match="bfloat16.*not supported on device"):
+            load_model(path, dtype="bfloat16")
+        return
+    ids = token_ids(t.spec.seed)
+    model = load_model(path, dtype="bfloat16")
+    diff = max_diff(model, t.reference_logits(ids, bf16=True), ids, dtype="bfloat16")
     print(f"\nqwen2 hf-bf16 computed in bfloat16: max |logit diff| = {diff:.2e}")
     assert diff < 0.25
 

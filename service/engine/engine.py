@@ -145,6 +145,8 @@ class Engine:
         self._stopping = False
         self._cancel_all = False
         self._stepped = threading.Condition()
+        self._prefill_s_per_token = 0.0  # moving averages, for deadline-aware admission
+        self._step_s = 0.0
         self._decode_token = model.tokenizer.decode
 
     # -- lifecycle (any thread) ------------------------------------------------------------------
@@ -171,6 +173,26 @@ class Engine:
                     return False
                 self._stepped.wait(left)
         return True
+
+    def estimate_first_token_s(self, prompt_tokens: int) -> float:
+        """A rough wait until this prompt's first token: queueing for a slot, then its prefill and one step.
+
+        When every slot is taken, the request needs the k-th slot to free, k being its place in the queue; a
+        slot frees at the latest when its sequence reaches max_new_tokens or its deadline.
+        """
+        now = time.monotonic()
+        active = list(self._active)
+        queued = len(self._waiting) + self._inbox.qsize() + (self._prefilling is not None)
+        ahead = queued + len(active) - self.config.max_slots + 1
+        queue_s = 0.0
+        if ahead > 0 and active:
+            left = sorted(
+                min((s.req.max_new_tokens - len(s.generated)) * self._step_s,
+                    (s.req.deadline - now) if s.req.deadline is not None else float("inf"))
+                for s in active
+            )
+            queue_s = max(0.0, left[min(ahead, len(left)) - 1])
+        return queue_s + prompt_tokens * self._prefill_s_per_token + self._step_s
 
     def cancel_all(self) -> None:
         """End every stream at the next step with a final CANCELLED message (shutdown after the grace period)."""
@@ -319,6 +341,7 @@ class Engine:
             seq = self._prefilling
             n = min(budget, len(seq.prompt) - seq.prefilled)
             done = seq.prefilled + n == len(seq.prompt)
+            started = time.perf_counter()
             try:
                 if self.config.debug_faults and seq.req.debug_fault == "prefill_oom":
                     raise MemoryError("injected out-of-memory in prefill")
@@ -326,10 +349,13 @@ class Engine:
                 # logits: [V] of the prompt's last position, only once the whole prompt is in the cache
                 logits = self.decoder.prefill(self.cache, seq.slot, seq.prompt[seq.prefilled : seq.prefilled + n],
                                               seq.prefilled, want_logits=done)
-            except MemoryError as exc:
+            except Exception as exc:
+                if not _is_out_of_memory(exc):
+                    raise
                 self._finish(seq, Finish.ERROR, f"out of memory in prefill: {exc}", ErrorKind.OUT_OF_MEMORY)
                 self._release_done()
                 continue
+            self._prefill_s_per_token = _ema(self._prefill_s_per_token, (time.perf_counter() - started) / n)
             seq.prefilled += n
             budget -= n
             if done:
@@ -344,8 +370,10 @@ class Engine:
         tokens = np.fromiter((s.last_token for s in rows), dtype=np.int64, count=len(rows))  # [B]
         positions = np.fromiter((s.cache_len for s in rows), dtype=np.int64, count=len(rows))  # [B]
         self._ensure_capacity()
+        started = time.perf_counter()
         logits = self.decoder.decode_step(self.cache, tokens, positions)  # [B, V]
         self._sample_rows(list(rows), logits)
+        self._step_s = _ema(self._step_s, time.perf_counter() - started)
         self._release_done()
 
     def _sample_rows(self, rows: list[_Sequence], logits: paddle.Tensor) -> None:
@@ -504,6 +532,16 @@ class Engine:
             self.cache.ensure(16, 0)
             self.decoder.prefill(self.cache, 0, prompt, 0, want_logits=True)
             self.decoder.decode_step(self.cache, prompt[:1], np.array([8], dtype=np.int64))
+
+
+def _ema(old: float, new: float, weight: float = 0.2) -> float:
+    return new if old == 0.0 else old + weight * (new - old)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """Paddle reports allocation failures as MemoryError on CPU and ResourceExhaustedError on GPU."""
+    return isinstance(exc, MemoryError) or "ResourceExhausted" in type(exc).__name__ or \
+        "out of memory" in str(exc).lower()
 
 
 def _deliver_all(items: list[tuple[StreamHandle, list[Chunk]]]) -> None:

@@ -368,6 +368,26 @@ def build_weights(
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
 
+def check_dtype(dtype: str) -> None:
+    """Refuse a dtype that is unknown, or that the current Paddle device has no matmul kernel for.
+
+    Paddle's CPU kernels are float32 (bfloat16 and float16 matmul are GPU-only in Paddle 3.3), so half
+    precision fails here with a clear message rather than inside the first forward.
+    """
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; supported: {', '.join(SUPPORTED_DTYPES)}")
+    if dtype == "float32":
+        return
+    try:
+        probe = paddle.ones([2, 2], dtype=dtype)
+        paddle.matmul(probe, probe)
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
+        raise ValueError(
+            f"dtype {dtype!r} is not supported on device {paddle.get_device()!r} by this Paddle build "
+            f"(no {dtype} matmul kernel); use float32 there"
+        ) from exc
+
+
 def load_model(
     model_dir: str | os.PathLike[str], dtype: str = "float32", allow_network: bool | None = None
 ) -> LoadedModel:
@@ -376,8 +396,7 @@ def load_model(
     `model_dir` is a local directory; a hub id is fetched only when networking is allowed (see resolve_model;
     by default as HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE say).
     """
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; supported: {', '.join(SUPPORTED_DTYPES)}")
+    check_dtype(dtype)
     model_dir = resolve_model(model_dir, network_allowed() if allow_network is None else allow_network)
     if not (model_dir / "config.json").exists():
         raise ModelNotFoundError(

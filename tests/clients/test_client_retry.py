@@ -170,6 +170,12 @@ def test_metadata_request_id_token_traceparent_and_extra(fake: FakeServer, kind:
     assert version == "00" and traced == trace_id
 
 
+@both
+def test_dns_targets_use_the_round_robin_service_config(fake: FakeServer, kind: str) -> None:
+    deltas, error, _ = GENERATE[kind](f"dns:///{fake.target}")  # an invalid service config would fail the channel
+    assert error is None and deltas[-1].is_final
+
+
 def test_a_fresh_request_id_per_call(fake: FakeServer) -> None:
     with Client(fake.target) as client:
         first = client.generate_text("x")

@@ -1,0 +1,170 @@
+"""Soak: N concurrent streams with requests arriving continuously, against a server subprocess on 127.0.0.1.
+
+Bounded in time and count. Reports errors by status code (admission rejections counted apart), TTFT and
+inter-token latency percentiles, and the server's RSS curve. The short run is part of `make test`; the long one:
+
+    .venv/bin/python -m tests.soak --streams 64 --minutes 10 --out bench/results/soak.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "generated"), str(ROOT)]
+
+from tokenstream.v1 import generation_pb2 as pb  # noqa: E402
+from tokenstream.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
+
+PROMPTS = ["Once upon a time", "你好，请介绍一下你自己。", "def quicksort(xs):", "The weather today", "床前明月光",
+           "Explain gRPC streaming in one paragraph.", "1, 1, 2, 3, 5, 8,", "🙂 emoji and 中文 mixed text"]
+
+
+@dataclass
+class SoakReport:
+    streams: int
+    seconds: float
+    requests: int = 0
+    completed: int = 0
+    tokens: int = 0
+    admission_rejections: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    ttft_ms: dict[str, float] = field(default_factory=dict)
+    itl_ms: dict[str, float] = field(default_factory=dict)
+    rss_mb: list[tuple[float, float]] = field(default_factory=list)
+    rss_growth_pct: float = 0.0
+
+    @property
+    def other_errors(self) -> int:
+        return sum(self.errors.values())
+
+
+def percentiles(xs: list[float]) -> dict[str, float]:
+    if not xs:
+        return {}
+    xs = sorted(xs)
+    pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    return {"p50": round(pick(0.50), 3), "p90": round(pick(0.90), 3), "p99": round(pick(0.99), 3),
+            "max": round(xs[-1], 3)}
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+async def _worker(stub: pb_grpc.GenerationServiceStub, stop_at: float, rng: random.Random, report: SoakReport,
+                  ttft: list[float], itl: list[float], max_new: int) -> None:
+    while time.monotonic() < stop_at:
+        report.requests += 1
+        req = pb.GenerateRequest(
+            prompt=rng.choice(PROMPTS),
+            sampling=pb.SamplingParams(temperature=rng.choice([0.0, 0.8]), seed=rng.randrange(2**32)),
+            stopping=pb.StoppingCriteria(max_new_tokens=rng.randint(8, max_new)),
+        )
+        start = last = time.perf_counter()
+        first = True
+        try:
+            async for msg in stub.Generate(req, timeout=60):
+                now = time.perf_counter()
+                if msg.tokens:
+                    (ttft if first else itl).append((now - (start if first else last)) * 1000)
+                    first, last = False, now
+                report.tokens += len(msg.tokens)
+                if msg.finish_reason:
+                    report.completed += 1
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                report.admission_rejections += 1
+            else:
+                report.errors[err.code().name] = report.errors.get(err.code().name, 0) + 1
+
+
+async def soak(target: str, server_pid: int, streams: int, seconds: float, max_new: int = 48,
+               seed: int = 0) -> SoakReport:
+    report = SoakReport(streams=streams, seconds=seconds)
+    ttft: list[float] = []
+    itl: list[float] = []
+    rng = random.Random(seed)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        start = time.monotonic()
+        stop_at = start + seconds
+        # Staggered starts: requests keep arriving rather than all at once.
+        workers = []
+        for i in range(streams):
+            workers.append(asyncio.create_task(_worker(stub, stop_at, random.Random(rng.random()), report, ttft,
+                                                       itl, max_new)))
+            await asyncio.sleep(min(0.05, seconds / streams / 10))  # arrival spacing, not synchronisation
+        while not all(w.done() for w in workers):
+            report.rss_mb.append((round(time.monotonic() - start, 1), round(rss_mb(server_pid), 1)))
+            await asyncio.wait(workers, timeout=max(1.0, seconds / 30))
+        report.rss_mb.append((round(time.monotonic() - start, 1), round(rss_mb(server_pid), 1)))
+    report.ttft_ms, report.itl_ms = percentiles(ttft), percentiles(itl)
+    # Growth from the end of warm-up (first tenth of the run) to the end.
+    settle = [r for t, r in report.rss_mb if t >= seconds / 10] or [r for _, r in report.rss_mb]
+    report.rss_growth_pct = round(100.0 * (settle[-1] - settle[0]) / settle[0], 2)
+    return report
+
+
+def spawn_server(model_dir: str | None, extra: list[str]) -> tuple[subprocess.Popen, int]:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'generated'}:{ROOT}", "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-m", "service", "--port", "0", *(["--model-dir", model_dir] if model_dir else []), *extra]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("{") and json.loads(line).get("event") == "listening":
+            port = int(json.loads(line)["port"])
+            break
+    else:
+        raise RuntimeError(f"server exited with {proc.wait()}")
+    import threading
+
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:  # wait until the model is warm
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        for msg in health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=300):
+            if msg.status == health_pb2.HealthCheckResponse.SERVING:
+                break
+    return proc, port
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--model-dir", default=None, help="default: the server's default model")
+    parser.add_argument("--max-slots", type=int, default=32)
+    parser.add_argument("--out", default="bench/results/soak.json")
+    args = parser.parse_args()
+    proc, port = spawn_server(args.model_dir, ["--max-slots", str(args.max_slots), "--max-queue", "64",
+                                               "--max-context", "512"])
+    try:
+        report = asyncio.run(soak(f"127.0.0.1:{port}", proc.pid, args.streams, args.minutes * 60))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(asdict(report), indent=2))
+    print(json.dumps({k: v for k, v in asdict(report).items() if k != "rss_mb"}, indent=2))
+    print("rss (s, MB):", report.rss_mb[:: max(1, len(report.rss_mb) // 20)])
+    return 0 if report.other_errors == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
