@@ -1,29 +1,40 @@
-# tokenstream: one entry point for set-up, code generation, serving, tests and benchmarks.
+# tokenstream: one entry point for set-up, code generation, serving, tests, gates and benchmarks.
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+NODE_MODULES := clients/node/node_modules/.package-lock.json
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: install serve test proto proto-check lint bench clean
+.PHONY: install serve test proto proto-check lint deploy-check ci bench soak clean
 
-# The venv is rebuilt whenever pyproject.toml changes.
-$(STAMP): pyproject.toml
+# The venv is (re)built whenever pyproject.toml changes. `serve` needs only the runtime;
+# the dev extra adds the test tools and the numerical references (paddleformers, torch CPU).
+$(VENV)/.runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(STAMP): pyproject.toml $(VENV)/.runtime
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# The Node client's test runs where node and npm exist; elsewhere it is skipped with a reason.
+$(NODE_MODULES): clients/node/package-lock.json
+	if command -v npm >/dev/null; then cd clients/node && npm ci --no-audit --no-fund --loglevel=error; fi
+
 install: $(STAMP)
 
-serve: $(STAMP)
-	$(PY) -m service
+# Serves the default model on 127.0.0.1:50051 (built on first use). Flags: make serve ARGS="--port 50052".
+serve: $(VENV)/.runtime
+	$(PY) -m service $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(NODE_MODULES)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Stubs are checked in; CI fails when regenerating them changes anything.
+# Stubs are checked in; proto-check fails when regenerating them changes anything.
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I proto --python_out=generated --pyi_out=generated \
 	  --grpc_python_out=generated $$(find proto -name '*.proto' | sort)
@@ -32,12 +43,25 @@ proto-check: proto
 	git diff --exit-code -- generated/
 	test -z "$$(git status --porcelain -- generated/)"
 
+# Contract and code gates: buf lint/format/breaking, ruff and mypy on the service and the clients.
 lint: $(STAMP)
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf format -d --exit-code
+	if git rev-parse --verify -q main >/dev/null; then $(VENV)/bin/buf breaking --against '.git#branch=main'; fi
+	$(VENV)/bin/ruff check service clients
+	$(VENV)/bin/mypy service clients
+
+deploy-check: $(STAMP)
+	VENV=$(VENV) .ci/check-deploy
+
+ci: lint proto-check deploy-check test
 
 bench: $(STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)
 
+# The 10-minute soak of 64 streams (a 20 s version runs in `make test`).
+soak: $(STAMP)
+	$(PY) -m tests.soak --streams 64 --minutes 10 --out bench/results/soak.json
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .hypothesis clients/node/node_modules

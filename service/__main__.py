@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     provider = tracer_provider_from_env(os.environ)
     try:
         asyncio.run(serve(config, tracer_provider=provider))
-    except Exception as exc:  # a model that cannot load: say why, exit non-zero
+    except Exception as exc:  # noqa: BLE001 -- a model that cannot load: say why in one line, exit non-zero
         logging.getLogger("tokenstream").error("fatal: %s", exc)
         return 1
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -70,13 +70,16 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
 
 
+_PARSERS: dict[type, Callable[[str], object]] = {bool: _parse_bool, int: int, float: float, str: str}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenstream-server",
         description="Stream LLM tokens over gRPC. Every flag falls back to TOKENSTREAM_<FLAG> in the environment.",
     )
     for f in fields(Config):
-        kind = {bool: _parse_bool, int: int, float: float, str: str}[type(f.default)]
+        kind = _PARSERS[type(f.default)]
         parser.add_argument(_flag(f.name), type=kind, default=None, help=f"(env TOKENSTREAM_{f.name.upper()}, "
                             f"default {f.default!r})")
     return parser
@@ -88,7 +91,7 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
     args = build_parser().parse_args(argv)
     values = {}
     for f in fields(Config):
-        kind = {bool: _parse_bool, int: int, float: float, str: str}[type(f.default)]
+        kind = _PARSERS[type(f.default)]
         flag_value = getattr(args, f.name)
         if flag_value is not None:
             values[f.name] = flag_value

@@ -190,7 +190,11 @@ async def serve(config: Config, tracer_provider: trace.TracerProvider | None = N
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    running.load_task.add_done_callback(lambda task: task.cancelled() or task.exception() is None or stop.set())
+    def on_loaded(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            stop.set()  # the model failed to load: exit with its error
+
+    running.load_task.add_done_callback(on_loaded)
     await stop.wait()
     if running.load_task.done() and not running.load_task.cancelled() and running.load_task.exception():
         await running.stop(0)

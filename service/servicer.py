@@ -17,7 +17,6 @@ from service.config import Config
 from service.engine.engine import Engine
 from service.engine.loader import LoadedModel
 from service.engine.types import Chunk, ErrorKind, Finish
-from service.engine.tokenizer import ChatTemplateError
 from service.errors import (
     DeadlineTooShortError,
     EngineOutOfMemoryError,
@@ -94,11 +93,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.tracer = tracer
         self.metrics = metrics
 
-    async def Generate(  # noqa: N802 (gRPC method name)
+    async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         config = self.state.config
-        metadata = {k: v for k, v in (context.invocation_metadata() or ())}
+        metadata = dict(context.invocation_metadata() or ())
         request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)
         span = trace.get_current_span()
         final: Chunk | None = None
@@ -145,7 +144,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             raise
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:  # mapped to a status in one place
+        except Exception as exc:  # noqa: BLE001 -- every failure is mapped to a status, in errors.py
             code = to_status(exc).code
             await abort(context, exc)
         finally:
@@ -190,7 +189,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         for name, start, end in phases:
             self.tracer.start_span(name, context=parent, start_time=start).end(end_time=max(start, end))
 
-    async def Tokenize(  # noqa: N802
+    async def Tokenize(
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.TokenizeResponse:
         try:
@@ -208,7 +207,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             response.offsets.extend(pb.Offset(start=s, end=e) for s, e in offsets)
         return response
 
-    async def GetModelInfo(  # noqa: N802
+    async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
         try:
@@ -239,7 +238,8 @@ def add_to_server(servicer: GenerationServicer, server: grpc.aio.Server) -> None
     for method in service.methods:
         request_cls, response_cls = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
         make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=tolerant(request_cls.FromString),
+        handlers[method.name] = make(getattr(servicer, method.name),
+                                     request_deserializer=tolerant(request_cls.FromString),
                                      response_serializer=response_cls.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)

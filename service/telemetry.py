@@ -19,8 +19,7 @@ def tracer_provider_from_env(env: Mapping[str, str]) -> TracerProvider | None:
     if env.get("OTEL_SDK_DISABLED", "").lower() == "true" or names == "none" or not (names or endpoint):
         return None
     exporters: list[SpanExporter] = []
-    for name in (names or "otlp").split(","):
-        name = name.strip()
+    for name in (n.strip() for n in (names or "otlp").split(",")):
         if name == "console":
             exporters.append(ConsoleSpanExporter())
         elif name == "otlp":

@@ -71,8 +71,8 @@ def qwen2_tokenizer_json() -> dict:
     ranks: dict[bytes, int] = {}
     for line in path.read_bytes().splitlines():
         if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
+            token_b64, rank_text = line.split()
+            ranks[base64.b64decode(token_b64)] = int(rank_text)
     byte_map = _bytes_to_unicode()
 
     def text(b: bytes) -> str:

@@ -30,7 +30,7 @@ from service.engine.model import LlamaDecoder
 from service.engine.sampling import apply_penalties, log_softmax, sample_row, top_alternatives
 from service.engine.stops import StopMatcher
 from service.engine.tokenizer import IncrementalDetokenizer
-from service.engine.types import Chunk, ErrorKind, Finish, GenerationRequest, Timings, TokenOut
+from service.engine.types import Chunk, ErrorKind, Finish, GenerationRequest, Timings, TokenOut, TopToken
 
 log = logging.getLogger("tokenstream.engine")
 
@@ -97,7 +97,9 @@ class _Sequence:
         self.detok = IncrementalDetokenizer(model.tokenizer)
         self.stops = StopMatcher(req.stop_sequences, req.include_stop_sequence)
         sampling = req.sampling
-        self.seed = None if sampling.greedy else (sampling.seed if sampling.seed is not None else random.getrandbits(63))
+        # An unseeded sampled request draws a seed and reports it, so any stream can be replayed.
+        drawn = sampling.seed if sampling.seed is not None else random.getrandbits(63)
+        self.seed = None if sampling.greedy else drawn
         self.rng = np.random.Generator(np.random.PCG64(self.seed)) if self.seed is not None else None
         self.pending: list[TokenOut] = []
         self.arrival_ns = arrival_ns
@@ -208,7 +210,8 @@ class Engine:
         prefilling = self._prefilling
         used = sum(s.cache_len for s in active) + (prefilling.prefilled if prefilling else 0)
         return EngineStats(
-            active=len(active), prefilling=int(prefilling is not None), waiting=len(self._waiting) + self._inbox.qsize(),
+            active=len(active), prefilling=int(prefilling is not None),
+            waiting=len(self._waiting) + self._inbox.qsize(),
             cache_capacity=self.cache.capacity, cache_bytes=self.cache.nbytes, used_positions=used,
             max_slots=self.config.max_slots, max_context=self.config.max_context, steps=self._steps,
             last_step_monotonic=self._last_step, alive=self.alive,
@@ -232,7 +235,7 @@ class Engine:
         """The transport's view of the engine: an async iterator of chunks; closing it cancels the request."""
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[Chunk] = asyncio.Queue()
-        handle = self.submit(req, lambda batch: [chunks.put_nowait(c) for c in batch], loop)
+        handle = self.submit(req, lambda batch: _put_all(chunks.put_nowait, batch), loop)
         try:
             while True:
                 chunk = await chunks.get()
@@ -246,7 +249,7 @@ class Engine:
     def generate_sync(self, req: GenerationRequest) -> Iterator[Chunk]:
         """The same, for threads without an event loop (tests, benchmarks)."""
         out: queue.SimpleQueue[Chunk] = queue.SimpleQueue()
-        handle = self.submit(req, lambda batch: [out.put(c) for c in batch])
+        handle = self.submit(req, lambda batch: _put_all(out.put, batch))
         try:
             while True:
                 chunk = out.get()
@@ -409,7 +412,8 @@ class Engine:
         seq.generated.append(token)
         if seq.first_token_ns == 0:
             seq.first_token_ns = time.time_ns()
-        logprob, top = None, ()
+        logprob: float | None = None
+        top: tuple[TopToken, ...] = ()
         if raw is not None and (req.logprobs or req.top_n):
             lp = log_softmax(raw.astype(np.float64))
             logprob = float(lp[token]) if req.logprobs else None
@@ -532,6 +536,11 @@ class Engine:
             self.cache.ensure(16, 0)
             self.decoder.prefill(self.cache, 0, prompt, 0, want_logits=True)
             self.decoder.decode_step(self.cache, prompt[:1], np.array([8], dtype=np.int64))
+
+
+def _put_all(put: Callable[[Chunk], None], batch: list[Chunk]) -> None:
+    for chunk in batch:
+        put(chunk)
 
 
 def _ema(old: float, new: float, weight: float = 0.2) -> float:

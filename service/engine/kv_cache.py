@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
+from service.engine.model_config import DType
+
 
 def capacity_for(length: int, max_context: int, min_bucket: int = 64) -> int:
     """The smallest bucket (a power of two, or max_context itself) that holds `length` positions."""
@@ -22,7 +24,7 @@ def capacity_for(length: int, max_context: int, min_bucket: int = 64) -> int:
 
 class SlotKVCache:
     def __init__(
-        self, num_layers: int, max_slots: int, kv_heads: int, head_dim: int, max_context: int, dtype: str
+        self, num_layers: int, max_slots: int, kv_heads: int, head_dim: int, max_context: int, dtype: DType
     ) -> None:
         self.num_layers = num_layers
         self.max_slots = max_slots

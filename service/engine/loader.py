@@ -30,7 +30,7 @@ import numpy as np
 import paddle
 
 from service.engine.model import LayerWeights, ModelWeights
-from service.engine.model_config import ModelConfig, UnsupportedModelError
+from service.engine.model_config import DType, ModelConfig, UnsupportedModelError
 from service.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("tokenstream.loader")
@@ -248,7 +248,7 @@ def _interleave_perm(heads: int, d: int) -> np.ndarray:
 
 
 class _WeightBuilder:
-    def __init__(self, cfg: ModelConfig, state: dict[str, paddle.Tensor], dtype: str, layout: str,
+    def __init__(self, cfg: ModelConfig, state: dict[str, paddle.Tensor], dtype: DType, layout: str,
                  fused_qkv: str) -> None:
         self.cfg, self.state, self.dtype, self.layout, self.fused_qkv = cfg, state, dtype, layout, fused_qkv
         self.shapes = _linear_shapes(cfg)
@@ -332,7 +332,7 @@ class _WeightBuilder:
 
 
 def build_weights(
-    cfg: ModelConfig, state: dict[str, paddle.Tensor], dtype: str, layout: str = "hf", fused_qkv: str = "grouped"
+    cfg: ModelConfig, state: dict[str, paddle.Tensor], dtype: DType, layout: str = "hf", fused_qkv: str = "grouped"
 ) -> ModelWeights:
     """Decoder weights from a state dict with `model.` keys; pops what it uses.
 
@@ -368,7 +368,7 @@ def build_weights(
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
 
-def check_dtype(dtype: str) -> None:
+def check_dtype(dtype: DType) -> None:
     """Refuse a dtype that is unknown, or that the current Paddle device has no matmul kernel for.
 
     Paddle's CPU kernels are float32 (bfloat16 and float16 matmul are GPU-only in Paddle 3.3), so half
@@ -389,7 +389,7 @@ def check_dtype(dtype: str) -> None:
 
 
 def load_model(
-    model_dir: str | os.PathLike[str], dtype: str = "float32", allow_network: bool | None = None
+    model_dir: str | os.PathLike[str], dtype: DType = "float32", allow_network: bool | None = None
 ) -> LoadedModel:
     """Load config, tokenizer, generation defaults and weights.
 

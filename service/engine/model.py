@@ -14,7 +14,7 @@ import paddle
 import paddle.nn.functional as F
 
 from service.engine.kv_cache import SlotKVCache
-from service.engine.model_config import ModelConfig
+from service.engine.model_config import DType, ModelConfig
 
 MASKED = -1e30  # additive mask; -inf can turn a fully masked row into NaN
 
@@ -65,7 +65,7 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
 class LlamaDecoder:
     """Llama, Qwen2, Mistral and ERNIE-4.5 dense share this forward: RMSNorm, RoPE, GQA and SwiGLU."""
 
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, max_context: int, dtype: str) -> None:
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, max_context: int, dtype: DType) -> None:
         self.cfg = cfg
         self.w = weights
         self.dtype = dtype

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Paddle's type stubs accept dtype names only as a Literal; configs carry them as plain strings.
+DType = Any
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Ernie4_5ForCausalLM")
 # Other spellings of the same architectures: ERNIEKit / FastDeploy / the original remote code write
 # "Ernie4_5_ForCausalLM" for ERNIE-4.5 dense.

@@ -6,6 +6,8 @@ over candidates in a fixed order, so a seeded request's tokens do not depend on 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from service.engine.types import SamplingOptions, TopToken
@@ -72,7 +74,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum())
 
 
-def top_alternatives(logprobs: np.ndarray, n: int, decode: callable) -> tuple[TopToken, ...]:  # type: ignore[valid-type]
+def top_alternatives(logprobs: np.ndarray, n: int, decode: Callable[[list[int]], str]) -> tuple[TopToken, ...]:
     if n <= 0:
         return ()
     part = np.argpartition(-logprobs, n - 1)[:n]
