@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenstream.v1 import generation_pb2 as pb
-
 from tokenstream_client.channel import (
     ChannelOptions,
     Deadline,

@@ -11,9 +11,9 @@ from typing import Any, Self, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from tokenstream.v1 import generation_pb2 as pb
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc
-
 from tokenstream_client._base import DEFAULT_TARGET, ClientBase, PreparedCall
 from tokenstream_client.channel import ChannelOptions, MetadataLike, TLSConfig
 from tokenstream_client.errors import TokenstreamError, deadline_exceeded, no_final_message
