@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import signal
 import subprocess
@@ -25,6 +24,7 @@ import grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "generated"), str(ROOT)]
 
+from tests.subprocess_server import spawn, wait_serving  # noqa: E402
 from tokenstream.v1 import generation_pb2 as pb  # noqa: E402
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -122,26 +122,9 @@ async def soak(target: str, server_pid: int, streams: int, seconds: float, max_n
 
 
 def spawn_server(model_dir: str | None, extra: list[str]) -> tuple[subprocess.Popen, int]:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'generated'}:{ROOT}", "HF_HUB_OFFLINE": "1"}
-    args = [sys.executable, "-m", "service", "--port", "0", *(["--model-dir", model_dir] if model_dir else []), *extra]
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if line.startswith("{") and json.loads(line).get("event") == "listening":
-            port = int(json.loads(line)["port"])
-            break
-    else:
-        raise RuntimeError(f"server exited with {proc.wait()}")
-    import threading
-
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:  # wait until the model is warm
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        for msg in health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=300):
-            if msg.status == health_pb2.HealthCheckResponse.SERVING:
-                break
-    return proc, port
+    proc, info = spawn("--port", "0", *(["--model-dir", model_dir] if model_dir else []), *extra)
+    wait_serving(f"127.0.0.1:{info['port']}")
+    return proc, int(info["port"])
 
 
 def main() -> int:

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -26,10 +24,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from service.server import SERVICE_NAME, load_engine
 from tests.conftest import ServerThread, base_config, started
 from tests.fake_dns import FakeDNS
+from tests.subprocess_server import spawn as spawn_server
+from tests.subprocess_server import wait_serving
 from tokenstream.v1 import generation_pb2 as pb
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 
-ROOT = Path(__file__).resolve().parents[1]
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -179,27 +178,7 @@ def test_one_json_log_line_per_request_without_text(server: ServerThread, caplog
 
 
 def spawn(model_dir: Path, *args: str) -> tuple[subprocess.Popen, dict]:
-    """Start `python -m service` and wait for its 'listening' log line (which carries the bound port)."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'generated'}:{ROOT}", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--max-context", "512", *args],
-        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
-    )
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if line.startswith("{"):
-            entry = json.loads(line)
-            if entry.get("event") == "listening":
-                threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore
-                return proc, entry
-    raise AssertionError(f"server exited with {proc.wait()} before listening")
-
-
-def wait_serving(target: str) -> None:
-    with grpc.insecure_channel(target) as ch:
-        statuses = watch(ch, SERVICE_NAME)
-        while next_status(statuses) != SERVING:
-            pass
+    return spawn_server("--model-dir", str(model_dir), "--max-context", "512", *args)
 
 
 @pytest.fixture
