@@ -56,8 +56,9 @@ deploy-check: $(STAMP)
 
 ci: lint proto-check deploy-check test
 
+# make bench [PEERS=hf] [BENCH_ARGS=--quick]: results in bench/results/ (JSON) and a table of medians and ratios.
 bench: $(STAMP)
-	$(PY) -m bench.run $(BENCH_ARGS)
+	$(PY) -m bench.run $(if $(PEERS),--peers $(PEERS)) $(BENCH_ARGS)
 
 # The 10-minute soak of 64 streams (a 20 s version runs in `make test`).
 soak: $(STAMP)

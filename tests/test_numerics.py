@@ -69,8 +69,8 @@ def our_logits(model: LoadedModel, ids: list[int], dtype: str = "float32",
     for s in range(DECODE):
         pos = PROMPT + s
         out = decoder.decode_step(cache, np.array([ids[pos]] * 2, dtype=np.int64), np.array([pos, pos]))
-        steps.append(out.astype("float32").numpy())
-    return np.stack([chunked.astype("float32").numpy(), single.astype("float32").numpy()]), np.stack(steps)
+        steps.append(np.asarray(out, dtype=np.float32))
+    return np.stack([np.asarray(chunked, dtype=np.float32), np.asarray(single, dtype=np.float32)]), np.stack(steps)
 
 
 def max_diff(model: LoadedModel, ref: np.ndarray, ids: list[int], **kw: object) -> float:

@@ -283,6 +283,7 @@ class Engine:
             self._debug_stall()
         self._reap()
         self._prefill()
+        self._publish()  # first tokens go out now, not after the decode step below
         if self._active:
             self._decode()
         self._steps += 1
@@ -365,7 +366,7 @@ class Engine:
                 self._prefilling = None
                 self._active.append(seq)
                 assert logits is not None
-                self._sample_rows([seq], logits.unsqueeze(0))
+                self._sample_rows([seq], logits[None, :])
                 self._release_done()
 
     def _decode(self) -> None:
@@ -379,17 +380,16 @@ class Engine:
         self._step_s = _ema(self._step_s, time.perf_counter() - started)
         self._release_done()
 
-    def _sample_rows(self, rows: list[_Sequence], logits: paddle.Tensor) -> None:
+    def _sample_rows(self, rows: list[_Sequence], logits: np.ndarray) -> None:
         """Pick each row's next token with its own parameters; logits: [B, V] float32."""
-        greedy = paddle.argmax(logits, axis=-1).numpy() if not all(s.needs_logits for s in rows) else None
-        full = logits.numpy() if any(s.needs_logits for s in rows) else None
+        greedy = logits.argmax(axis=-1) if not all(s.needs_logits for s in rows) else None  # [B]
         for i, seq in enumerate(rows):
             try:
-                if full is None or not seq.needs_logits:
+                if not seq.needs_logits:
                     assert greedy is not None
                     self._accept(seq, int(greedy[i]), None)
                 else:
-                    self._accept(seq, *self._choose(seq, full[i]))
+                    self._accept(seq, *self._choose(seq, logits[i]))
             except Exception as exc:  # one sequence's failure ends that stream only
                 log.exception("sequence failed")
                 self._finish(seq, Finish.ERROR, f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,431 @@
+"""In-process measurements on the real Engine (no gRPC), in their own process.
+
+    python -m bench.inproc --model-dir DIR --out FILE.json --parts transport,steps,profile,gil [--target HOST:PORT]
+
+Parts:
+  transport  batch 1: Engine.generate_sync in this process vs the same request over gRPC to the server
+             (this process is the gRPC client; the server is a separate process), alternated round by round.
+  steps      LlamaDecoder.decode_step alone at each batch size at a fixed cache length, the Engine's full
+             iteration at batch 8 (sampling, detokenizing, delivery included), and a copy bandwidth.
+  profile    cProfile of decode_step at batch 8 and 32: where a step's time goes.
+  gil        an asyncio loop with a 1 ms probe task while the Engine decodes 8 streams on the same loop;
+             probe lateness at sys.setswitchinterval 5 ms (Python's default) and 1 ms (the server's default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import gc
+import pstats
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import PROMPTS, median, quiet, summary, write_json
+
+quiet()
+
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+
+from service.engine.engine import Engine, EngineConfig  # noqa: E402
+from service.engine.kv_cache import SlotKVCache  # noqa: E402
+from service.engine.loader import LoadedModel, load_model  # noqa: E402
+from service.engine.types import GenerationRequest  # noqa: E402
+
+
+def make_engine(model: LoadedModel, max_slots: int, max_context: int) -> Engine:
+    eng = Engine(model, EngineConfig(max_slots=max_slots, max_context=max_context))
+    eng.start(warmup=True)
+    return eng
+
+
+def prompt_ids(model: LoadedModel, i: int = 0) -> list[int]:
+    return model.tokenizer.encode(PROMPTS[i % len(PROMPTS)])
+
+
+# -- transport -------------------------------------------------------------------------------------
+
+
+def run_inproc(eng: Engine, ids: list[int], n: int) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    tokens = 0
+    for chunk in eng.generate_sync(GenerationRequest(prompt_ids=ids, max_new_tokens=n)):
+        tokens += len(chunk.tokens)
+    return tokens, time.perf_counter() - t0
+
+
+def run_grpc(stub: Any, pb: Any, n: int) -> tuple[int, float]:
+    req = pb.GenerateRequest(prompt=PROMPTS[0], stopping=pb.StoppingCriteria(max_new_tokens=n))
+    t0 = time.perf_counter()
+    tokens = 0
+    for msg in stub.Generate(req, timeout=300):
+        tokens += len(msg.tokens)
+    return tokens, time.perf_counter() - t0
+
+
+def part_transport(model: LoadedModel, eng: Engine, target: str, n: int, rounds: int) -> dict[str, Any]:
+    import grpc
+
+    from tokenstream.v1 import generation_pb2 as pb
+    from tokenstream.v1 import generation_pb2_grpc as pb_grpc
+
+    ids = prompt_ids(model)
+    with grpc.insecure_channel(target) as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        stub = pb_grpc.GenerationServiceStub(channel)
+        run_grpc(stub, pb, 4)  # warm the channel and the server
+        run_inproc(eng, ids, 4)
+        inproc, remote = [], []
+        for r in range(rounds):
+            order = (run_inproc, run_grpc) if r % 2 == 0 else (run_grpc, run_inproc)
+            for fn in order:
+                if fn is run_inproc:
+                    tok, dt = run_inproc(eng, ids, n)
+                    inproc.append(tok / dt)
+                else:
+                    tok, dt = run_grpc(stub, pb, n)
+                    remote.append(tok / dt)
+    pairs = [g / i for g, i in zip(remote, inproc, strict=True)]  # each round's two runs were back to back
+    return {"new_tokens": n, "rounds": rounds, "inproc_tokens_per_s": inproc, "grpc_tokens_per_s": remote,
+            "inproc_p50": median(inproc), "grpc_p50": median(remote), "round_ratios": pairs,
+            "grpc_over_inproc": median(pairs), "ratio_of_medians": median(remote) / median(inproc)}  # type: ignore
+
+
+# -- steps, bandwidth ------------------------------------------------------------------------------
+
+
+def copy_bandwidth(mb: int = 256, reps: int = 5) -> dict[str, Any]:
+    """STREAM-copy convention: 2 x bytes / time (a copy reads and writes every byte)."""
+    n = mb * (1 << 20) // 4
+    src = np.ones(n, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        ts.append(time.perf_counter() - t)
+    np_bw = 2 * src.nbytes / min(ts)
+    np_bw_med = 2 * src.nbytes / float(np.median(ts))
+    x = paddle.ones([n], dtype="float32")
+    y = paddle.assign(x)
+    pts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        paddle.assign(x, output=y)
+        float(y[-1])
+        pts.append(time.perf_counter() - t)
+    pd_bw = 2 * src.nbytes / min(pts)
+    # Read-only bandwidth: a sum over the array (what a decode step's weight reads look like).
+    rts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        float(src.sum(dtype=np.float32))
+        rts.append(time.perf_counter() - t)
+    a = paddle.randn([1024, 1024], dtype="float32")
+    an = a.numpy()
+    gemm_p, gemm_n = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        paddle.matmul(a, a).numpy()
+        gemm_p.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        an @ an
+        gemm_n.append(time.perf_counter() - t)
+    flop = 2 * 1024**3
+    return {"paddle_gemm1024_GFLOPS": flop / min(gemm_p) / 1e9, "numpy_gemm1024_GFLOPS": flop / min(gemm_n) / 1e9,
+            "array_mb": mb, "numpy_copy_GBps_best": np_bw / 1e9, "numpy_copy_GBps_median": np_bw_med / 1e9,
+            "paddle_copy_GBps_best": pd_bw / 1e9, "numpy_read_GBps_best": src.nbytes / min(rts) / 1e9,
+            "bound_GBps": max(np_bw, pd_bw) / 1e9}
+
+
+def weight_bytes(model: LoadedModel) -> dict[str, int]:
+    w = model.weights
+    layers = 0
+    for layer in w.layers:
+        for t in (layer.input_norm, layer.qkv, layer.qkv_bias, layer.o, layer.post_norm, layer.gate_up, layer.down):
+            if t is not None:
+                layers += int(np.prod(t.shape)) * 4
+    return {"layers": layers, "lm_head": int(np.prod(w.lm_head.shape)) * 4, "norm": int(np.prod(w.norm.shape)) * 4}
+
+
+def time_steps(decoder: Any, cache: SlotKVCache, b: int, length: int, reps: int, warm: int = 2) -> list[float]:
+    toks = (np.arange(b, dtype=np.int64) * 7919 + 100) % decoder.cfg.vocab_size
+    pos = np.full(b, length, dtype=np.int64)
+    ts = []
+    for i in range(reps + warm):
+        t = time.perf_counter()
+        logits = decoder.decode_step(cache, toks, pos)
+        logits.argmax(axis=-1)  # the engine's greedy path ends the same way
+        if i >= warm:
+            ts.append(time.perf_counter() - t)
+    return ts
+
+
+def engine_iteration(model: LoadedModel, eng: Engine, b: int, steps: int) -> dict[str, Any]:
+    """Seconds per Engine iteration at batch b in steady decode, and the share spent outside the model's forward.
+
+    decode_step is wrapped with a timer for the window, so model time and iteration time come from the same steps.
+    """
+    inner = eng.decoder.decode_step
+    spent = [0.0, 0]
+
+    def timed(*a: Any, **k: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return inner(*a, **k)
+        finally:
+            spent[0] += time.perf_counter() - t
+            spent[1] += 1
+
+    handles = []
+    for i in range(b):
+        req = GenerationRequest(prompt_ids=prompt_ids(model, i), max_new_tokens=steps * 3 + 16)
+        handles.append(eng.submit(req, lambda chunks: None))  # delivered on the engine thread, dropped
+    assert eng.wait_until(lambda s: s.active == b and s.prefilling == 0 and s.waiting == 0, 120)
+    eng.decoder.decode_step = timed  # type: ignore[method-assign]
+    try:
+        s0 = eng.stats().steps
+        t0 = time.perf_counter()
+        eng.wait_until(lambda s: s.steps >= s0 + steps, 300)
+        t1 = time.perf_counter()
+        s1 = eng.stats().steps
+    finally:
+        eng.decoder.decode_step = inner  # type: ignore[method-assign]
+    for h in handles:
+        h.cancel()
+    eng.wait_until(lambda s: s.active == 0 and s.waiting == 0 and s.prefilling == 0, 60)
+    n = s1 - s0
+    it = (t1 - t0) / n
+    model_s = spent[0] / max(1, spent[1])
+    return {"batch": b, "steps": n, "ms_per_iteration": it * 1e3, "tokens_per_s": b / it,
+            "decode_step_ms": model_s * 1e3, "outside_model_fraction": max(0.0, 1 - model_s / it)}
+
+
+def part_steps(model: LoadedModel, eng: Engine, batches: list[int], length: int, reps: int,
+               iter_steps: int) -> dict[str, Any]:
+    cfg = model.config
+    cache = SlotKVCache(cfg.num_layers, max(batches), cfg.num_kv_heads, cfg.head_dim, eng.config.max_context,
+                        "float32")
+    cache.ensure(length + 1, 0)
+    bw = copy_bandwidth()
+    wb = weight_bytes(model)
+    kv_per_pos = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4  # K and V, one slot, one position
+    rows = []
+    times: dict[int, list[float]] = {b: [] for b in batches}
+    with paddle.no_grad():
+        for b in batches:
+            time_steps(eng.decoder, cache, b, length, 0)  # warm each shape
+        for _ in range(reps):  # round-robin over batch sizes, so the host's noise spreads evenly
+            for b in batches:
+                times[b] += time_steps(eng.decoder, cache, b, length, 1, warm=0)
+        for b in batches:
+            ts = times[b]
+            step = float(np.median(ts))
+            weights = wb["layers"] + wb["lm_head"] + wb["norm"] + b * cfg.hidden_size * 4  # + embedding rows
+            kv_true = b * kv_per_pos * (length + 1)
+            kv_cap = b * kv_per_pos * cache.capacity  # the engine attends over the whole bucket
+            bound_s = (weights + kv_true) / (bw["bound_GBps"] * 1e9)
+            flops = 2 * b * (wb["layers"] + wb["lm_head"]) / 4 + 4 * b * (length + 1) * cfg.num_heads * cfg.head_dim \
+                * cfg.num_layers
+            rows.append({
+                "batch": b, "length": length, "capacity": cache.capacity, "step_ms_p50": step * 1e3,
+                "step_ms_all": [t * 1e3 for t in ts], "tokens_per_s": b / step,
+                "bytes_weights": weights, "bytes_kv_at_length": kv_true, "bytes_kv_at_capacity": kv_cap,
+                "bound_step_ms": bound_s * 1e3, "bound_tokens_per_s": b / bound_s,
+                "fraction_of_bound": bound_s / step, "gflop_per_step": flops / 1e9, "gflops": flops / step / 1e9,
+            })
+    gc.collect()
+    iters = [engine_iteration(model, eng, b, steps=iter_steps) for b in (8, 32)]
+    return {"bandwidth": bw, "weight_bytes": wb, "kv_bytes_per_position_per_slot": kv_per_pos, "rows": rows,
+            "engine_iterations": iters}
+
+
+# -- profile ---------------------------------------------------------------------------------------
+
+
+def part_profile(model: LoadedModel, eng: Engine, batches: list[int], length: int, reps: int) -> dict[str, Any]:
+    cfg = model.config
+    out: dict[str, Any] = {}
+    cache = SlotKVCache(cfg.num_layers, max(batches), cfg.num_kv_heads, cfg.head_dim, eng.config.max_context,
+                        "float32")
+    cache.ensure(length + 1, 0)
+    with paddle.no_grad():
+        for b in batches:
+            time_steps(eng.decoder, cache, b, length, 1)
+            prof = cProfile.Profile()
+            toks = (np.arange(b, dtype=np.int64) + 100) % cfg.vocab_size
+            pos = np.full(b, length, dtype=np.int64)
+            prof.enable()
+            for _ in range(reps):
+                eng.decoder.decode_step(cache, toks, pos).argmax(axis=-1)
+            prof.disable()
+            st = pstats.Stats(prof)
+            total = sum(v[2] for v in st.stats.values())  # type: ignore[attr-defined]
+            rows = []
+            for (fname, line, func), (_cc, nc, tt, _ct, _) in st.stats.items():  # type: ignore[attr-defined]
+                name = func.replace("<built-in method ", "").rstrip(">").split(".")[-1] + " (C op)" \
+                    if fname == "~" else f"{Path(fname).name}:{line}({func})"
+                rows.append({"func": name, "calls_per_step": nc / reps,
+                             "ms_per_step": tt * 1e3 / reps, "share": tt / total if total else 0.0})
+            rows.sort(key=lambda r: -r["ms_per_step"])
+            out[str(b)] = {"total_ms_per_step": total * 1e3 / reps, "top": rows[:12]}
+    # Attribute the step to its parts by timing each kind of matmul alone at the same shapes.
+    out["parts"] = {str(b): matmul_parts(model, eng, b, length) for b in batches}
+    return out
+
+
+def matmul_parts(model: LoadedModel, eng: Engine, b: int, length: int, reps: int = 5) -> dict[str, float]:
+    cfg = model.config
+    w = eng.decoder.w
+    x = paddle.randn([b, cfg.hidden_size], dtype="float32")
+    cache = SlotKVCache(1, b, cfg.num_kv_heads, cfg.head_dim, eng.config.max_context, "float32")
+    cache.ensure(length + 1, 0)
+    k, v = cache.active(0, b)
+    q = paddle.randn([b, cfg.num_kv_heads, cfg.group_size, cfg.head_dim], dtype="float32")
+
+    def t(fn: Any) -> float:
+        fn()
+        ts = []
+        for _ in range(reps):
+            s = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - s)
+        return float(np.median(ts)) * 1e3
+
+    n_layers = cfg.num_layers
+    lay = w.layers[0]
+    xn, lm_n, gu_n, down_n = x.numpy(), w.lm_head.numpy(), lay.gate_up.numpy(), lay.down.numpy()
+    inter = down_n.shape[0]
+
+    def np_mlp() -> Any:
+        gu = xn @ gu_n
+        g = gu[:, :inter]
+        return (g / (1 + np.exp(-g)) * gu[:, inter:]) @ down_n
+
+    def qkv_o() -> Any:
+        paddle.matmul(x, lay.qkv).numpy()
+        return paddle.matmul(x, lay.o).numpy()  # o is [nh d, H] and nh d == H for these models
+
+    with paddle.no_grad():
+        return {
+            "numpy_lm_head_ms": t(lambda: xn @ lm_n),  # the same GEMMs through numpy's BLAS, same process
+            "numpy_mlp_ms_all_layers": n_layers * t(np_mlp),
+            "lm_head_ms": t(lambda: paddle.matmul(x, w.lm_head).numpy()),
+            "qkv_o_ms_all_layers": n_layers * t(qkv_o),
+            "mlp_ms_all_layers": n_layers * t(lambda: paddle.matmul(
+                paddle.nn.functional.swiglu(paddle.matmul(x, lay.gate_up)), lay.down).numpy()),
+            "attention_ms_all_layers": n_layers * t(lambda: paddle.matmul(
+                paddle.nn.functional.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1), v).numpy()),
+        }
+
+
+# -- GIL -------------------------------------------------------------------------------------------
+
+
+async def probe_window(eng: Engine | None, model: LoadedModel, b: int, seconds: float,
+                       period: float = 0.001) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    lateness: list[float] = []
+    tokens = [0]
+    stop = asyncio.Event()
+
+    async def probe() -> None:
+        while not stop.is_set():
+            target = loop.time() + period
+            await asyncio.sleep(period)
+            lateness.append(loop.time() - target)
+
+    async def stream(i: int) -> None:
+        req = GenerationRequest(prompt_ids=prompt_ids(model, i), max_new_tokens=eng.config.max_context - 64)
+        gen = eng.generate(req)
+        try:
+            async for chunk in gen:
+                tokens[0] += len(chunk.tokens)
+                if stop.is_set():
+                    break
+        finally:
+            await gen.aclose()
+
+    streams = [asyncio.create_task(stream(i)) for i in range(b)] if eng is not None else []
+    if eng is not None:
+        await asyncio.to_thread(eng.wait_until, lambda s: s.active == b and s.waiting == 0, 120)
+    t0 = time.perf_counter()
+    tok0 = tokens[0]
+    p = asyncio.create_task(probe())
+    await asyncio.sleep(seconds)
+    stop.set()
+    await p
+    dt = time.perf_counter() - t0
+    tok = tokens[0] - tok0
+    await asyncio.gather(*streams)
+    if eng is not None:
+        await asyncio.to_thread(eng.wait_until, lambda s: s.active == 0 and s.waiting == 0, 60)
+    ms = [x * 1e3 for x in lateness]
+    return {"probe_lateness_ms": summary(ms), "probes": len(ms), "expected_probes": int(seconds / period),
+            "decode_tokens_per_s": tok / dt, "over_5ms": sum(1 for x in ms if x > 5.0) / max(1, len(ms))}
+
+
+def part_gil(model: LoadedModel, eng: Engine, b: int, seconds: float) -> dict[str, Any]:
+    out: dict[str, Any] = {"batch": b, "seconds": seconds}
+    default = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.001)
+        out["idle_engine_1ms"] = asyncio.run(probe_window(None, model, b, min(2.0, seconds)))
+        for label, interval in (("switch_5ms", 0.005), ("switch_1ms", 0.001), ("switch_5ms_again", 0.005),
+                                ("switch_1ms_again", 0.001)):
+            sys.setswitchinterval(interval)
+            out[label] = asyncio.run(probe_window(eng, model, b, seconds))
+    finally:
+        sys.setswitchinterval(default)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.inproc")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--parts", default="transport,steps,profile,gil")
+    p.add_argument("--target", default="")
+    p.add_argument("--max-slots", type=int, default=32)
+    p.add_argument("--max-context", type=int, default=2048)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8, 16, 32])
+    p.add_argument("--length", type=int, default=128, help="cache length for decode-step timing")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--gil-seconds", type=float, default=3.0)
+    p.add_argument("--iter-steps", type=int, default=8, help="engine iterations timed at batch 8 and 32")
+    args = p.parse_args(argv)
+    parts = [x for x in args.parts.split(",") if x]
+    paddle.set_device("cpu")
+    model = load_model(Path(args.model_dir))
+    eng = make_engine(model, args.max_slots, args.max_context)
+    result: dict[str, Any] = {"model_dir": args.model_dir}
+    try:
+        for part in parts:
+            t = time.perf_counter()
+            if part == "transport":
+                result["transport"] = part_transport(model, eng, args.target, args.new_tokens, args.rounds)
+            elif part == "steps":
+                result["steps"] = part_steps(model, eng, args.batches, args.length, args.reps, args.iter_steps)
+            elif part == "profile":
+                result["profile"] = part_profile(model, eng, [8, 32], args.length, args.reps)
+            elif part == "gil":
+                result["gil"] = part_gil(model, eng, 8, args.gil_seconds)
+            else:
+                raise SystemExit(f"unknown part {part}")
+            result.setdefault("part_seconds", {})[part] = time.perf_counter() - t
+            write_json(args.out, result)  # partial results survive a later failure
+    finally:
+        eng.stop()
+    write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
