@@ -54,6 +54,8 @@ RUN groupadd --system --gid 10001 tokenstream \
  && mkdir -p /home/tokenstream/.cache/tokenstream/models \
  && chown -R 10001:10001 /home/tokenstream
 COPY --from=gpu-builder /opt/venv /opt/venv
+# The trained demo model (5 MB) is the default; mount another and set TOKENSTREAM_MODEL_DIR to serve it.
+COPY models/ /opt/tokenstream/models/
 # DL3064 flags any name containing "TOKEN": here it is only the TOKENSTREAM_
 # prefix of the server's settings, and none of these values is a secret
 # (auth tokens come from a mounted file or a Secret at run time, never here).
@@ -67,6 +69,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     TOKENSTREAM_PORT=50051 \
     TOKENSTREAM_METRICS_PORT=9464 \
     TOKENSTREAM_MODEL_CACHE=/home/tokenstream/.cache/tokenstream/models \
+    TOKENSTREAM_MODEL_DIR=/opt/tokenstream/models/tokenstream-demo \
     TOKENSTREAM_DEVICE=gpu \
     TOKENSTREAM_DTYPE=float16
 WORKDIR /home/tokenstream
@@ -106,6 +109,8 @@ RUN groupadd --system --gid 10001 tokenstream \
  && mkdir -p /home/tokenstream/.cache/tokenstream/models \
  && chown -R 10001:10001 /home/tokenstream
 COPY --from=builder /opt/venv /opt/venv
+# The trained demo model (5 MB) is the default; mount another and set TOKENSTREAM_MODEL_DIR to serve it.
+COPY models/ /opt/tokenstream/models/
 # DL3064 false positive on the TOKENSTREAM_ prefix: no secret here (see gpu stage).
 # hadolint ignore=DL3064
 ENV PATH=/opt/venv/bin:$PATH \
@@ -117,6 +122,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     TOKENSTREAM_PORT=50051 \
     TOKENSTREAM_METRICS_PORT=9464 \
     TOKENSTREAM_MODEL_CACHE=/home/tokenstream/.cache/tokenstream/models \
+    TOKENSTREAM_MODEL_DIR=/opt/tokenstream/models/tokenstream-demo \
     TOKENSTREAM_DEVICE=cpu \
     TOKENSTREAM_DTYPE=float32
 WORKDIR /home/tokenstream

@@ -8,7 +8,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-DEFAULT_MODEL = "default"  # the random-weight tiny Llama with the Qwen2 tokenizer, built on first use
+DEFAULT_MODEL = "default"  # the trained demo model in models/tokenstream-demo
+RANDOM_QWEN2_MODEL = "random-qwen2"  # a random-weight tiny Llama with the real Qwen2 tokenizer, built on first use
 
 
 @dataclass(frozen=True)

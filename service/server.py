@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
-from service.config import DEFAULT_MODEL, Config
+from service.config import DEFAULT_MODEL, RANDOM_QWEN2_MODEL, Config
 from service.engine.default_model import TINY, ensure_random_model
 from service.engine.engine import Engine, EngineConfig
 from service.engine.loader import LoadedModel, load_model
@@ -35,8 +36,15 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "tokenstream-demo"
+
+
 def resolve_model_dir(config: Config) -> str:
-    if config.model_dir == DEFAULT_MODEL:
+    """`default` is the trained demo model shipped in models/; `random-qwen2` the random-weight tiny Llama with
+    the real Qwen2 vocabulary, built on first use; anything else a directory or hub id for the loader."""
+    if config.model_dir == DEFAULT_MODEL and (DEMO_MODEL / "config.json").exists():
+        return str(DEMO_MODEL)
+    if config.model_dir in (DEFAULT_MODEL, RANDOM_QWEN2_MODEL):
         return str(ensure_random_model(TINY, config.model_cache_path))
     return config.model_dir
 
