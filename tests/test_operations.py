@@ -232,7 +232,7 @@ def test_round_robin_spreads_streams_across_two_processes(model_dir: Path, free_
         with grpc.insecure_channel(f"dns://127.0.0.1:{dns.port}/tokenstream.test:{free_port}",
                                    options=[("grpc.service_config", config)]) as ch:
             stub = pb_grpc.GenerationServiceStub(ch)
-            for i in range(8):
+            for i in range(12):
                 msgs = list(stub.Generate(pb.GenerateRequest(prompt=f"rr {i}", stopping=pb.StoppingCriteria(
                     max_new_tokens=2)), timeout=30, wait_for_ready=True))
                 assert msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS
@@ -241,7 +241,8 @@ def test_round_robin_spreads_streams_across_two_processes(model_dir: Path, free_
             body = urllib.request.urlopen(f"http://{host}:{info['metrics_port']}/metrics", timeout=5).read().decode()
             line = next(x for x in body.splitlines() if x.startswith('tokenstream_requests_total{finish_reason="max'))
             counts.append(float(line.rsplit(" ", 1)[1]))
-        assert counts == [4.0, 4.0]
+        # Alternating once both connections are up; the first streams may all go to whichever connected first.
+        assert sum(counts) == 12 and min(counts) >= 4, counts
     finally:
         dns.close()
         for proc, _ in procs:
