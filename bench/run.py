@@ -327,9 +327,9 @@ def report(all_res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
             w(f"  switchinterval 5 ms    {row('switch_5ms')};  again {row('switch_5ms_again')}")
             w(f"  switchinterval 1 ms    {row('switch_1ms')};  again {row('switch_1ms_again')}")
             p99s = [((gil.get(k) or {}).get("probe_lateness_ms") or {}).get("p99") or 0
-                    for k in ("switch_1ms", "switch_1ms_again")]
+                    for k in ("switch_5ms", "switch_5ms_again")]
             starved = min(p99s) > 5.0
-            w(f"  verdict at the server's 1 ms setting: {'loop STARVED' if starved else 'no starvation'} "
+            w(f"  verdict at the server's 5 ms setting: {'loop STARVED' if starved else 'no starvation'} "
               f"(p99 lateness {'>' if starved else '<='} 5 ms)")
         w("")
     w("Targets: " + ", ".join(f"{t['model']}:{t['target']}={t['result']}" for t in targets))
