@@ -9,7 +9,24 @@ import sys
 import warnings
 
 
+def _mkl_avx2_on_amd() -> None:
+    """Paddle's bundled MKL picks a slow generic path on AMD CPUs unless told their AVX2 kernels are fine.
+
+    Measured on this project's AMD EPYC hosts: [B,256]x[256,V] matmuls 1.5-2x faster, and demo-model training
+    1.75x faster. It must be set before Paddle loads MKL, so here, ahead of any engine import; an explicit
+    MKL_DEBUG_CPU_TYPE in the environment wins.
+    """
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            amd = "AuthenticAMD" in cpuinfo.read(4096)
+    except OSError:
+        return
+    if amd:
+        os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _mkl_avx2_on_amd()
     # Paddle warns at import about ccache and deprecated APIs: noise for a server's log.
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
