@@ -24,7 +24,7 @@ class Config:
     max_new_tokens: int = 256  # default when a request leaves it unset
     max_new_tokens_limit: int = 2048  # largest a request may ask for
     max_request_ms: int = 120_000  # server-side maximum request time: ends a stream with TIME_LIMIT
-    deadline_margin_ms: int = 50  # end gracefully this long before the caller's gRPC deadline
+    deadline_margin_ms: int = 50  # end gracefully this long (or two decode steps, if longer) before the deadline
     max_prompt_bytes: int = 65_536
     max_prompt_tokens: int = 0  # 0: whatever fits the context with one generated token
     max_stop_sequences: int = 8

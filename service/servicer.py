@@ -110,7 +110,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             deadline = now + limit_ms / 1000.0
             remaining = context.time_remaining()
             if remaining is not None:  # end gracefully with TIME_LIMIT just before the caller gives up
-                deadline = min(deadline, now + remaining - config.deadline_margin_ms / 1000.0)
+                # The engine checks deadlines between steps, so keep at least two steps in hand.
+                margin = max(config.deadline_margin_ms / 1000.0, 2 * engine.step_seconds)
+                deadline = min(deadline, now + remaining - margin)
                 wait = engine.estimate_first_token_s(len(engine_request.prompt_ids))
                 if wait > remaining:  # don't make the caller wait for nothing
                     raise DeadlineTooShortError(

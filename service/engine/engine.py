@@ -176,6 +176,11 @@ class Engine:
                 self._stepped.wait(left)
         return True
 
+    @property
+    def step_seconds(self) -> float:
+        """Moving average of a decode step's duration (0 before the first step)."""
+        return self._step_s
+
     def estimate_first_token_s(self, prompt_tokens: int) -> float:
         """A rough wait until this prompt's first token: queueing for a slot, then its prefill and one step.
 
