@@ -92,6 +92,22 @@ PROMPTS = [
 ]
 
 
+def timed_streamer(base: type) -> type:
+    """A TextIteratorStreamer subclass (paddleformers' or transformers') that records when generate() hands over
+    token ids: the text queue only flushes at word boundaries, so TTFT is taken from `put`."""
+
+    class TimedStreamer(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *a: Any, **k: Any) -> None:
+            super().__init__(*a, **k)
+            self.put_times: list[float] = []
+
+        def put(self, value: Any) -> None:
+            self.put_times.append(time.perf_counter())
+            super().put(value)
+
+    return TimedStreamer
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

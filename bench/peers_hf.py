@@ -19,7 +19,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from bench.common import PROMPTS, quiet, summary, write_json  # noqa: E402
+from bench.common import PROMPTS, quiet, summary, timed_streamer, write_json  # noqa: E402
 
 quiet()
 
@@ -47,16 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ours = Tokenizer.from_file(str(Path(args.model_dir) / "tokenizer.json"))
     eos = tok.eos_token_id
 
-    class TimedStreamer(TextIteratorStreamer):  # type: ignore[misc]
-        """Records when generate() hands over token ids: the text queue only flushes at word boundaries."""
-
-        def __init__(self, *a: Any, **k: Any) -> None:
-            super().__init__(*a, **k)
-            self.put_times: list[float] = []
-
-        def put(self, value: Any) -> None:
-            self.put_times.append(time.perf_counter())
-            super().put(value)
+    TimedStreamer = timed_streamer(TextIteratorStreamer)  # noqa: N806
 
     def one(ids: list[int], n: int) -> dict[str, Any]:
         streamer = TimedStreamer(tok, skip_prompt=True, timeout=600)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import PROMPTS, quiet, summary, write_json
+from bench.common import PROMPTS, quiet, summary, timed_streamer, write_json
 
 quiet()
 
@@ -64,16 +64,7 @@ def naive(model: Any, tok: Any, lengths: list[int]) -> dict[str, Any]:
 def streamed(model: Any, tok: Any, ids: list[int], n: int) -> dict[str, Any]:
     from paddleformers.generation import TextIteratorStreamer
 
-    class TimedStreamer(TextIteratorStreamer):  # type: ignore[misc]
-        """Records when generate() hands over token ids: the text queue only flushes at word boundaries."""
-
-        def __init__(self, *a: Any, **k: Any) -> None:
-            super().__init__(*a, **k)
-            self.put_times: list[float] = []
-
-        def put(self, value: Any) -> None:
-            self.put_times.append(time.perf_counter())
-            super().put(value)
+    TimedStreamer = timed_streamer(TextIteratorStreamer)  # noqa: N806
 
     streamer = TimedStreamer(tok, skip_prompt=True, timeout=600)
     input_ids = paddle.to_tensor([ids], dtype="int64")
