@@ -187,7 +187,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "architecture", "max_context_length", "max_new_tokens", "vocab_size", "eos_token_ids", "dtype", "device", "max_batch_size", "has_chat_template", "max_top_n")
+    __slots__ = ("model_name", "architecture", "max_context_length", "max_new_tokens", "vocab_size", "eos_token_ids", "dtype", "device", "max_batch_size", "has_chat_template", "max_top_n", "recommended_sampling")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +199,7 @@ class GetModelInfoResponse(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOP_N_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDED_SAMPLING_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     max_context_length: int
@@ -210,4 +211,5 @@ class GetModelInfoResponse(_message.Message):
     max_batch_size: int
     has_chat_template: bool
     max_top_n: int
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context_length: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., max_top_n: _Optional[int] = ...) -> None: ...
+    recommended_sampling: SamplingParams
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context_length: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., max_top_n: _Optional[int] = ..., recommended_sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
