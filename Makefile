@@ -43,12 +43,13 @@ proto-check: proto
 	git diff --exit-code -- generated/
 	test -z "$$(git status --porcelain -- generated/)"
 
-# Contract and code gates: buf lint/format/breaking, ruff and mypy on the service and the clients.
+# Contract and code gates: buf lint/format, buf breaking against the last published contract (a tag, see
+# .ci/contract-ref), ruff on all Python, mypy on the service and the clients.
 lint: $(STAMP)
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf format -d --exit-code
-	if git rev-parse --verify -q main >/dev/null; then $(VENV)/bin/buf breaking --against '.git#branch=main'; fi
-	$(VENV)/bin/ruff check service clients
+	$(VENV)/bin/buf breaking --against ".git#tag=$$(.ci/contract-tag)"
+	$(VENV)/bin/ruff check service clients tests bench scripts
 	$(VENV)/bin/mypy service clients
 
 deploy-check: $(STAMP)

@@ -750,10 +750,11 @@ def verify(out: Path, model, tok, result: dict) -> None:
     import paddle
 
     sys.path.insert(0, str(REPO))
-    from service.engine.engine import Engine, EngineConfig
+    from service.engine.api import EngineConfig
     from service.engine.kv_cache import SlotKVCache
     from service.engine.loader import load_model
     from service.engine.model import LlamaDecoder
+    from service.engine.scheduler import Engine
     from service.engine.types import GenerationRequest
 
     m = load_model(out)

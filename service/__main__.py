@@ -25,18 +25,24 @@ def _mkl_avx2_on_amd() -> None:
         os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
 
 
-def main(argv: list[str] | None = None) -> int:
+def prepare_process() -> None:
+    """What a server process sets up before Paddle loads: CPU kernels, quiet warnings, JSON logs."""
     _mkl_avx2_on_amd()
     # Paddle warns at import about ccache and deprecated APIs: noise for a server's log.
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    from service.config import load_config
     from service.logs import configure_logging
+
+    configure_logging()
+
+
+def main(argv: list[str] | None = None) -> int:
+    prepare_process()
+    from service.config import load_config
     from service.server import serve
     from service.telemetry import tracer_provider_from_env
 
     config = load_config(argv)
-    configure_logging()
     provider = tracer_provider_from_env(os.environ)
     try:
         asyncio.run(serve(config, tracer_provider=provider))

@@ -5,24 +5,22 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 
-DEFAULT_MODEL = "default"  # the trained demo model in models/tokenstream-demo
-RANDOM_QWEN2_MODEL = "random-qwen2"  # a random-weight tiny Llama with the real Qwen2 tokenizer, built on first use
+from service.engine.api import EngineConfig
+from service.engine.registry import default_model_cache
 
 
 @dataclass(frozen=True)
 class Config:
     host: str = "127.0.0.1"
     port: int = 50051
-    model_dir: str = DEFAULT_MODEL
-    model_cache: str = ""  # where built-in models are built; default ~/.cache/tokenstream/models
-    device: str = "cpu"
-    dtype: str = "float32"
+    model_dir: str = "default"  # a registered name (`python -m service.models list`) or a checkpoint path
+    model_cache: str = ""  # where named models live; default $XDG_CACHE_HOME/tokenstream/models
     # Limits of a request
     max_new_tokens: int = 256  # default when a request leaves it unset
-    max_new_tokens_limit: int = 2048  # largest a request may ask for
+    max_new_tokens_limit: int = 2048  # largest a request may ask for (capped by the context)
     max_request_ms: int = 120_000  # server-side maximum request time: ends a stream with TIME_LIMIT
     deadline_margin_ms: int = 50  # end gracefully this long (or two decode steps, if longer) before the deadline
     max_prompt_bytes: int = 65_536
@@ -33,21 +31,22 @@ class Config:
     max_messages: int = 256
     max_metadata_bytes: int = 8192
     max_receive_message_bytes: int = 1_048_576
-    # Engine
-    max_slots: int = 32
-    max_prefill_tokens: int = 256
-    max_context: int = 2048
-    max_queue: int = 64
-    max_backlog: int = 256
+    engine: EngineConfig = field(default_factory=EngineConfig)
     # sys.setswitchinterval. Measured (bench/): at Python's 5 ms the event loop's p99 lateness next to a batch-8
     # decode was no worse than at 1 ms, and batch-1 throughput was better, since Paddle ops release the GIL.
     switch_interval_ms: float = 5.0
     # Operations
     grace_s: float = 20.0  # drain time for in-flight streams after SIGTERM
     metrics_port: int = 0  # Prometheus exposition; 0 turns it off, -1 picks a free port
-    watchdog_s: float = 30.0  # liveness fails when no engine step for this long while work is queued
+    watchdog_s: float = 30.0  # liveness fails when no engine iteration for this long while work is queued
     log_text: bool = False  # log prompts and outputs (off: privacy)
-    debug_faults: bool = False  # let tests inject engine faults through request metadata
+    # Callers: who a call comes from (service/callers.py), and optional per-caller limits (0: off)
+    caller_key: str = ""  # a metadata key / header naming the caller, set by a trusted gateway
+    caller_class_key: str = "x-caller-class"  # names the caller's class, for metrics
+    caller_classes: str = ""  # comma-separated: the classes metrics may carry; any other is "default"
+    caller_max_streams: int = 0  # streams one caller may have running or queued at once
+    caller_max_queued: int = 0  # of those, how many may wait for a slot
+    caller_tokens_per_s: float = 0.0  # generated tokens per second one caller may use, on average
     # Security
     tls_cert: str = ""
     tls_key: str = ""
@@ -58,7 +57,41 @@ class Config:
 
     @property
     def model_cache_path(self) -> Path:
-        return Path(self.model_cache) if self.model_cache else Path.home() / ".cache" / "tokenstream" / "models"
+        return Path(self.model_cache) if self.model_cache else default_model_cache()
+
+
+# Each setting is declared once, in Config or in the EngineConfig nested in it; flags and environment variables
+# are flat (--max-slots, TOKENSTREAM_MAX_SLOTS) whichever of the two declares it.
+_NESTED = {"engine": EngineConfig}
+
+
+def _settings() -> list[tuple[str | None, Field]]:
+    out: list[tuple[str | None, Field]] = []
+    for f in fields(Config):
+        if f.name in _NESTED:
+            out += [(f.name, nested) for nested in fields(_NESTED[f.name])]
+        else:
+            out.append((None, f))
+    return out
+
+
+def _default(f: Field) -> object:
+    return f.default if f.default_factory is MISSING else f.default_factory()
+
+
+def config_from(values: Mapping[str, object]) -> Config:
+    """A Config from flat setting names (`max_slots=4, port=0`), as flags and tests spell them."""
+    top: dict[str, object] = {}
+    nested: dict[str, dict[str, object]] = {name: {} for name in _NESTED}
+    known = {f.name: parent for parent, f in _settings()}
+    for name, value in values.items():
+        if name not in known:
+            raise TypeError(f"unknown setting {name!r}")
+        parent = known[name]
+        (nested[parent] if parent else top)[name] = value
+    for parent, kind in _NESTED.items():
+        top[parent] = kind(**nested[parent])  # type: ignore[arg-type]
+    return Config(**top)  # type: ignore[arg-type]
 
 
 def _flag(name: str) -> str:
@@ -81,10 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tokenstream-server",
         description="Stream LLM tokens over gRPC. Every flag falls back to TOKENSTREAM_<FLAG> in the environment.",
     )
-    for f in fields(Config):
-        kind = _PARSERS[type(f.default)]
-        parser.add_argument(_flag(f.name), type=kind, default=None, help=f"(env TOKENSTREAM_{f.name.upper()}, "
-                            f"default {f.default!r})")
+    for _, f in _settings():
+        default = _default(f)
+        parser.add_argument(_flag(f.name), type=_PARSERS[type(default)], default=None,
+                            help=f"(env TOKENSTREAM_{f.name.upper()}, default {default!r})")
     return parser
 
 
@@ -92,12 +125,15 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
     """Flags win over TOKENSTREAM_* variables, which win over the defaults."""
     env = os.environ if env is None else env
     args = build_parser().parse_args(argv)
-    values = {}
-    for f in fields(Config):
-        kind = _PARSERS[type(f.default)]
+    values: dict[str, object] = {}
+    for _, f in _settings():
+        kind = _PARSERS[type(_default(f))]
         flag_value = getattr(args, f.name)
         if flag_value is not None:
             values[f.name] = flag_value
         elif f"TOKENSTREAM_{f.name.upper()}" in env:
-            values[f.name] = kind(env[f"TOKENSTREAM_{f.name.upper()}"])
-    return Config(**values)
+            try:
+                values[f.name] = kind(env[f"TOKENSTREAM_{f.name.upper()}"])
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                raise SystemExit(f"TOKENSTREAM_{f.name.upper()}: {exc}") from exc
+    return config_from(values)

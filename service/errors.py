@@ -11,7 +11,7 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from service.engine.engine import QueueFullError
+from service.engine.api import QueueFullError
 from service.engine.tokenizer import ChatTemplateError
 
 
@@ -85,6 +85,11 @@ def to_status(exc: BaseException) -> grpc.Status:
     for detail in details:
         status.details.add().Pack(detail)
     return rpc_status.to_status(status)
+
+
+def code_name(exc: BaseException) -> str:
+    """The canonical status name of an exception (for metrics and logs on every front)."""
+    return to_status(exc).code.name
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:

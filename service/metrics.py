@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from service.engine.engine import EngineStats
+from service.engine.api import EngineStats
 from service.engine.types import Chunk
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0)
@@ -27,24 +27,35 @@ class _EngineCollector(Collector):
     def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
         self._stats = stats
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | HistogramMetricFamily]:
         s = self._stats()
         if s is None:
             return
         yield GaugeMetricFamily("tokenstream_active_slots", "Sequences holding a KV-cache slot", value=s.active)
         yield GaugeMetricFamily("tokenstream_queue_depth", "Requests waiting for a slot", value=s.waiting)
-        yield GaugeMetricFamily("tokenstream_batch_size", "Rows in the most recent decode step", value=s.active)
+        yield _batch_size_histogram(s.batch_sizes)
         yield GaugeMetricFamily("tokenstream_kv_cache_fill_ratio",
                                 "Cached positions over max_slots * max_context", value=s.kv_fill_ratio)
         yield GaugeMetricFamily("tokenstream_kv_cache_bytes", "Bytes allocated to the KV cache", value=s.cache_bytes)
+
+
+def _batch_size_histogram(per_size: tuple[int, ...]) -> HistogramMetricFamily:
+    """Rows per decode step, from the engine's exact counts per batch size (kept as plain integers there)."""
+    bounds = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < len(per_size)] or [1]
+    buckets: list[tuple[str, float]] = []
+    for bound in bounds:
+        buckets.append((str(float(bound)), float(sum(per_size[1 : bound + 1]))))
+    buckets.append(("+Inf", float(sum(per_size))))
+    total = float(sum(size * n for size, n in enumerate(per_size)))
+    return HistogramMetricFamily("tokenstream_batch_size", "Rows per decode step", buckets=buckets, sum_value=total)
 
 
 class Metrics:
     def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("tokenstream_requests", "Finished Generate calls",
-                                ["finish_reason", "grpc_code"], registry=r)
+        self.requests = Counter("tokenstream_requests", "Finished Generate calls, by front (grpc, http)",
+                                ["finish_reason", "grpc_code", "front"], registry=r)
         self.ttft = Histogram("gen_ai_server_time_to_first_token_seconds",
                               "Time from arrival to the first generated token", buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("gen_ai_server_time_per_output_token_seconds",
@@ -57,10 +68,11 @@ class Metrics:
         self.completion_tokens = Counter("tokenstream_completion_tokens", "Tokens generated", registry=r)
         r.register(_EngineCollector(stats))
 
-    def observe(self, final: Chunk | None, grpc_code: str) -> None:
-        """Record one finished call: its final chunk (None when it was rejected before streaming)."""
+    def observe(self, final: Chunk | None, code: str, front: str) -> None:
+        """Record one finished call: its final chunk (None when it was rejected before streaming) and the
+        canonical status code (the gRPC code name, which the HTTP front's statuses map onto too)."""
         reason = final.finish.value if final is not None and final.finish is not None else "none"
-        self.requests.labels(finish_reason=reason, grpc_code=grpc_code).inc()
+        self.requests.labels(finish_reason=reason, grpc_code=code, front=front).inc()
         if final is None or final.timings is None:
             return
         t = final.timings

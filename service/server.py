@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,13 +18,16 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
-from service.config import DEFAULT_MODEL, RANDOM_QWEN2_MODEL, Config
-from service.engine.default_model import TINY, ensure_random_model
-from service.engine.engine import Engine, EngineConfig
-from service.engine.loader import LoadedModel, load_model
+from service.config import Config
+from service.engine.api import EngineClient
+from service.engine.hooks import EngineHooks
+from service.engine.loader import load_model
+from service.engine.registry import locate
+from service.engine.scheduler import Engine
+from service.generation import Generations, ServerState
 from service.metrics import Metrics
 from service.security import BearerAuthInterceptor, load_tokens, server_credentials
-from service.servicer import GenerationServicer, ServerState, add_to_server
+from service.servicer import GenerationServicer, add_to_server
 from service.telemetry import get_tracer
 from tokenstream.v1 import generation_pb2 as pb
 
@@ -36,31 +38,14 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "tokenstream-demo"
-
-
-def resolve_model_dir(config: Config) -> str:
-    """`default` is the trained demo model shipped in models/; `random-qwen2` the random-weight tiny Llama with
-    the real Qwen2 vocabulary, built on first use; anything else a directory or hub id for the loader."""
-    if config.model_dir == DEFAULT_MODEL and (DEMO_MODEL / "config.json").exists():
-        return str(DEMO_MODEL)
-    if config.model_dir in (DEFAULT_MODEL, RANDOM_QWEN2_MODEL):
-        return str(ensure_random_model(TINY, config.model_cache_path))
-    return config.model_dir
-
-
-def load_engine(config: Config) -> tuple[LoadedModel, Engine, Config]:
-    """Blocking: load the checkpoint, build and warm up the engine. Returns the config with effective limits."""
-    model = load_model(resolve_model_dir(config), dtype=config.dtype)
-    max_context = min(config.max_context, model.config.max_position_embeddings)
-    config = dataclasses.replace(config, max_context=max_context)
-    engine = Engine(model, EngineConfig(
-        max_slots=config.max_slots, max_prefill_tokens=config.max_prefill_tokens, max_context=max_context,
-        max_queue=config.max_queue, max_backlog=config.max_backlog, device=config.device, dtype=config.dtype,
-        debug_faults=config.debug_faults,
-    ))
+def load_engine(config: Config, hooks: EngineHooks | None = None) -> EngineClient:
+    """Blocking: locate (or fetch) the model, load it, build and warm up the engine. Hooks are for tests only."""
+    name, checkpoint = locate(config.model_dir, config.model_cache_path)
+    model = load_model(checkpoint, dtype=config.engine.dtype)
+    model.name = name
+    engine = Engine(model, config.engine, hooks=hooks)
     engine.start(warmup=True)
-    return model, engine, config
+    return engine
 
 
 @dataclass
@@ -111,7 +96,7 @@ class RunningServer:
                 continue
             stats = engine.stats()
             busy = stats.active + stats.prefilling + stats.waiting > 0
-            stalled = busy and time.monotonic() - stats.last_step_monotonic > self.state.config.watchdog_s
+            stalled = busy and time.monotonic() - stats.last_iteration_monotonic > self.state.config.watchdog_s
             ok = stats.alive and not stalled
             if ok != live:
                 live = ok
@@ -130,7 +115,7 @@ class RunningServer:
             await asyncio.to_thread(self.state.engine.stop)
 
 
-EngineLoader = Callable[[Config], tuple[LoadedModel, Engine, Config]]
+EngineLoader = Callable[[Config], EngineClient]
 
 
 async def start_server(
@@ -139,9 +124,10 @@ async def start_server(
     """Bind and start serving at once (health NOT_SERVING), loading the model in a background thread."""
     interceptors = []
     if tracer_provider is not None:
-        # Health checks are probes, not requests: keep them out of traces.
-        interceptors.append(aio_server_interceptor(tracer_provider=tracer_provider,
-                                                   filter_=filters.negate(filters.health_check())))
+        # Health checks are probes, not requests: keep them out of traces. Generate makes its own server span
+        # (service/generation.py), shared with the HTTP front.
+        interceptors.append(aio_server_interceptor(tracer_provider=tracer_provider, filter_=filters.negate(
+            filters.any_of(filters.health_check(), filters.method_name("Generate")))))
     tokens = load_tokens(config)
     if tokens:
         interceptors.append(BearerAuthInterceptor(tokens, protect_reflection=config.auth_reflection))
@@ -159,11 +145,12 @@ async def start_server(
     )
     state = ServerState(config=config)
     metrics = Metrics(lambda: state.engine.stats() if state.engine is not None else None)
+    tracer = get_tracer(tracer_provider)
     health = health_aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await health.set(name, NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    add_to_server(GenerationServicer(state, get_tracer(tracer_provider), metrics), server)
+    add_to_server(GenerationServicer(Generations(state, tracer, metrics)), server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
@@ -173,12 +160,12 @@ async def start_server(
     await server.start()
 
     async def load() -> None:
-        model, eng, effective = await asyncio.to_thread(loader, config)
-        state.config = dataclasses.replace(effective, host=config.host, port=port)
-        state.model, state.engine = model, eng
+        engine = await asyncio.to_thread(loader, config)
+        state.config = dataclasses.replace(config, port=port)
+        state.engine = engine
         for name in ("", SERVICE_NAME):
             await health.set(name, SERVING)
-        log.info("serving %s on %s:%d", model.name, config.host, port)
+        log.info("serving %s on %s:%d", engine.info.name, config.host, port)
 
     running = RunningServer(server, port, state, health, asyncio.create_task(load()), metrics)
     if config.metrics_port != 0:  # -1 picks a free port (tests)
@@ -188,10 +175,11 @@ async def start_server(
     return running
 
 
-async def serve(config: Config, tracer_provider: trace.TracerProvider | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and exit."""
+async def serve(config: Config, tracer_provider: trace.TracerProvider | None = None,
+                loader: EngineLoader = load_engine) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and exit. (`loader` is how test entry points add hooks.)"""
     sys.setswitchinterval(config.switch_interval_ms / 1000.0)
-    running = await start_server(config, tracer_provider=tracer_provider)
+    running = await start_server(config, tracer_provider=tracer_provider, loader=loader)
     log.info("listening on %s:%d (health NOT_SERVING until the model is warm)", config.host, running.port,
              extra={"fields": {"event": "listening", "port": running.port, "metrics_port": running.metrics_port}})
     stop = asyncio.Event()

@@ -1,37 +1,23 @@
-"""GenerationService over grpc.aio: async-generator methods, so the stock OTel interceptor sees every message."""
+"""GenerationService over grpc.aio: async-generator methods, so the stock OTel interceptor sees every message.
+
+The gRPC front only translates: metadata and deadline in, chunks out as GenerateResponse messages, exceptions to
+statuses (errors.py). The request's life itself is service/generation.py, shared with the HTTP front.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import grpc
-from opentelemetry import trace
 
-from service.config import Config
-from service.engine.engine import Engine
-from service.engine.loader import LoadedModel
-from service.engine.types import Chunk, ErrorKind, Finish
-from service.errors import (
-    DeadlineTooShortError,
-    EngineOutOfMemoryError,
-    InvalidRequestError,
-    NotReadyError,
-    ShuttingDownError,
-    abort,
-    to_status,
-)
-from service.metrics import Metrics
-from service.validation import check_decodable, tolerant, validate_generate, validate_tokenize
+from service.engine.types import Chunk, Finish
+from service.errors import InvalidRequestError, NotReadyError, ShuttingDownError, abort
+from service.generation import CallInfo, Generations, ServerState
+from service.validation import check_decodable, max_new_tokens_limit, tolerant, validate_tokenize
 from tokenstream.v1 import generation_pb2 as pb
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc
-
-log = logging.getLogger("tokenstream.requests")
 
 FINISH_TO_PROTO = {
     Finish.MAX_TOKENS: pb.FINISH_REASON_MAX_TOKENS,
@@ -42,25 +28,6 @@ FINISH_TO_PROTO = {
     Finish.CANCELLED: pb.FINISH_REASON_CANCELLED,
     Finish.ERROR: pb.FINISH_REASON_ERROR,
 }
-
-
-@dataclass
-class ServerState:
-    """What the transport knows about the engine's life: loading, serving, draining."""
-
-    config: Config
-    model: LoadedModel | None = None
-    engine: Engine | None = None
-    draining: bool = False
-    active_streams: int = 0
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def ready_engine(self) -> tuple[Engine, LoadedModel]:
-        if self.draining:
-            raise ShuttingDownError("the server is shutting down; retry on another instance")
-        if self.engine is None or self.model is None:
-            raise NotReadyError("the model is still loading; retry shortly")
-        return self.engine, self.model
 
 
 def to_response(chunk: Chunk) -> pb.GenerateResponse:
@@ -87,119 +54,44 @@ def to_response(chunk: Chunk) -> pb.GenerateResponse:
     return msg
 
 
+GENERATE = f"/{pb.DESCRIPTOR.services_by_name['GenerationService'].full_name}/Generate"
+
+
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    def __init__(self, state: ServerState, tracer: trace.Tracer, metrics: Metrics) -> None:
-        self.state = state
-        self.tracer = tracer
-        self.metrics = metrics
+    def __init__(self, generations: Generations) -> None:
+        self.generations = generations
+        self.state: ServerState = generations.state
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        config = self.state.config
-        metadata = dict(context.invocation_metadata() or ())
-        request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)
-        span = trace.get_current_span()
-        final: Chunk | None = None
-        code = grpc.StatusCode.OK
-        output: list[str] = []
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        call = CallInfo(request_id=metadata.get("x-request-id") or uuid.uuid4().hex,
+                        remaining_s=context.time_remaining(), front="grpc", span_name=GENERATE, carrier=metadata,
+                        span_attributes={"rpc.system": "grpc", "rpc.service": GENERATE.split("/")[1],
+                                         "rpc.method": "Generate"})
+        run = self.generations.run(request, call)
         try:
-            engine, model = self.state.ready_engine()
-            engine_request, limit_ms = validate_generate(request, config, model.tokenizer)
-            now = time.monotonic()
-            deadline = now + limit_ms / 1000.0
-            remaining = context.time_remaining()
-            if remaining is not None:  # end gracefully with TIME_LIMIT just before the caller gives up
-                # The engine checks deadlines between steps, so keep at least two steps in hand.
-                margin = max(config.deadline_margin_ms / 1000.0, 2 * engine.step_seconds)
-                deadline = min(deadline, now + remaining - margin)
-                wait = engine.estimate_first_token_s(len(engine_request.prompt_ids))
-                if wait > remaining:  # don't make the caller wait for nothing
-                    raise DeadlineTooShortError(
-                        f"the deadline ({remaining * 1000:.0f} ms) is shorter than the estimated time to the first "
-                        f"token ({wait * 1000:.0f} ms); retry with a longer deadline or later")
-            fault = metadata.get("x-tokenstream-debug-fault") if config.debug_faults else None
-            engine_request = dataclasses.replace(engine_request, deadline=deadline, request_id=request_id,
-                                                 debug_fault=str(fault) if fault else None)
-            span.set_attribute("gen_ai.request.max_tokens", engine_request.max_new_tokens)
-            span.set_attribute("gen_ai.usage.input_tokens", len(engine_request.prompt_ids))
-            span.set_attribute("tokenstream.request_id", request_id)
-            self.state.active_streams += 1
-            try:
-                sent_tokens = 0
-                async for chunk in engine.generate(engine_request):
-                    if chunk.error_kind is ErrorKind.OUT_OF_MEMORY and sent_tokens == 0:
-                        raise EngineOutOfMemoryError(chunk.error)
-                    if chunk.finish is not None:
-                        final = chunk
-                        self._record(span, chunk)
-                    sent_tokens += len(chunk.tokens)
-                    if config.log_text:
-                        output.append(chunk.text)
-                    yield to_response(chunk)
-            finally:
-                self.state.active_streams -= 1
-                if self.state.draining and self.state.active_streams == 0:
-                    self.state.drained.set()
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except grpc.aio.AbortError:
+            async for chunk in run:
+                yield to_response(chunk)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:  # noqa: BLE001 -- every failure is mapped to a status, in errors.py
-            code = to_status(exc).code
             await abort(context, exc)
         finally:
-            self.metrics.observe(final, code.name)
-            self._log(request_id, span, code, final, request.prompt if config.log_text else None,
-                      "".join(output) if config.log_text else None)
-
-    def _log(self, request_id: str, span: trace.Span, code: grpc.StatusCode, final: Chunk | None,
-             prompt: str | None, output: str | None) -> None:
-        ctx = span.get_span_context()
-        fields: dict[str, object] = {
-            "event": "generate", "request_id": request_id, "grpc_code": code.name,
-            "trace_id": format(ctx.trace_id, "032x") if ctx.is_valid else None,
-        }
-        if final is not None:
-            fields.update(finish_reason=final.finish.value if final.finish else None,
-                          prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens)
-            if final.timings is not None:
-                t = final.timings
-                fields.update(queue_ms=round(t.queue_ms, 3), ttft_ms=round(t.ttft_ms, 3),
-                              decode_ms=round(t.decode_ms, 3), total_ms=round(t.total_ms, 3))
-            if final.error:
-                fields["error"] = final.error
-        if prompt is not None:  # only with --log-text: prompts and outputs are private by default
-            fields.update(prompt=prompt, output=output)
-        log.info("generate finished", extra={"fields": fields})
-
-    def _record(self, span: trace.Span, chunk: Chunk) -> None:
-        span.set_attribute("gen_ai.usage.output_tokens", chunk.completion_tokens)
-        span.set_attribute("gen_ai.response.finish_reasons", [chunk.finish.value] if chunk.finish else [])
-        if chunk.timings is None:
-            return
-        t = chunk.timings
-        span.set_attribute("tokenstream.time_to_first_token_ms", t.ttft_ms)
-        span.set_attribute("tokenstream.queue_ms", t.queue_ms)
-        parent = trace.set_span_in_context(span)
-        phases = [("queue", t.arrival_ns, t.prefill_start_ns or t.end_ns)]
-        if t.prefill_start_ns:
-            phases.append(("prefill", t.prefill_start_ns, t.first_token_ns or t.end_ns))
-        if t.first_token_ns:
-            phases.append(("decode", t.first_token_ns, t.end_ns))
-        for name, start, end in phases:
-            self.tracer.start_span(name, context=parent, start_time=start).end(end_time=max(start, end))
+            # When the caller leaves while a message is being sent, grpc drops this generator without closing the
+            # one inside it; close it now, so the request's span and log are written at once.
+            await run.aclose()
 
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.TokenizeResponse:
         try:
-            _, model = self.state.ready_engine()
+            engine = self.state.ready_engine()
             validate_tokenize(request, self.state.config)
         except (NotReadyError, ShuttingDownError, InvalidRequestError) as exc:
             await abort(context, exc)
-        enc = model.tokenizer.encode_full(request.text)
+        enc = engine.tokenizer.encode_full(request.text)
         keep = slice(-request.truncate_to, None) if request.truncate_to else slice(None)
         ids, tokens, offsets = enc.ids[keep], enc.tokens[keep], enc.offsets[keep]
         response = pb.TokenizeResponse(token_count=len(ids), ids=ids)
@@ -214,23 +106,36 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> pb.GetModelInfoResponse:
         try:
             check_decodable(request)
-            engine, model = self.state.ready_engine()
+            engine = self.state.ready_engine()
         except (NotReadyError, ShuttingDownError, InvalidRequestError) as exc:
             await abort(context, exc)
-        cfg = self.state.config
+        cfg, info = self.state.config, engine.info
         return pb.GetModelInfoResponse(
-            model_name=model.name,
-            architecture=model.config.architecture,
-            max_context_length=cfg.max_context,
-            max_new_tokens=cfg.max_new_tokens_limit,
-            vocab_size=model.config.vocab_size,
-            eos_token_ids=list(model.config.eos_token_ids),
-            dtype=engine.config.dtype,
-            device=engine.config.device,
-            max_batch_size=engine.config.max_slots,
-            has_chat_template=bool(model.tokenizer.chat_template),
+            model_name=info.name,
+            architecture=info.architecture,
+            max_context_length=info.max_context,
+            max_new_tokens=max_new_tokens_limit(cfg, info.max_context),
+            vocab_size=info.vocab_size,
+            eos_token_ids=list(info.eos_token_ids),
+            dtype=info.dtype,
+            device=info.device,
+            max_batch_size=info.max_slots,
+            has_chat_template=info.has_chat_template,
             max_top_n=cfg.max_top_n,
+            recommended_sampling=recommended_sampling(info.generation_defaults),
         )
+
+
+def recommended_sampling(defaults: dict[str, object]) -> pb.SamplingParams | None:
+    """generation_config-style defaults as SamplingParams; None when the model recommends no sampling."""
+    if not defaults.get("do_sample", "temperature" in defaults):
+        return None
+    params = pb.SamplingParams()
+    for key, kind in (("temperature", float), ("top_k", int), ("top_p", float), ("repetition_penalty", float)):
+        value = defaults.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            setattr(params, key, kind(value))
+    return params
 
 
 def add_to_server(servicer: GenerationServicer, server: grpc.aio.Server) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from google.protobuf.message import DecodeError, Message
 
 from service.config import Config
-from service.engine.tokenizer import Tokenizer
+from service.engine.api import EngineClient, Tokenizing
 from service.engine.types import GenerationRequest, SamplingOptions
 from service.errors import FieldViolation, InvalidRequestError
 from tokenstream.v1 import generation_pb2 as pb
@@ -59,10 +59,17 @@ def _check_sampling(s: pb.SamplingParams, bad: list[FieldViolation]) -> Sampling
     )
 
 
-def _check_stopping(st: pb.StoppingCriteria, cfg: Config, bad: list[FieldViolation]) -> tuple[int, int, int]:
-    max_new = st.max_new_tokens if st.HasField("max_new_tokens") else cfg.max_new_tokens
-    if st.HasField("max_new_tokens") and not 0 < max_new <= cfg.max_new_tokens_limit:
-        bad.append(FieldViolation("stopping.max_new_tokens", f"must be in [1, {cfg.max_new_tokens_limit}]"))
+def max_new_tokens_limit(cfg: Config, max_context: int) -> int:
+    """The most tokens a request may ask for: the configured limit, capped at the context less one prompt token."""
+    return max(1, min(cfg.max_new_tokens_limit, max_context - 1))
+
+
+def _check_stopping(st: pb.StoppingCriteria, cfg: Config, max_context: int,
+                    bad: list[FieldViolation]) -> tuple[int, int, int]:
+    limit = max_new_tokens_limit(cfg, max_context)
+    max_new = st.max_new_tokens if st.HasField("max_new_tokens") else min(cfg.max_new_tokens, limit)
+    if st.HasField("max_new_tokens") and not 0 < max_new <= limit:
+        bad.append(FieldViolation("stopping.max_new_tokens", f"must be in [1, {limit}]"))
     if st.min_new_tokens > max_new:
         bad.append(FieldViolation("stopping.min_new_tokens", "must not exceed max_new_tokens"))
     time_limit = st.time_limit_ms if st.HasField("time_limit_ms") else cfg.max_request_ms
@@ -79,7 +86,7 @@ def _check_stopping(st: pb.StoppingCriteria, cfg: Config, bad: list[FieldViolati
     return max_new, min(time_limit, cfg.max_request_ms), st.min_new_tokens
 
 
-def _prompt_text(req: pb.GenerateRequest, cfg: Config, tok: Tokenizer, bad: list[FieldViolation]) -> str | None:
+def _prompt_text(req: pb.GenerateRequest, cfg: Config, tok: Tokenizing, bad: list[FieldViolation]) -> str | None:
     if req.prompt and req.messages:
         bad.append(FieldViolation("messages", "set either prompt or messages, not both"))
         return None
@@ -104,15 +111,17 @@ def _prompt_text(req: pb.GenerateRequest, cfg: Config, tok: Tokenizer, bad: list
     return req.prompt
 
 
-def validate_generate(req: pb.GenerateRequest, cfg: Config, tok: Tokenizer) -> tuple[GenerationRequest, int]:
+def validate_generate(req: pb.GenerateRequest, cfg: Config, engine: EngineClient) -> tuple[GenerationRequest, int]:
     """The engine request and its time limit in ms; InvalidRequestError naming every bad field otherwise.
 
-    The engine request has no deadline yet: the servicer sets it from the time limit and the gRPC deadline.
+    Every front validates through here (the HTTP front translates its JSON into a GenerateRequest first). The
+    engine request has no deadline yet: admission sets it from the time limit and the caller's deadline.
     """
     check_decodable(req)
+    tok, max_context = engine.tokenizer, engine.info.max_context
     bad: list[FieldViolation] = []
     sampling = _check_sampling(req.sampling, bad)
-    max_new, time_limit_ms, min_new = _check_stopping(req.stopping, cfg, bad)
+    max_new, time_limit_ms, min_new = _check_stopping(req.stopping, cfg, max_context, bad)
     if req.response.top_n > cfg.max_top_n:
         bad.append(FieldViolation("response.top_n", f"must be at most {cfg.max_top_n}"))
     if len(req.prompt.encode("utf-8")) > cfg.max_prompt_bytes:
@@ -127,8 +136,8 @@ def validate_generate(req: pb.GenerateRequest, cfg: Config, tok: Tokenizer) -> t
         field = "messages" if req.messages else "prompt"
         if not ids:
             bad.append(FieldViolation(field, "has no tokens"))
-        elif len(ids) >= cfg.max_context:
-            bad.append(FieldViolation(field, f"is {len(ids)} tokens; the context holds {cfg.max_context}, "
+        elif len(ids) >= max_context:
+            bad.append(FieldViolation(field, f"is {len(ids)} tokens; the context holds {max_context}, "
                                              "including at least one generated token"))
         elif cfg.max_prompt_tokens and len(ids) > cfg.max_prompt_tokens:
             bad.append(FieldViolation(field, f"is {len(ids)} tokens; at most {cfg.max_prompt_tokens} are allowed"))

@@ -73,8 +73,9 @@ class Spec:
     seed: int = 0
 
 
-_BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+_BASE = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "bos_token_id": 1,
+         "eos_token_id": 2}
 _HF_ALL = ("hf", "hf-sharded", "paddle-pdparams", "paddle-safetensors")
 
 SPECS: dict[str, Spec] = {
@@ -89,7 +90,7 @@ SPECS: dict[str, Spec] = {
                    ("hf",), seed=2),
     "qwen2": Spec("qwen2", "transformers",
                   {**_BASE, "architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": True},
-                  _HF_ALL + ("hf-bf16",), seed=3),
+                  (*_HF_ALL, "hf-bf16"), seed=3),
     "mistral": Spec("mistral", "transformers",
                     {**_BASE, "architectures": ["MistralForCausalLM"], "sliding_window": None}, ("hf", "hf-sharded"),
                     seed=4),
@@ -99,7 +100,7 @@ SPECS: dict[str, Spec] = {
     # head_dim 16 != hidden / heads = 8, as in ERNIE-4.5-0.3B (128 vs 64).
     "ernie": Spec("ernie", "transformers",
                   {**_BASE, "architectures": ["Ernie4_5ForCausalLM"], "head_dim": 16, "tie_word_embeddings": True},
-                  _HF_ALL + ("erniekit",), seed=6),
+                  (*_HF_ALL, "erniekit"), seed=6),
 }
 
 

@@ -1,6 +1,7 @@
 """Soak: N concurrent streams with requests arriving continuously, against a server subprocess on 127.0.0.1.
 
-Bounded in time and count. Reports errors by status code (admission rejections counted apart), TTFT and
+Bounded in time and in count (the short run in `make test` ends after a number of requests, not seconds, so it
+does the same work on any machine). Reports errors by status code (admission rejections counted apart), TTFT and
 inter-token latency percentiles, and the server's RSS curve. The short run is part of `make test`; the long one:
 
     .venv/bin/python -m tests.soak --streams 64 --minutes 10 --out bench/results/soak.json
@@ -13,7 +14,6 @@ import asyncio
 import json
 import random
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +24,8 @@ import grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "generated"), str(ROOT)]
 
-from tests.subprocess_server import spawn, wait_serving  # noqa: E402
+from tests.support.load import percentiles, timed_stream  # noqa: E402
+from tests.support.servers import Subprocess  # noqa: E402
 from tokenstream.v1 import generation_pb2 as pb  # noqa: E402
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -51,15 +52,6 @@ class SoakReport:
         return sum(self.errors.values())
 
 
-def percentiles(xs: list[float]) -> dict[str, float]:
-    if not xs:
-        return {}
-    xs = sorted(xs)
-    pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
-    return {"p50": round(pick(0.50), 3), "p90": round(pick(0.90), 3), "p99": round(pick(0.99), 3),
-            "max": round(xs[-1], 3)}
-
-
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -67,35 +59,32 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def _worker(stub: pb_grpc.GenerationServiceStub, stop_at: float, rng: random.Random, report: SoakReport,
-                  ttft: list[float], itl: list[float], max_new: int) -> None:
-    while time.monotonic() < stop_at:
+async def _worker(stub: pb_grpc.GenerationServiceStub, stop_at: float, max_requests: int | None,
+                  rng: random.Random, report: SoakReport, ttft: list[float], itl: list[float], max_new: int) -> None:
+    while time.monotonic() < stop_at and (max_requests is None or report.requests < max_requests):
         report.requests += 1
         req = pb.GenerateRequest(
             prompt=rng.choice(PROMPTS),
             sampling=pb.SamplingParams(temperature=rng.choice([0.0, 0.8]), seed=rng.randrange(2**32)),
             stopping=pb.StoppingCriteria(max_new_tokens=rng.randint(8, max_new)),
         )
-        start = last = time.perf_counter()
-        first = True
         try:
-            async for msg in stub.Generate(req, timeout=60):
-                now = time.perf_counter()
-                if msg.tokens:
-                    (ttft if first else itl).append((now - (start if first else last)) * 1000)
-                    first, last = False, now
-                report.tokens += len(msg.tokens)
-                if msg.finish_reason:
-                    report.completed += 1
+            timed = await timed_stream(stub, req, timeout_s=60)
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 report.admission_rejections += 1
             else:
                 report.errors[err.code().name] = report.errors.get(err.code().name, 0) + 1
+            continue
+        report.tokens += timed.tokens
+        report.completed += timed.final is not None
+        if timed.ttft_s is not None:
+            ttft.append(timed.ttft_s * 1000)
+        itl.extend(x * 1000 for x in timed.itl_s)
 
 
 async def soak(target: str, server_pid: int, streams: int, seconds: float, max_new: int = 48,
-               seed: int = 0) -> SoakReport:
+               seed: int = 0, max_requests: int | None = None) -> SoakReport:
     report = SoakReport(streams=streams, seconds=seconds)
     ttft: list[float] = []
     itl: list[float] = []
@@ -106,25 +95,27 @@ async def soak(target: str, server_pid: int, streams: int, seconds: float, max_n
         stop_at = start + seconds
         # Staggered starts: requests keep arriving rather than all at once.
         workers = []
-        for i in range(streams):
-            workers.append(asyncio.create_task(_worker(stub, stop_at, random.Random(rng.random()), report, ttft,
-                                                       itl, max_new)))
-            await asyncio.sleep(min(0.05, seconds / streams / 10))  # arrival spacing, not synchronisation
+        for _ in range(streams):
+            workers.append(asyncio.create_task(_worker(stub, stop_at, max_requests, random.Random(rng.random()),
+                                                       report, ttft, itl, max_new)))
+            await asyncio.sleep(0.01)  # arrival spacing, not synchronisation
         while not all(w.done() for w in workers):
             report.rss_mb.append((round(time.monotonic() - start, 1), round(rss_mb(server_pid), 1)))
-            await asyncio.wait(workers, timeout=max(1.0, seconds / 30))
-        report.rss_mb.append((round(time.monotonic() - start, 1), round(rss_mb(server_pid), 1)))
+            await asyncio.wait(workers, timeout=max(0.5, min(seconds, 600) / 60))
+        elapsed = time.monotonic() - start
+        report.seconds = round(elapsed, 1)
+        report.rss_mb.append((round(elapsed, 1), round(rss_mb(server_pid), 1)))
     report.ttft_ms, report.itl_ms = percentiles(ttft), percentiles(itl)
-    # Growth from the end of warm-up (first tenth of the run) to the end.
-    settle = [r for t, r in report.rss_mb if t >= seconds / 10] or [r for _, r in report.rss_mb]
+    # Growth from the end of warm-up (the first tenth of the run) to the end.
+    settle = [r for t, r in report.rss_mb if t >= elapsed / 10] or [r for _, r in report.rss_mb]
     report.rss_growth_pct = round(100.0 * (settle[-1] - settle[0]) / settle[0], 2)
     return report
 
 
-def spawn_server(model_dir: str | None, extra: list[str]) -> tuple[subprocess.Popen, int]:
-    proc, info = spawn("--port", "0", *(["--model-dir", model_dir] if model_dir else []), *extra)
-    wait_serving(f"127.0.0.1:{info['port']}")
-    return proc, int(info["port"])
+def spawn_server(model_dir: str | None, extra: list[str]) -> Subprocess:
+    server = Subprocess("--port", "0", *(["--model-dir", model_dir] if model_dir else []), *extra)
+    server.wait_serving()
+    return server
 
 
 def main() -> int:
@@ -135,13 +126,13 @@ def main() -> int:
     parser.add_argument("--max-slots", type=int, default=32)
     parser.add_argument("--out", default="bench/results/soak.json")
     args = parser.parse_args()
-    proc, port = spawn_server(args.model_dir, ["--max-slots", str(args.max_slots), "--max-queue", "64",
-                                               "--max-context", "512"])
+    server = spawn_server(args.model_dir, ["--max-slots", str(args.max_slots), "--max-queue", "64",
+                                           "--max-context", "512"])
     try:
-        report = asyncio.run(soak(f"127.0.0.1:{port}", proc.pid, args.streams, args.minutes * 60))
+        report = asyncio.run(soak(f"127.0.0.1:{server.port}", server.pid, args.streams, args.minutes * 60))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(60)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(asdict(report), indent=2))
     print(json.dumps({k: v for k, v in asdict(report).items() if k != "rss_mb"}, indent=2))

@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ServerThread, base_config, started
 from tests.reference import NumpyLlama
+from tests.support.hooks import StepGate
+from tests.support.servers import ServerThread, base_config, started
 from tests.test_server import bad_fields
 from tokenstream.v1 import generation_pb2 as pb
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc
@@ -22,7 +23,14 @@ from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 PROPERTY = settings(max_examples=25, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
-CHINESE = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使点从业本去把性好应开它合还因由其些然前外天政四日那社义事平形相全表间样与关各重新线内数正心反你明看原又么利比或但质气第向道命此变条只没结解问意建月公无系军很情者最立代想已通并提直题党程展五果料象员革位入常文总次品式活设及管特件长求老头基资边流路级少图山统接知较将组见计别她手角期根论运农指几九区强放决西被干做必战先回则任取据处理府研质"
+CHINESE = (
+    "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种"
+    "面而方后多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使点从业本"
+    "去把性好应开它合还因由其些然前外天政四日那社义事平形相全表间样与关各重新线内数正心反你明看原又么利比"
+    "或但质气第向道命此变条只没结解问意建月公无系军很情者最立代想已通并提直题党程展五果料象员革位入常文总"
+    "次品式活设及管特件长求老头基资边流路级少图山统接知较将组见计别她手角期根论运农指几九区强放决西被干做"
+    "必战先回则任取据处理府研质"
+)
 EMOJI = "😀🐍🦀🎉🚀👍🏽🇨🇳❤️‍🔥"
 ENGLISH = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "def", "return", "class", "import", "\n"]
 
@@ -161,7 +169,7 @@ def test_min_new_tokens_suppresses_eos(eos_server, min_new: int) -> None:
         assert len(ids) >= min_new
     assert msgs[-1].usage.completion_tokens == len(ids)
     # The EOS token is reported among the tokens but never decoded into text.
-    assert "".join(m.text for m in msgs) == srv.running.state.model.tokenizer.decode(  # type: ignore[union-attr]
+    assert "".join(m.text for m in msgs) == srv.engine.tokenizer.decode(
         [i for i in ids if i != eos])
 
 
@@ -222,13 +230,22 @@ def test_logprobs_and_top_n_match_the_reference(stub, tok, model_dir) -> None:
         ids.append(token.id)
 
 
-def test_time_limit_from_the_grpc_deadline_is_graceful(stub) -> None:
-    req = pb.GenerateRequest(prompt="long", stopping=pb.StoppingCriteria(max_new_tokens=2000))
-    msgs = list(stub.Generate(req, timeout=1.0))  # the server ends it 50 ms early, with a final message
+def test_time_limit_from_the_grpc_deadline_is_graceful(model_dir) -> None:
+    """The stream cannot finish before the deadline (its engine gets two decode steps, then none), so it must be
+    the server that ends it, early enough (the margin) for the final message to reach the caller in time."""
+    gate = StepGate(gated=True)
+    srv = started(base_config(model_dir, deadline_margin_ms=300), hooks=gate)
+    try:
+        with srv.channel() as ch:
+            req = pb.GenerateRequest(prompt="long", stopping=pb.StoppingCriteria(max_new_tokens=400))
+            gate.permit(2)
+            msgs = list(pb_grpc.GenerationServiceStub(ch).Generate(req, timeout=1.5))
+    finally:
+        srv.close()
     final = msgs[-1]
     assert final.finish_reason == pb.FINISH_REASON_TIME_LIMIT
-    assert final.usage.completion_tokens == len(ids_of(msgs)) > 0
-    assert final.timings.total_ms < 1000
+    assert final.usage.completion_tokens == len(ids_of(msgs)) == 3
+    assert final.timings.total_ms < 1500
 
 
 CONTRACT_ERRORS = [
@@ -284,3 +301,53 @@ def test_model_info_describes_the_model_and_limits(stub, loaded_model) -> None:
     assert list(info.eos_token_ids) == [151643, 151645]
     assert (info.dtype, info.device) == ("float32", "cpu")
     assert info.has_chat_template and info.max_top_n == 10 and info.max_batch_size == 8
+
+
+# -- sampling parameters really act (a server that ignored them would fail these) ----------------------------
+
+
+def test_top_k_one_and_a_tiny_top_p_equal_greedy(stub) -> None:
+    prompt = "Once upon a time"
+    greedy = ids_of(list(stub.Generate(pb.GenerateRequest(
+        prompt=prompt, stopping=pb.StoppingCriteria(max_new_tokens=16)), timeout=60)))
+    for seed in (1, 2, 3):
+        for sampling in (pb.SamplingParams(temperature=1.5, top_k=1, seed=seed),
+                         pb.SamplingParams(temperature=1.5, top_p=1e-6, seed=seed)):
+            got = ids_of(list(stub.Generate(pb.GenerateRequest(
+                prompt=prompt, sampling=sampling, stopping=pb.StoppingCriteria(max_new_tokens=16)), timeout=60)))
+            assert got == greedy, sampling
+    # ... while plain sampling at that temperature does not follow the greedy path.
+    hot = ids_of(list(stub.Generate(sampled(prompt, seed=1, n=16), timeout=60)))
+    assert hot != greedy
+
+
+def test_temperature_shapes_the_distribution(stub, tok, model_dir) -> None:
+    """First tokens of 800 seeded requests, among the 20 likeliest, follow softmax(z / T) for the T asked for and
+    not for another T (a chi-square goodness-of-fit test; the seeds are fixed, so the outcome is too)."""
+    from scipy.stats import chisquare
+
+    prompt = "The weather today"
+    z = NumpyLlama(model_dir).logits(tok.encode(prompt)).astype(np.float64)
+    top = np.argsort(-z)[:20]
+
+    def expected(temperature: float) -> np.ndarray:
+        p = np.exp((z[top] - z[top].max()) / temperature)
+        return p / p.sum()
+
+    n, temperature = 800, 0.3
+    counts = dict.fromkeys(top.tolist(), 0)
+    for seed in range(n):
+        sampling = pb.SamplingParams(temperature=temperature, top_k=20, seed=seed)
+        req = pb.GenerateRequest(prompt=prompt, sampling=sampling, stopping=pb.StoppingCriteria(max_new_tokens=1))
+        first = ids_of(list(stub.Generate(req, timeout=30)))[0]
+        counts[first] += 1  # a KeyError here would mean top_k was ignored
+    observed = np.array([counts[t] for t in top.tolist()], dtype=np.float64)
+    keep = expected(temperature) * n >= 5  # chi-square needs enough expected counts per bin: pool the rest
+
+    def pooled(x: np.ndarray) -> np.ndarray:
+        return np.append(x[keep], x[~keep].sum()) if not keep.all() else x
+
+    obs = pooled(observed)
+    assert chisquare(obs, pooled(expected(temperature) * n)).pvalue > 1e-3
+    for wrong in (0.15, 0.6):
+        assert chisquare(obs, pooled(expected(wrong) * n)).pvalue < 1e-6, wrong

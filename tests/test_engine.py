@@ -7,8 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.engine.engine import Engine, EngineConfig
+from service.engine.api import EngineConfig
 from service.engine.loader import LoadedModel
+from service.engine.scheduler import Engine
 from service.engine.tokenizer import IncrementalDetokenizer
 from service.engine.types import Chunk, Finish, GenerationRequest, SamplingOptions
 from tests.reference import NumpyLlama
@@ -26,7 +27,7 @@ PROMPTS = [
 
 
 def make_engine(model: LoadedModel, **overrides: object) -> Engine:
-    values: dict = dict(max_slots=8, max_prefill_tokens=256, max_context=512)
+    values: dict = {"max_slots": 8, "max_prefill_tokens": 256, "max_context": 512}
     values.update(overrides)
     engine = Engine(model, EngineConfig(**values))
     engine.start(warmup=False)
@@ -136,7 +137,8 @@ def test_cancel_inside_a_batch_leaves_the_others_unharmed(engine: Engine, loaded
 
 
 def test_mixed_sampling_rows_are_batch_independent(engine: Engine, loaded_model: LoadedModel) -> None:
-    seeded = greedy(loaded_model, PROMPTS[0], 30, sampling=SamplingOptions(temperature=0.9, top_k=50, top_p=0.9, seed=7))
+    hot = SamplingOptions(temperature=0.9, top_k=50, top_p=0.9, seed=7)
+    seeded = greedy(loaded_model, PROMPTS[0], 30, sampling=hot)
     alone = run_many(engine, [seeded])[0]
     again = run_many(engine, [seeded])[0]
     mixed = run_many(engine, [

@@ -162,7 +162,7 @@ def test_bfloat16_compute_where_the_device_has_it(tiny: Callable[[str], TinyMode
     try:
         paddle.matmul(probe, probe)
     except RuntimeError:
-        with pytest.raises(ValueError, match="bfloat16.*not supported on device"):
+        with pytest.raises(ValueError, match=r"bfloat16.*not supported on device"):
             load_model(path, dtype="bfloat16")
         return
     ids = token_ids(t.spec.seed)
@@ -174,7 +174,8 @@ def test_bfloat16_compute_where_the_device_has_it(tiny: Callable[[str], TinyMode
 
 def test_engine_greedy_matches_reference(tiny: Callable[[str], TinyModel]) -> None:
     """End to end through the Engine: ERNIE (head_dim != hidden/heads, interleaved RoPE) from PaddleFormers' save."""
-    from service.engine.engine import Engine, EngineConfig
+    from service.engine.api import EngineConfig
+    from service.engine.scheduler import Engine
     from service.engine.types import GenerationRequest
 
     t = tiny("ernie")
@@ -223,8 +224,8 @@ def test_sliding_window_caps_the_context(tiny: Callable[[str], TinyModel]) -> No
 
 
 def _raw(**changes: object) -> dict:
-    raw = dict(architectures=["LlamaForCausalLM"], vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-               num_hidden_layers=2, num_attention_heads=4)
+    raw: dict = {"architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB, "hidden_size": 32,
+                 "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
     raw.update(changes)
     return raw
 

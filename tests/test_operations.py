@@ -3,29 +3,24 @@ metrics, trace propagation, request logs, and round-robin across two server proc
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import queue
 import signal
-import socket
-import subprocess
 import threading
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from service.server import SERVICE_NAME, load_engine
-from tests.conftest import ServerThread, base_config, started
-from tests.fake_dns import FakeDNS
-from tests.subprocess_server import spawn as spawn_server
-from tests.subprocess_server import wait_serving
+from tests.support.fake_dns import FakeDNS
+from tests.support.hooks import StepGate
+from tests.support.servers import ServerThread, Subprocess, base_config, free_port, started, wait_serving
+from tests.support.tracing import Spans
 from tokenstream.v1 import generation_pb2 as pb
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 
@@ -80,32 +75,40 @@ def test_health_watch_follows_load_serve_and_drain(model_dir: Path) -> None:
 
 
 def test_watchdog_fails_liveness_while_the_engine_is_stuck(model_dir: Path) -> None:
-    srv = started(base_config(model_dir, debug_faults=True, watchdog_s=0.4))
+    gate = StepGate()
+    srv = started(base_config(model_dir, watchdog_s=0.4), hooks=gate)
     try:
         with srv.channel() as ch:
             statuses = watch(ch, "")
             assert next_status(statuses) == SERVING
+            gate.freeze()  # the engine thread blocks at the start of its next iteration, until thawed
             stub = pb_grpc.GenerationServiceStub(ch)
             call = stub.Generate(pb.GenerateRequest(prompt="stuck", stopping=pb.StoppingCriteria(max_new_tokens=8)),
-                                 metadata=[("x-tokenstream-debug-fault", "stall_ms_3000")], timeout=60)
+                                 timeout=60)
             assert next_status(statuses) == NOT_SERVING  # health answers while the engine thread is frozen
+            assert gate.frozen.is_set()
+            gate.thaw()
             assert next_status(statuses) == SERVING  # and recovers once it steps again
             assert list(call)[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS
     finally:
         srv.close()
 
 
-def test_health_answers_while_the_engine_decodes(server: ServerThread) -> None:
-    with server.channel() as ch:
+def test_health_answers_while_the_engine_decodes(gated_server: ServerThread, gate: StepGate) -> None:
+    with gated_server.channel() as ch:
         stub = pb_grpc.GenerationServiceStub(ch)
         calls = [stub.Generate(pb.GenerateRequest(prompt=f"busy {i}", stopping=pb.StoppingCriteria(
             max_new_tokens=300)), timeout=120) for i in range(8)]
-        assert server.engine.wait_until(lambda s: s.active == 8, 60)
+        assert gated_server.engine.wait_until(lambda s: s.active == 8, 60)
+        steps = gated_server.engine.stats().steps
+        gate.open()  # eight streams decoding (300 tokens each), while health is asked 20 times
         health = health_pb2_grpc.HealthStub(ch)
         for _ in range(20):
             assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == SERVING
+        assert gated_server.engine.stats().active == 8 or gated_server.engine.stats().steps > steps
         for c in calls:
             c.cancel()
+    assert gated_server.engine.wait_until(lambda s: s.active == 0, 30)
 
 
 def test_metrics_are_exposed_with_genai_names(model_dir: Path) -> None:
@@ -124,32 +127,32 @@ def test_metrics_are_exposed_with_genai_names(model_dir: Path) -> None:
         srv.close()
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line and not line.startswith("#")}
-    assert samples['tokenstream_requests_total{finish_reason="max_tokens",grpc_code="OK"}'] == 3
-    assert samples['tokenstream_requests_total{finish_reason="none",grpc_code="INVALID_ARGUMENT"}'] == 1
+    assert samples['tokenstream_requests_total{finish_reason="max_tokens",front="grpc",grpc_code="OK"}'] == 3
+    assert samples['tokenstream_requests_total{finish_reason="none",front="grpc",grpc_code="INVALID_ARGUMENT"}'] == 1
     assert samples["gen_ai_server_time_to_first_token_seconds_count"] == 3
     assert samples["gen_ai_server_time_per_output_token_seconds_count"] == 3
     assert samples["gen_ai_server_request_duration_seconds_count"] == 3
     assert samples["tokenstream_queue_time_seconds_count"] == 3
     assert samples["tokenstream_completion_tokens_total"] == 15
     assert samples["tokenstream_prompt_tokens_total"] > 0
-    for gauge in ("tokenstream_active_slots", "tokenstream_queue_depth", "tokenstream_batch_size",
-                  "tokenstream_kv_cache_fill_ratio"):
+    for gauge in ("tokenstream_active_slots", "tokenstream_queue_depth", "tokenstream_kv_cache_fill_ratio"):
         assert gauge in samples
+    # Batch size per decode step, not a copy of the active slots: 3 requests of 5 tokens, one at a time, are
+    # 3 x 4 decode steps of one row (the first token comes from prefill).
+    assert samples["tokenstream_batch_size_count"] == 12 and samples["tokenstream_batch_size_sum"] == 12
+    assert samples['tokenstream_batch_size_bucket{le="1.0"}'] == 12
 
 
 def test_traceparent_joins_the_callers_trace(model_dir: Path) -> None:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    srv = started(base_config(model_dir), tracer_provider=provider)
+    spans = Spans()
+    srv = started(base_config(model_dir), tracer_provider=spans.provider)
     trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     try:
         with srv.channel() as ch:
             list(pb_grpc.GenerationServiceStub(ch).Generate(
                 pb.GenerateRequest(prompt="joined", stopping=pb.StoppingCriteria(max_new_tokens=3)),
                 metadata=[("traceparent", f"00-{trace_id}-{parent_id}-01")], timeout=30))
-        provider.force_flush()
-        (root,) = [s for s in exporter.get_finished_spans() if s.name.endswith("/Generate")]
+        (root,) = spans.finished(f"/{SERVICE_NAME}/Generate")
         assert format(root.context.trace_id, "032x") == trace_id
         assert root.parent is not None and format(root.parent.span_id, "016x") == parent_id
     finally:
@@ -166,7 +169,7 @@ def test_one_json_log_line_per_request_without_text(server: ServerThread, caplog
     assert len(records) == 1
     fields = records[0].fields  # type: ignore[attr-defined]
     assert fields["finish_reason"] == "max_tokens" and fields["completion_tokens"] == 4
-    assert fields["grpc_code"] == "OK" and fields["ttft_ms"] > 0
+    assert fields["code"] == "OK" and fields["ttft_ms"] > 0
     assert "secret" not in json.dumps(fields)
     from service.logs import JsonFormatter
 
@@ -174,25 +177,38 @@ def test_one_json_log_line_per_request_without_text(server: ServerThread, caplog
     assert line["request_id"] == "req-42" and line["msg"] == "generate finished"
 
 
+def test_every_log_line_of_a_request_carries_its_trace_id(model_dir: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="tokenstream")
+    spans, gate = Spans(), StepGate()
+    srv = started(base_config(model_dir), tracer_provider=spans.provider, hooks=gate)
+    gate.fail("req-7", "error_at_2")  # the engine logs the failed sequence, then the request logs its end
+    try:
+        with srv.channel() as ch:
+            msgs = list(pb_grpc.GenerationServiceStub(ch).Generate(
+                pb.GenerateRequest(prompt="fail me", stopping=pb.StoppingCriteria(max_new_tokens=8)),
+                metadata=[("x-request-id", "req-7")], timeout=30))
+        assert msgs[-1].finish_reason == pb.FINISH_REASON_ERROR
+        (root,) = spans.finished(f"/{SERVICE_NAME}/Generate")
+    finally:
+        srv.close()
+    trace_id = format(root.context.trace_id, "032x")
+    lines = [r for r in caplog.records if getattr(r, "fields", {}).get("request_id") == "req-7"]
+    assert {r.getMessage() for r in lines} == {"sequence failed", "generate finished"}
+    assert all(r.fields["trace_id"] == trace_id for r in lines)  # type: ignore[attr-defined]
+
+
 # -- real subprocesses ---------------------------------------------------------------------------
 
 
-def spawn(model_dir: Path, *args: str) -> tuple[subprocess.Popen, dict]:
-    return spawn_server("--model-dir", str(model_dir), "--max-context", "512", *args)
-
-
-@pytest.fixture
-def free_port() -> Iterator[int]:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    yield port
+def spawn(model_dir: Path, *args: str, gated: bool = False) -> Subprocess:
+    return Subprocess("--model-dir", str(model_dir), "--max-context", "512", *args, gated=gated)
 
 
 def test_sigterm_drains_streams_with_final_messages_and_exits_zero(model_dir: Path) -> None:
-    proc, info = spawn(model_dir, "--port", "0", "--grace-s", "1.5")
-    target = f"127.0.0.1:{info['port']}"
+    """The short stream finishes inside the grace period and the long one does not, because the test decides how
+    many decode steps the server's engine takes (a gated test entry point), not because of the machine's speed."""
+    server = spawn(model_dir, "--port", "0", "--grace-s", "2", gated=True)
+    target = f"127.0.0.1:{server.port}"
     try:
         wait_serving(target)
         with grpc.insecure_channel(target) as ch:
@@ -200,52 +216,70 @@ def test_sigterm_drains_streams_with_final_messages_and_exits_zero(model_dir: Pa
             statuses = watch(ch, "")
             assert next_status(statuses) == SERVING
             short = stub.Generate(pb.GenerateRequest(prompt="short", stopping=pb.StoppingCriteria(
-                max_new_tokens=40)), timeout=60)
+                max_new_tokens=6)), timeout=60)
             long = stub.Generate(pb.GenerateRequest(prompt="long", stopping=pb.StoppingCriteria(
-                max_new_tokens=2000)), timeout=60)
-            short_first, long_first = next(short), next(long)  # both streams are running
-            proc.send_signal(signal.SIGTERM)
+                max_new_tokens=400)), timeout=60)
+            server.await_active(2)
+            server.step(4)  # both have 5 of their tokens: the short one is one step from its end
+            server.proc.send_signal(signal.SIGTERM)
             assert next_status(statuses) == NOT_SERVING
             with pytest.raises(grpc.RpcError) as err:
                 list(stub.Generate(pb.GenerateRequest(prompt="late"), timeout=10))
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-            short_msgs = [short_first, *short]
-            long_msgs = [long_first, *long]
+            server.step(1)  # the short stream's last step, inside the grace period; the long one waits on
+            short_msgs, long_msgs = list(short), list(long)
         assert short_msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS  # finished within the grace period
         assert long_msgs[-1].finish_reason == pb.FINISH_REASON_CANCELLED  # ended after it, with a final message
-        assert long_msgs[-1].usage.completion_tokens < 2000
-        assert proc.wait(timeout=30) == 0
+        assert long_msgs[-1].usage.completion_tokens == 6
+        assert server.proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        server.kill()
 
 
-def test_round_robin_spreads_streams_across_two_processes(model_dir: Path, free_port: int) -> None:
-    """Two servers behind one DNS name (as a headless Service gives them); the client balances per stream."""
-    procs = [spawn(model_dir, "--host", host, "--port", str(free_port), "--metrics-port", "-1")
-             for host in ("127.0.0.1", "127.0.0.2")]
-    dns = FakeDNS("tokenstream.test", ["127.0.0.1", "127.0.0.2"])
+def served_by(servers: list[Subprocess], hosts: tuple[str, ...]) -> list[float]:
+    counts = []
+    for server, host in zip(servers, hosts, strict=True):
+        body = urllib.request.urlopen(f"http://{host}:{server.info['metrics_port']}/metrics", timeout=5).read()
+        counts.append(sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+                          if line.startswith('tokenstream_requests_total{finish_reason="max_tokens"')))
+    return counts
+
+
+def test_round_robin_spreads_streams_across_two_processes(model_dir: Path) -> None:
+    """Two servers behind one DNS name (as a headless Service gives them); the client balances per stream.
+
+    Which server took each request is read from both servers' metrics after it, so the assertion is about the
+    order of picks (strict alternation once both connections are up), not about how fast they came up.
+    """
+    port, hosts = free_port(), ("127.0.0.1", "127.0.0.2")
+    servers = [spawn(model_dir, "--host", host, "--port", str(port), "--metrics-port", "-1") for host in hosts]
+    dns = FakeDNS("tokenstream.test", list(hosts))
     try:
-        for host in ("127.0.0.1", "127.0.0.2"):
-            wait_serving(f"{host}:{free_port}")
+        for host in hosts:
+            wait_serving(f"{host}:{port}")
         config = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
-        with grpc.insecure_channel(f"dns://127.0.0.1:{dns.port}/tokenstream.test:{free_port}",
+        picks: list[int] = []
+        with grpc.insecure_channel(f"dns://127.0.0.1:{dns.port}/tokenstream.test:{port}",
                                    options=[("grpc.service_config", config)]) as ch:
             stub = pb_grpc.GenerationServiceStub(ch)
-            for i in range(12):
+            before = served_by(servers, hosts)
+            for i in range(40):  # bounded: the second connection is up long before this runs out
                 msgs = list(stub.Generate(pb.GenerateRequest(prompt=f"rr {i}", stopping=pb.StoppingCriteria(
                     max_new_tokens=2)), timeout=30, wait_for_ready=True))
                 assert msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS
-        counts = []
-        for (_, info), host in zip(procs, ("127.0.0.1", "127.0.0.2"), strict=True):
-            body = urllib.request.urlopen(f"http://{host}:{info['metrics_port']}/metrics", timeout=5).read().decode()
-            line = next(x for x in body.splitlines() if x.startswith('tokenstream_requests_total{finish_reason="max'))
-            counts.append(float(line.rsplit(" ", 1)[1]))
-        # Alternating once both connections are up; the first streams may all go to whichever connected first.
-        assert sum(counts) == 12 and min(counts) >= 4, counts
+                after = served_by(servers, hosts)
+                (picked,) = [k for k in range(2) if after[k] > before[k]]
+                picks.append(picked)
+                before = after
+                if len(set(picks)) == 2 and len(picks) - picks.index(1 - picks[0]) >= 8:
+                    break
+        # Once each server has taken a stream, picks alternate strictly: round robin, per stream.
+        settled = picks[picks.index(1 - picks[0]) :]
+        assert len(settled) >= 8, picks
+        assert all(a != b for a, b in itertools.pairwise(settled)), picks
     finally:
         dns.close()
-        for proc, _ in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc, _ in procs:
-            assert proc.wait(timeout=30) == 0
+        for server in servers:
+            server.proc.send_signal(signal.SIGTERM)
+        for server in servers:
+            assert server.proc.wait(timeout=30) == 0

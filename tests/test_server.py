@@ -11,12 +11,11 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from grpc_status import rpc_status
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from service.server import SERVICE_NAME, load_engine
-from tests.conftest import ServerThread, base_config, started
+from tests.support.hooks import StepGate
+from tests.support.servers import ServerThread, base_config, started
+from tests.support.tracing import Spans
 from tokenstream.v1 import generation_pb2 as pb
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 
@@ -93,49 +92,57 @@ def test_greedy_stream_equals_in_process_reference(stub, loaded_model) -> None:
     assert [t.id for m in msgs for t in m.tokens][: len(expected)] == expected
 
 
-def test_client_cancel_stops_decoding(server: ServerThread, stub) -> None:
-    call = stub.Generate(pb.GenerateRequest(prompt="count to a million:",
-                                            stopping=pb.StoppingCriteria(max_new_tokens=2000)), timeout=60)
-    first = [next(call) for _ in range(3)]
-    assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in first)
+def test_client_cancel_stops_decoding(gated_server: ServerThread, gated_stub, gate) -> None:
+    engine = gated_server.engine
+    call = gated_stub.Generate(pb.GenerateRequest(prompt="count to a million:",
+                                                  stopping=pb.StoppingCriteria(max_new_tokens=400)), timeout=60)
+    steps = engine.stats().steps
+    gate.permit(5)
+    assert engine.wait_until(lambda s: s.steps >= steps + 5 and s.active == 1, 30)  # decoding, far from done
     call.cancel()
-    assert server.engine.wait_until(lambda s: s.active == 0 and s.waiting == 0, 10), "engine kept decoding"
-    steps = server.engine.stats().steps
-    assert server.engine.stats().used_positions == 0
-    # Nothing left to decode: the engine goes idle rather than stepping on (idle polls are at most 2/s).
-    assert not server.engine.wait_until(lambda s: s.active > 0, 1.0)
-    assert server.engine.stats().steps - steps <= 3
+    assert engine.wait_until(lambda s: s.active == 0 and s.waiting == 0, 10), "engine kept the sequence"
+    assert engine.stats().used_positions == 0
+    gate.open()
+    # Nothing is left to decode: the engine goes on polling its inbox, but takes no decode step.
+    steps, iterations = engine.stats().steps, engine.stats().iterations
+    assert engine.wait_until(lambda s: s.iterations >= iterations + 2, 10)
+    assert engine.stats().steps == steps
 
 
-def test_deadline_ends_the_stream_and_the_work(server: ServerThread, stub) -> None:
-    req = pb.GenerateRequest(prompt="a long story:", stopping=pb.StoppingCriteria(max_new_tokens=2000))
-    msgs = []
+def test_deadline_ends_the_stream_and_the_work(gated_server: ServerThread, gated_stub, gate) -> None:
+    req = pb.GenerateRequest(prompt="a long story:", stopping=pb.StoppingCriteria(max_new_tokens=400))
+    msgs: list[pb.GenerateResponse] = []
+    code = grpc.StatusCode.OK
     try:
-        for m in stub.Generate(req, timeout=0.5):
+        for m in gated_stub.Generate(req, timeout=0.5):  # no decode step is permitted: it cannot finish in time
             msgs.append(m)
     except grpc.RpcError as err:  # a graceful TIME_LIMIT is expected; a bare deadline is tolerated
-        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        code = err.code()
+    assert code in (grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED)
     if msgs and msgs[-1].finish_reason:
         assert msgs[-1].finish_reason == pb.FINISH_REASON_TIME_LIMIT
-        assert msgs[-1].usage.completion_tokens < 2000
-    assert server.engine.wait_until(lambda s: s.active == 0, 10)
+        assert msgs[-1].usage.completion_tokens == 1
+    assert gated_server.engine.wait_until(lambda s: s.active == 0, 10)
 
 
-def test_time_limit_ends_gracefully_with_partial_text(stub) -> None:
-    req = pb.GenerateRequest(prompt="go", stopping=pb.StoppingCriteria(max_new_tokens=2000, time_limit_ms=300))
-    msgs = list(stub.Generate(req, timeout=30))
+def test_time_limit_ends_gracefully_with_partial_text(gated_stub, gate) -> None:
+    req = pb.GenerateRequest(prompt="go", stopping=pb.StoppingCriteria(max_new_tokens=400, time_limit_ms=300))
+    gate.permit(3)  # three decode steps, then none: the time limit must end it
+    msgs = list(gated_stub.Generate(req, timeout=30))
     assert msgs[-1].finish_reason == pb.FINISH_REASON_TIME_LIMIT
-    assert 0 < msgs[-1].usage.completion_tokens < 2000
-    assert 250 <= msgs[-1].timings.total_ms < 5000
+    assert msgs[-1].usage.completion_tokens == 4
+    assert msgs[-1].timings.total_ms >= 250  # never before its time limit
 
 
 def test_server_maximum_request_time(model_dir: Path) -> None:
-    srv = started(base_config(model_dir, max_request_ms=200, max_new_tokens_limit=5000))
+    srv = started(base_config(model_dir, max_request_ms=200, max_new_tokens_limit=5000),
+                  hooks=StepGate(gated=True))
     try:
         with srv.channel() as ch:
-            req = pb.GenerateRequest(prompt="go", stopping=pb.StoppingCriteria(max_new_tokens=5000))
+            req = pb.GenerateRequest(prompt="go", stopping=pb.StoppingCriteria(max_new_tokens=500))
             msgs = list(pb_grpc.GenerationServiceStub(ch).Generate(req, timeout=30))
         assert msgs[-1].finish_reason == pb.FINISH_REASON_TIME_LIMIT
+        assert msgs[-1].usage.completion_tokens == 1
     finally:
         srv.close()
 
@@ -144,6 +151,7 @@ BAD_REQUESTS = [
     (pb.GenerateRequest(prompt=""), "prompt"),
     (pb.GenerateRequest(prompt="x", stopping=pb.StoppingCriteria(max_new_tokens=0)), "stopping.max_new_tokens"),
     (pb.GenerateRequest(prompt="x", stopping=pb.StoppingCriteria(max_new_tokens=10**6)), "stopping.max_new_tokens"),
+    (pb.GenerateRequest(prompt="x", stopping=pb.StoppingCriteria(max_new_tokens=512)), "stopping.max_new_tokens"),
     (pb.GenerateRequest(prompt="x", stopping=pb.StoppingCriteria(time_limit_ms=0)), "stopping.time_limit_ms"),
     (pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(top_p=1.5)), "sampling.top_p"),
     (pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(top_p=-0.1)), "sampling.top_p"),
@@ -163,7 +171,7 @@ def test_bad_input_names_the_field(stub, request_: pb.GenerateRequest, field: st
         list(stub.Generate(request_, timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in bad_fields(err.value)
-    assert field.split("[")[0] in err.value.details()
+    assert field.split("[", maxsplit=1)[0] in err.value.details()
 
 
 def test_every_bad_field_is_reported_at_once(stub) -> None:
@@ -173,32 +181,63 @@ def test_every_bad_field_is_reported_at_once(stub) -> None:
     assert {"prompt", "sampling.top_p", "sampling.temperature"} <= set(bad_fields(err.value))
 
 
+GENERATE_SPAN = f"/{SERVICE_NAME}/Generate"
+
+
 def test_one_span_per_request_with_child_spans(model_dir: Path) -> None:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    srv = started(base_config(model_dir), tracer_provider=provider)
+    spans = Spans()
+    srv = started(base_config(model_dir), tracer_provider=spans.provider)
     try:
         with srv.channel() as ch:
             health_status(ch, "")
-            msgs = list(pb_grpc.GenerationServiceStub(ch).Generate(
-                pb.GenerateRequest(prompt="trace me", stopping=pb.StoppingCriteria(max_new_tokens=5)), timeout=30))
+            req = pb.GenerateRequest(prompt="trace me", stopping=pb.StoppingCriteria(max_new_tokens=5),
+                                     sampling=pb.SamplingParams(temperature=0.7, top_p=0.9, top_k=40, seed=3))
+            msgs = list(pb_grpc.GenerationServiceStub(ch).Generate(req, metadata=[("x-request-id", "span-1")],
+                                                                   timeout=30))
         assert msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS
-        provider.force_flush()
-        spans = exporter.get_finished_spans()
-        servers = [s for s in spans if s.name == f"/{SERVICE_NAME}/Generate"]
-        assert len(servers) == 1, [s.name for s in spans]
-        assert not [s for s in spans if "Health" in s.name], "health checks are not traced"
-        root = servers[0]
+        (root,) = spans.finished(GENERATE_SPAN)
+        assert not [s for s in spans.exporter.get_finished_spans() if "Health" in s.name], "health is not traced"
         attrs = dict(root.attributes or {})
-        assert attrs["gen_ai.usage.input_tokens"] == msgs[-1].usage.prompt_tokens
-        assert attrs["gen_ai.usage.output_tokens"] == 5
+        expected = {
+            "gen_ai.operation.name": "text_completion", "gen_ai.request.model": srv.engine.info.name,
+            "gen_ai.request.max_tokens": 5, "gen_ai.request.top_k": 40, "gen_ai.request.seed": 3,
+            "gen_ai.response.id": "span-1", "gen_ai.usage.input_tokens": msgs[-1].usage.prompt_tokens,
+            "gen_ai.usage.output_tokens": 5, "rpc.system": "grpc", "rpc.method": "Generate",
+            "rpc.grpc.status_code": 0,
+        }
+        assert {k: attrs.get(k) for k in expected} == expected
+        assert abs(attrs["gen_ai.request.temperature"] - 0.7) < 1e-6 and abs(attrs["gen_ai.request.top_p"] - 0.9) < 1e-6
         assert tuple(attrs["gen_ai.response.finish_reasons"]) == ("max_tokens",)
         assert attrs["tokenstream.time_to_first_token_ms"] > 0
-        children = {s.name: s for s in spans if s.parent is not None and s.parent.span_id == root.context.span_id}
+        children = spans.children(root)
         assert set(children) == {"queue", "prefill", "decode"}
         assert children["queue"].end_time <= children["prefill"].start_time + 1
         assert children["prefill"].end_time <= children["decode"].start_time + 1
         assert root.start_time <= children["queue"].start_time and children["decode"].end_time <= root.end_time
+    finally:
+        srv.close()
+
+
+def test_a_cancelled_stream_still_gets_usage_and_child_spans(model_dir: Path) -> None:
+    spans = Spans()
+    gate = StepGate(gated=True)
+    srv = started(base_config(model_dir), tracer_provider=spans.provider, hooks=gate)
+    try:
+        with srv.channel() as ch:
+            messages = [pb.ChatMessage(role="user", content="hello")]
+            call = pb_grpc.GenerationServiceStub(ch).Generate(
+                pb.GenerateRequest(messages=messages, stopping=pb.StoppingCriteria(max_new_tokens=400)), timeout=60)
+            steps = srv.engine.stats().steps
+            gate.permit(3)
+            assert srv.engine.wait_until(lambda s: s.steps >= steps + 3, 30)
+            call.cancel()
+            (root,) = spans.finished(GENERATE_SPAN)
+        attrs = dict(root.attributes or {})
+        assert attrs["gen_ai.operation.name"] == "chat"
+        assert tuple(attrs["gen_ai.response.finish_reasons"]) == ("cancelled",)
+        assert attrs["gen_ai.usage.output_tokens"] == 4  # the prefill's token and three decode steps
+        assert attrs["gen_ai.usage.input_tokens"] > 0
+        assert attrs["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+        assert set(spans.children(root)) == {"queue", "prefill", "decode"}
     finally:
         srv.close()

@@ -196,7 +196,3 @@ def ensure_random_model(spec: RandomModelSpec, cache_root: Path) -> Path:
         if not (target / "SPEC.json").exists():
             raise
     return target
-
-
-def default_cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tokenstream" / "models"

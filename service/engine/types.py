@@ -36,7 +36,7 @@ class SamplingOptions:
         return self.temperature == 0.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt_ids: list[int]
     max_new_tokens: int
@@ -49,7 +49,7 @@ class GenerationRequest:
     top_n: int = 0
     echo_prompt_tokens: bool = False
     request_id: str = ""
-    debug_fault: str | None = None  # "prefill_oom" or "error_at_N"; honoured only with EngineConfig.debug_faults
+    trace_id: str = ""  # for the engine's own log lines about this request
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,10 @@ from typing import Any
 import grpc
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
+from tokenstream_fakes import FakeServer, Step
+
 from tokenstream_client import AsyncClient, Client, Delta, FinishReason, RetryPolicy, TLSConfig, TokenstreamError
 from tokenstream_client.channel import KEEPALIVE_OPTIONS, channel_options
-from tokenstream_fakes import FakeServer, Step
 
 FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05)
 Outcome = tuple[list[Delta], TokenstreamError | None, int]

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from tokenstream_client import AsyncClient, Client, Delta, FinishReason, TokenstreamError
 
 PROMPT = "你好世界 Hello"

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from tokenstream_fakes import FakeServer
+
 from tokenstream_client import Client, RetryPolicy, TLSConfig, TokenstreamError
 from tokenstream_client.cli import main
-from tokenstream_fakes import FakeServer
 
 OPENSSL = shutil.which("openssl")
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="openssl is needed to make test certificates")

@@ -15,6 +15,7 @@ import grpc.aio
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
 from tokenstream.v1 import generation_pb2 as pb
 
 

@@ -1,0 +1,389 @@
+"""The engine thread: continuous batching over a slot KV cache.
+
+One thread owns the model. Requests arrive through a thread-safe inbox; each loop iteration
+  1. admits new requests and ends cancelled, expired or unread ones, freeing their slots at once;
+  2. prefills waiting prompts, at most `max_prefill_tokens` per iteration (long prompts in chunks), so a
+     new prompt delays running streams by one bounded chunk;
+  3. runs one batched decode step over every active slot;
+  4. hands each stream its chunks, one `call_soon_threadsafe` per event loop per iteration (delivery.py).
+Per-token decisions (stops, finish reasons, text release) are the sequence's own (sequence.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import paddle
+
+from service.engine.api import EngineConfig, EngineStats, ModelInfo, QueueFullError
+from service.engine.delivery import AsyncStream, Outbox, StreamHandle, iterate_sync
+from service.engine.hooks import EngineHooks
+from service.engine.kv_cache import SlotKVCache
+from service.engine.loader import LoadedModel
+from service.engine.model import LlamaDecoder
+from service.engine.sampling import apply_penalties, log_softmax, sample_row, top_alternatives
+from service.engine.sequence import Sequence, verdict
+from service.engine.tokenizer import Tokenizer
+from service.engine.types import Chunk, ErrorKind, Finish, GenerationRequest, TopToken
+
+log = logging.getLogger("tokenstream.engine")
+
+IDLE_POLL_S = 0.5  # how long an idle engine waits on its inbox before looking again
+
+
+class Engine:
+    def __init__(self, model: LoadedModel, config: EngineConfig, hooks: EngineHooks | None = None) -> None:
+        self.model = model
+        max_context = min(config.max_context, model.config.max_position_embeddings)
+        self.config = dataclasses.replace(config, max_context=max_context)
+        self._hooks = hooks  # None in production: test seams only
+        paddle.set_device(self.config.device)
+        self.decoder = LlamaDecoder(model.config, model.weights, max_context, self.config.dtype)
+        self.cache = SlotKVCache(
+            model.config.num_layers, self.config.max_slots, model.config.num_kv_heads, model.config.head_dim,
+            max_context, self.config.dtype,
+        )
+        self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._active: list[Sequence] = []  # decode rows; index == slot
+        self._prefilling: Sequence | None = None  # partly prefilled, at slot len(_active)
+        self._outbox = Outbox()
+        self._done: list[Sequence] = []  # finished in this step, slots not yet freed
+        self._steps = 0
+        self._iterations = 0
+        self._batch_sizes = [0] * (self.config.max_slots + 1)
+        self._last_iteration = time.monotonic()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._cancel_all = False
+        self._stepped = threading.Condition()
+        self._prefill_s_per_token = 0.0  # moving averages, for deadline-aware admission
+        self._step_s = 0.0
+        self._decode_token = model.tokenizer.decode
+        self.info = ModelInfo(
+            name=model.name, architecture=model.config.architecture, vocab_size=model.config.vocab_size,
+            eos_token_ids=model.config.eos_token_ids, max_context=max_context, max_slots=self.config.max_slots,
+            dtype=self.config.dtype, device=self.config.device,
+            has_chat_template=bool(model.tokenizer.chat_template), generation_defaults=model.generation_defaults,
+        )
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.model.tokenizer
+
+    # -- lifecycle (any thread) ------------------------------------------------------------------
+
+    def start(self, warmup: bool = True) -> None:
+        if warmup:
+            self._warmup()
+        self._thread = threading.Thread(target=self._run, name="tokenstream-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wait_until(self, predicate: Callable[[EngineStats], bool], timeout: float) -> bool:
+        """Block until predicate(stats) holds after some engine iteration, or timeout; returns whether it held."""
+        deadline = time.monotonic() + timeout
+        with self._stepped:
+            while not predicate(self.stats()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._stepped.wait(left)
+        return True
+
+    @property
+    def step_seconds(self) -> float:
+        """Moving average of a decode step's duration (0 before the first step)."""
+        return self._step_s
+
+    def estimate_first_token_s(self, prompt_tokens: int) -> float:
+        """A rough wait until this prompt's first token: queueing for a slot, then its prefill and one step.
+
+        When every slot is taken, the request needs the k-th slot to free, k being its place in the queue; a
+        slot frees at the latest when its sequence reaches max_new_tokens or its deadline.
+        """
+        now = time.monotonic()
+        active = list(self._active)
+        queued = len(self._waiting) + self._inbox.qsize() + (self._prefilling is not None)
+        ahead = queued + len(active) - self.config.max_slots + 1
+        queue_s = 0.0
+        if ahead > 0 and active:
+            left = sorted(
+                min((s.req.max_new_tokens - len(s.generated)) * self._step_s,
+                    (s.req.deadline - now) if s.req.deadline is not None else float("inf"))
+                for s in active
+            )
+            queue_s = max(0.0, left[min(ahead, len(left)) - 1])
+        return queue_s + prompt_tokens * self._prefill_s_per_token + self._step_s
+
+    def cancel_all(self) -> None:
+        """End every stream at the next step with a final CANCELLED message (shutdown after the grace period)."""
+        self._cancel_all = True
+        self._inbox.put(None)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> EngineStats:
+        active = list(self._active)
+        prefilling = self._prefilling
+        used = sum(s.cache_len for s in active) + (prefilling.prefilled if prefilling else 0)
+        return EngineStats(
+            active=len(active), prefilling=int(prefilling is not None),
+            waiting=len(self._waiting) + self._inbox.qsize(),
+            cache_capacity=self.cache.capacity, cache_bytes=self.cache.nbytes, used_positions=used,
+            max_slots=self.config.max_slots, max_context=self.config.max_context, steps=self._steps,
+            iterations=self._iterations, last_iteration_monotonic=self._last_iteration, alive=self.alive,
+            batch_sizes=tuple(self._batch_sizes),
+        )
+
+    # -- submission (any thread) -----------------------------------------------------------------
+
+    def submit(
+        self, req: GenerationRequest, deliver: Callable[[list[Chunk]], None],
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> StreamHandle:
+        """Queue a request. `deliver` gets the stream's chunks: on `loop` when given, else on the engine thread."""
+        stats = self.stats()
+        if stats.waiting + stats.prefilling + stats.active >= self.config.max_slots + self.config.max_queue:
+            raise QueueFullError("all slots and the wait queue are full")
+        handle = StreamHandle(deliver, loop)
+        now = time.time_ns()
+        handle.marks.arrival_ns = now
+        self._inbox.put(Sequence(req, self.model.tokenizer, self.model.config.eos_token_ids, self.config.max_context,
+                                 now, handle))
+        return handle
+
+    def generate(self, req: GenerationRequest) -> AsyncStream:
+        """The transport's view: an async iterator of chunks; cancel() it to stop the request."""
+        return AsyncStream(lambda deliver, loop: self.submit(req, deliver, loop))
+
+    def generate_sync(self, req: GenerationRequest) -> Iterator[Chunk]:
+        """The same, for threads without an event loop (tests, benchmarks)."""
+        return iterate_sync(lambda deliver: self.submit(req, deliver))
+
+    # -- the loop (engine thread) ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        paddle.set_device(self.config.device)
+        with paddle.no_grad():
+            while not self._stopping:
+                try:
+                    self._iteration()
+                except Exception as exc:  # a failed batch must not kill the engine
+                    log.exception("engine iteration failed")
+                    self._fail_all(exc)
+                self._outbox.publish()
+                with self._stepped:
+                    self._stepped.notify_all()
+        self._fail_all(RuntimeError("engine stopped"), Finish.CANCELLED)
+        self._outbox.publish()
+
+    def _iteration(self) -> None:
+        self._admit(block=not (self._active or self._waiting or self._prefilling))
+        if self._hooks is not None:
+            self._hooks.before_iteration()
+        self._reap()
+        self._prefill()
+        self._outbox.publish()  # first tokens go out now, not after the decode step below
+        if self._active and (self._hooks is None or self._hooks.allow_decode()):
+            self._decode()
+        self._iterations += 1
+        self._last_iteration = time.monotonic()
+
+    def _admit(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=IDLE_POLL_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if item is not None:
+                self._waiting.append(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _reap(self) -> None:
+        """End cancelled, expired and unread sequences wherever they are, freeing their slots now."""
+        now = time.monotonic()
+        if self._cancel_all:
+            for seq in self._everyone():
+                seq.handle.cancel()
+        for seq in list(self._waiting):
+            if (why := verdict(seq, now, self.config.max_backlog)) is not None:
+                self._waiting.remove(seq)
+                self._finish(seq, *why)
+        for seq in [*self._active, *([self._prefilling] if self._prefilling else [])]:
+            if (why := verdict(seq, now, self.config.max_backlog)) is not None:
+                self._finish(seq, *why)
+        self._release_done()
+
+    def _everyone(self) -> list[Sequence]:
+        return [*self._waiting, *self._active, *([self._prefilling] if self._prefilling else [])]
+
+    def _ensure_capacity(self, extra_for: Sequence | None = None, extra: int = 0) -> None:
+        longest = max((s.cache_len + 1 for s in self._active), default=1)
+        if self._prefilling is not None:
+            longest = max(longest, self._prefilling.prefilled + (extra if extra_for is self._prefilling else 0))
+        used = len(self._active) + (self._prefilling is not None)
+        self.cache.ensure(min(longest, self.config.max_context), used)
+
+    def _prefill(self) -> None:
+        budget = self.config.max_prefill_tokens
+        while budget > 0:
+            if self._prefilling is None:
+                if not self._waiting or len(self._active) >= self.config.max_slots:
+                    return
+                seq = self._waiting.popleft()
+                seq.slot = len(self._active)
+                seq.prefill_start_ns = seq.handle.marks.prefill_start_ns = time.time_ns()
+                self._prefilling = seq
+            seq = self._prefilling
+            n = min(budget, len(seq.prompt) - seq.prefilled)
+            done = seq.prefilled + n == len(seq.prompt)
+            started = time.perf_counter()
+            try:
+                if self._hooks is not None:
+                    self._hooks.before_prefill(seq.req.request_id)
+                self._ensure_capacity(seq, n)
+                # logits: [V] of the prompt's last position, only once the whole prompt is in the cache
+                logits = self.decoder.prefill(self.cache, seq.slot, seq.prompt[seq.prefilled : seq.prefilled + n],
+                                              seq.prefilled, want_logits=done)
+            except Exception as exc:
+                if not _is_out_of_memory(exc):
+                    raise
+                self._finish(seq, Finish.ERROR, f"out of memory in prefill: {exc}", ErrorKind.OUT_OF_MEMORY)
+                self._release_done()
+                continue
+            self._prefill_s_per_token = _ema(self._prefill_s_per_token, (time.perf_counter() - started) / n)
+            seq.prefilled += n
+            budget -= n
+            if done:
+                self._prefilling = None
+                self._active.append(seq)
+                assert logits is not None
+                self._sample_rows([seq], logits[None, :])
+                self._release_done()
+
+    def _decode(self) -> None:
+        rows = self._active
+        tokens = np.fromiter((s.last_token for s in rows), dtype=np.int64, count=len(rows))  # [B]
+        positions = np.fromiter((s.cache_len for s in rows), dtype=np.int64, count=len(rows))  # [B]
+        self._ensure_capacity()
+        started = time.perf_counter()
+        logits = self.decoder.decode_step(self.cache, tokens, positions)  # [B, V]
+        self._sample_rows(list(rows), logits)
+        self._step_s = _ema(self._step_s, time.perf_counter() - started)
+        self._steps += 1
+        self._batch_sizes[len(rows)] += 1
+        self._release_done()
+
+    def _sample_rows(self, rows: list[Sequence], logits: np.ndarray) -> None:
+        """Pick each row's next token with its own parameters; logits: [B, V] float32."""
+        greedy = logits.argmax(axis=-1) if not all(s.needs_logits for s in rows) else None  # [B]
+        for i, seq in enumerate(rows):
+            try:
+                if self._hooks is not None:
+                    self._hooks.before_accept(seq.req.request_id, len(seq.generated))
+                if not seq.needs_logits:
+                    assert greedy is not None
+                    self._accept(seq, int(greedy[i]))
+                else:
+                    self._accept(seq, *self._choose(seq, logits[i]))
+            except Exception as exc:  # one sequence's failure ends that stream only
+                log.exception("sequence failed", extra={"fields": {"request_id": seq.req.request_id,
+                                                                   "trace_id": seq.req.trace_id or None}})
+                self._finish(seq, Finish.ERROR, f"{type(exc).__name__}: {exc}")
+
+    def _choose(self, seq: Sequence, raw: np.ndarray) -> tuple[int, float | None, tuple[TopToken, ...]]:
+        """Sample one row [V]; with the logprobs the request asked for."""
+        req = seq.req
+        row = raw.astype(np.float64)
+        seen = None
+        if req.sampling.repetition_penalty != 1.0:
+            seen = np.unique(np.concatenate([seq.prompt, np.asarray(seq.generated, dtype=np.int64)]))
+        apply_penalties(row, seen, req.sampling.repetition_penalty, seq.banned)
+        token = sample_row(row, req.sampling, seq.rng)  # type: ignore[arg-type]
+        if not (req.logprobs or req.top_n):
+            return token, None, ()
+        lp = log_softmax(raw.astype(np.float64))
+        return token, float(lp[token]) if req.logprobs else None, top_alternatives(lp, req.top_n, self._decode_token)
+
+    def _accept(self, seq: Sequence, token: int, logprob: float | None = None, top: tuple[TopToken, ...] = ()) -> None:
+        now = time.time_ns()
+        if not seq.generated:
+            seq.handle.marks.first_token_ns = now
+        chunk = seq.accept(token, now, logprob, top)
+        if chunk is not None:
+            self._outbox.put(seq.handle, chunk)
+        if seq.finished:
+            self._done.append(seq)
+
+    def _finish(self, seq: Sequence, reason: Finish, error: str = "", error_kind: ErrorKind | None = None) -> None:
+        if seq.finished:
+            return
+        self._outbox.put(seq.handle, seq.finish(reason, time.time_ns(), error, error_kind))
+        self._done.append(seq)
+
+    def _release_done(self) -> None:
+        """Free the slots of finished sequences. Only between steps: a row that has not taken its token yet
+        would report one cached position too few if it were moved in the middle of a step."""
+        done, self._done = self._done, []
+        for seq in done:
+            self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Free the sequence's slot, moving the last active slot (and the prefilling one) down to stay packed."""
+        if seq is self._prefilling:
+            self._prefilling = None
+        elif 0 <= seq.slot < len(self._active) and self._active[seq.slot] is seq:
+            last = self._active.pop()
+            if last is not seq:
+                self.cache.move(last.slot, seq.slot, last.cache_len)
+                last.slot = seq.slot
+                self._active[seq.slot] = last
+            if self._prefilling is not None:
+                self.cache.move(self._prefilling.slot, len(self._active), self._prefilling.prefilled)
+                self._prefilling.slot = len(self._active)
+        seq.slot = -1
+
+    def _fail_all(self, exc: BaseException, reason: Finish = Finish.ERROR) -> None:
+        for seq in self._everyone():
+            self._finish(seq, reason, f"{type(exc).__name__}: {exc}" if reason is Finish.ERROR else "")
+        self._done = []
+        self._waiting.clear()
+        self._active.clear()
+        self._prefilling = None
+
+    def _warmup(self) -> None:
+        """Run one prefill and one decode step so the first request does not pay for kernel set-up."""
+        with paddle.no_grad():
+            prompt = np.arange(8, dtype=np.int64) % self.model.config.vocab_size
+            self.cache.ensure(16, 0)
+            self.decoder.prefill(self.cache, 0, prompt, 0, want_logits=True)
+            self.decoder.decode_step(self.cache, prompt[:1], np.array([8], dtype=np.int64))
+
+
+def _ema(old: float, new: float, weight: float = 0.2) -> float:
+    return new if old == 0.0 else old + weight * (new - old)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """Paddle reports allocation failures as MemoryError on CPU and ResourceExhaustedError on GPU."""
+    return isinstance(exc, MemoryError) or "ResourceExhausted" in type(exc).__name__ or \
+        "out of memory" in str(exc).lower()

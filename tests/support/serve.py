@@ -1,0 +1,68 @@
+"""The test-only entry point: `python -m service`, plus engine hooks driven through stdin.
+
+    python -m tests.support.serve [--gated] [server flags...]
+
+stdin commands, one per line, each answered by a line `ok` on stdout once done:
+  step N          let the engine take N decode steps, and answer when it has taken them
+  active N        answer once N sequences hold a slot
+  open | close    let the engine decode freely / only when permitted
+Production entry points never take hooks; this module is the only way a server process gets them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import threading
+from concurrent.futures import Future
+
+from service.__main__ import prepare_process
+from service.config import Config
+from service.engine.api import EngineClient
+from tests.support.hooks import StepGate
+
+
+def _commands(gate: StepGate, engine: Future[EngineClient]) -> None:
+    for line in sys.stdin:
+        verb, *rest = line.split()
+        if verb == "step":
+            eng = engine.result()
+            target = eng.stats().steps + int(rest[0])
+            gate.permit(int(rest[0]))
+            eng.wait_until(lambda s, target=target: s.steps >= target, 600)
+        elif verb == "active":
+            engine.result().wait_until(lambda s, n=int(rest[0]): s.active >= n, 600)
+        elif verb in ("open", "close"):
+            getattr(gate, verb)()
+        print("ok", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--gated", action="store_true")
+    own, rest = parser.parse_known_args()
+    prepare_process()
+    from service.config import load_config
+    from service.server import load_engine, serve  # after prepare_process: Paddle loads here
+
+    gate = StepGate(gated=own.gated)
+    engine: Future[EngineClient] = Future()
+
+    def loader(config: Config) -> EngineClient:
+        engine.set_result(load_engine(config, hooks=gate))
+        return engine.result()
+
+    threading.Thread(target=_commands, args=(gate, engine), daemon=True).start()
+    config = load_config(rest)
+    try:
+        asyncio.run(serve(config, loader=loader))
+    except Exception as exc:
+        logging.getLogger("tokenstream").error("fatal: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The per-sequence logic without Paddle, the engine boundary's imports, and the reaping race (#11)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import paddle
+import pytest
+
+from service.engine.api import EngineConfig
+from service.engine.delivery import StreamHandle
+from service.engine.loader import LoadedModel
+from service.engine.scheduler import Engine
+from service.engine.sequence import SLOW_READER, Sequence, verdict
+from service.engine.tokenizer import Tokenizer
+from service.engine.types import Finish, GenerationRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir: Path) -> Tokenizer:
+    return Tokenizer(model_dir)
+
+
+def seq_for(tok: Tokenizer, prompt: str = "hi", max_new: int = 8, max_context: int = 512, eos: tuple[int, ...] = (),
+            **kw: object) -> Sequence:
+    req = GenerationRequest(tok.encode(prompt), max_new, **kw)  # type: ignore[arg-type]
+    return Sequence(req, tok, eos, max_context, arrival_ns=1, handle=StreamHandle(lambda _: None, None))
+
+
+def feed(seq: Sequence, ids: list[int]) -> list:
+    return [c for i, t in enumerate(ids) if (c := seq.accept(t, now_ns=10 + i)) is not None]
+
+
+def test_eos_wins_over_max_tokens_and_is_never_text(tok: Tokenizer) -> None:
+    eos = tok.encode("!")[0]
+    seq = seq_for(tok, max_new=2, eos=(eos,))
+    chunks = feed(seq, [*tok.encode("A"), eos])
+    assert chunks[-1].finish is Finish.EOS_TOKEN and seq.finished
+    assert "!" not in "".join(c.text for c in chunks)
+    assert [t.id for c in chunks for t in c.tokens][-1] == eos
+
+
+def test_stop_sequence_wins_over_max_tokens_on_the_same_token(tok: Tokenizer) -> None:
+    ids = tok.encode("one two three")
+    seq = seq_for(tok, max_new=len(ids), stop_sequences=("three",))
+    chunks = feed(seq, ids)
+    assert chunks[-1].finish is Finish.STOP_SEQUENCE and chunks[-1].stop_sequence == "three"
+    assert "".join(c.text for c in chunks) == "one two "
+
+
+def test_max_tokens_wins_over_the_context_on_the_same_token(tok: Tokenizer) -> None:
+    prompt = tok.encode("hi")
+    seq = seq_for(tok, max_new=3, max_context=len(prompt) + 3)
+    assert feed(seq, tok.encode(" a b c"))[-1].finish is Finish.MAX_TOKENS
+    seq = seq_for(tok, max_new=5, max_context=len(prompt) + 3)
+    chunks = feed(seq, tok.encode(" a b c"))
+    assert chunks[-1].finish is Finish.CONTEXT_LENGTH and chunks[-1].completion_tokens == 3
+
+
+def test_held_text_is_released_by_the_final_message(tok: Tokenizer) -> None:
+    ids = tok.encode("abc xy")
+    seq = seq_for(tok, max_new=len(ids), stop_sequences=("xyz",))  # "xy" could still begin the stop
+    chunks = feed(seq, ids)
+    assert chunks[-1].finish is Finish.MAX_TOKENS
+    assert chunks[-1].text.endswith("xy") and "".join(c.text for c in chunks) == "abc xy"
+
+
+def test_a_split_character_is_held_until_complete(tok: Tokenizer) -> None:
+    ids = tok.encode("龘")
+    assert len(ids) > 1, "the rare character must span several byte tokens"
+    seq = seq_for(tok, max_new=len(ids) + 1)
+    chunks = feed(seq, ids)
+    assert len(chunks) == 1 and chunks[0].text == "龘" and len(chunks[0].tokens) == len(ids)
+
+
+def test_first_token_time_and_usage(tok: Tokenizer) -> None:
+    seq = seq_for(tok, max_new=2)
+    chunks = feed(seq, tok.encode(" a b"))
+    final = chunks[-1]
+    assert final.timings is not None and final.timings.first_token_ns == 10 and final.timings.end_ns == 11
+    assert (final.prompt_tokens, final.completion_tokens) == (len(tok.encode("hi")), 2)
+
+
+def test_verdict_precedence(tok: Tokenizer) -> None:
+    seq = seq_for(tok, deadline=5.0)
+    assert verdict(seq, now_monotonic=4.0, max_backlog=0) is None
+    seq.handle.emitted = 3
+    assert verdict(seq, 4.0, max_backlog=2) == (Finish.ERROR, f"{SLOW_READER}: stream buffer limit reached")
+    assert verdict(seq, 6.0, max_backlog=2) == (Finish.TIME_LIMIT, "")
+    seq.handle.cancel()
+    assert verdict(seq, 6.0, max_backlog=2) == (Finish.CANCELLED, "")
+
+
+class FlipFlopHandle(StreamHandle):
+    """Far behind on one read of `consumed`, caught up on the next: a consumer racing the engine thread."""
+
+    @property  # type: ignore[override]
+    def consumed(self) -> int:
+        self.reads = getattr(self, "reads", 0) + 1
+        return 0 if self.reads % 2 else self.emitted
+
+    @consumed.setter
+    def consumed(self, value: int) -> None:
+        pass
+
+
+def test_a_verdict_that_changes_between_reads_ends_one_stream_not_the_batch(loaded_model: LoadedModel) -> None:
+    """Regression: _reap computed the verdict twice; when the second disagreed, `_finish(seq, *None)` raised and the
+    engine ended every stream in the batch with ERROR."""
+    engine = Engine(loaded_model, EngineConfig(max_slots=4, max_context=256, max_backlog=0))
+    got: dict[str, list] = {"a": [], "b": []}
+    ids = loaded_model.tokenizer.encode("hello there")
+    steady = engine.submit(GenerationRequest(ids, 20, request_id="a"), got["a"].extend)
+    racy = engine.submit(GenerationRequest(ids, 20, request_id="b"), got["b"].extend)
+    with paddle.no_grad():
+        engine._iteration()  # both prefilled and decoded once, driven here rather than on the engine thread
+        engine._outbox.publish()
+        steady.consumed = steady.emitted  # this reader keeps up
+        racy.__class__ = FlipFlopHandle
+        engine._iteration()
+        engine._outbox.publish()
+    final_b = got["b"][-1]
+    assert final_b.finish is Finish.ERROR and SLOW_READER in final_b.error
+    assert not any(c.finish for c in got["a"]) and engine.stats().active == 1
+
+
+def test_the_transport_facing_modules_import_neither_paddle_nor_the_engine_grpc() -> None:
+    code = (
+        "import sys\n"
+        "import service.engine.api, service.engine.sequence, service.engine.delivery, service.engine.hooks\n"
+        "import service.generation, service.servicer, service.errors, service.validation, service.metrics\n"
+        "assert 'paddle' not in sys.modules, 'a transport-facing module imported paddle'\n"
+        "import service.engine.scheduler\n"
+        "assert 'grpc' in sys.modules  # the transport above imported it\n"
+    )
+    env = {"PYTHONPATH": f"{ROOT / 'generated'}:{ROOT}"}
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
+    no_grpc = "import sys\nimport service.engine.scheduler\nassert 'grpc' not in sys.modules, 'the engine imports grpc'"
+    subprocess.run([sys.executable, "-c", no_grpc], cwd=ROOT, env=env, check=True)
