@@ -10,88 +10,50 @@ from typing import Any, Self, Unpack
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from tokenstream.v1 import generation_pb2 as pb
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc
-from tokenstream_client._base import DEFAULT_TARGET, ClientBase, PreparedCall
-from tokenstream_client.channel import ChannelOptions, MetadataLike, TLSConfig
-from tokenstream_client.errors import TokenstreamError, deadline_exceeded, no_final_message
-from tokenstream_client.messages import Delta, GenerationResult, ModelInfo, ResultBuilder, TokenizeResult
-from tokenstream_client.request import GenerateParams
-from tokenstream_client.retry import DEFAULT_RETRY, RetryPolicy
+from tokenstream_client._base import ClientBase, GenerateOptions, PreparedCall, StreamBase, StreamCall
+from tokenstream_client.channel import MetadataLike
+from tokenstream_client.messages import Delta, GenerationResult, ModelInfo, TokenizeResult
+from tokenstream_client.retry import RetryPolicy
 
 
-class _StreamState:
-    """Shared by an AsyncGenerateStream and its async generator (which holds no reference to the stream)."""
-
-    def __init__(self) -> None:
-        self.call: Any = None  # the grpc.aio.UnaryStreamCall in flight
-        self.cancelled = False
-        self.attempts = 0
-        self.wake = asyncio.Event()
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        self.wake.set()
-        call = self.call
-        if call is not None:
-            call.cancel()
-
-
-def _cancelled_by_us(state: _StreamState) -> bool:
+def _cancelled_by_us(state: StreamCall) -> bool:
     """grpc.aio raises CancelledError from a read of a cancelled call. It is ours to swallow only when the stream was
     cancelled and the task itself is not being cancelled."""
     task = asyncio.current_task()
     return state.cancelled and (task is None or task.cancelling() == 0)
 
 
-async def _attempts(
-    stub: pb_grpc.GenerationServiceStub, request: pb.GenerateRequest, prepared: PreparedCall, retry: RetryPolicy,
-    wait_for_ready: bool | None, state: _StreamState,
+async def _deltas(
+    stub: pb_grpc.GenerationServiceStub, state: StreamCall, wake: asyncio.Event
 ) -> AsyncGenerator[Delta, None]:
-    received = False  # once any message arrived, nothing is retried
+    """The I/O of a Generate call's attempts; StreamCall makes every decision."""
     while not state.cancelled:
-        if prepared.deadline.expired():
-            raise deadline_exceeded(prepared.request_id, state.attempts)
-        state.attempts += 1
-        call = stub.Generate(request, timeout=prepared.deadline.remaining(), metadata=prepared.metadata,
-                             wait_for_ready=wait_for_ready)
-        state.call = call
-        if state.cancelled:  # cancel() ran between the check above and now
-            call.cancel()
-        delay: float | None = None
+        call = state.open(stub)
         try:
-            final = False
             async for message in call:
-                received = True
-                delta = Delta.from_proto(message)
-                final = final or delta.is_final
-                yield delta
-            if not final:
-                raise no_final_message(prepared.request_id, state.attempts)
+                yield state.delta(message)
+            state.done()
             return
         except grpc.RpcError as rpc_error:
-            if state.cancelled:
+            delay = state.failed(rpc_error)
+            if delay is None:
                 return
-            error = TokenstreamError.from_rpc_error(rpc_error, request_id=prepared.request_id,
-                                                    attempts=state.attempts)
-            delay = retry.delay_for(error, state.attempts, received_response=received)
-            if delay is None or not prepared.deadline.allows(delay):
-                raise error from None
         except asyncio.CancelledError:
             if _cancelled_by_us(state):
                 return
             raise
-        finally:  # closed early, finalised, failed or done: the call ends here (a no-op when done)
-            state.call = None
-            call.cancel()
+        finally:
+            state.close(call)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(state.wake.wait(), delay)
+            await asyncio.wait_for(wake.wait(), delay)
             return  # cancelled during the backoff
 
 
-class AsyncGenerateStream(AsyncIterator[Delta]):
+class AsyncGenerateStream(StreamBase, AsyncIterator[Delta]):
     """The deltas of one Generate call, retried where safe. `async for` it; the call starts on the first
     iteration. aclose(), `async with`, or dropping the last reference cancels the call. cancel() may be called from
     another task; the iteration then ends quietly."""
@@ -100,40 +62,21 @@ class AsyncGenerateStream(AsyncIterator[Delta]):
         self, stub: pb_grpc.GenerationServiceStub, request: pb.GenerateRequest, prepared: PreparedCall,
         retry: RetryPolicy, wait_for_ready: bool | None,
     ) -> None:
-        self.request = request
-        self.request_id = prepared.request_id
-        self._state = _StreamState()
-        self._builder = ResultBuilder()
-        self._gen = _attempts(stub, request, prepared, retry, wait_for_ready, self._state)
-
-    @property
-    def attempts(self) -> int:
-        return self._state.attempts
-
-    @property
-    def final(self) -> Delta | None:
-        return self._builder.final
+        wake = asyncio.Event()
+        super().__init__(StreamCall(request, prepared, retry, wait_for_ready, wake))
+        self._gen = _deltas(stub, self._state, wake)
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> Delta:
-        delta = await self._gen.__anext__()
-        self._builder.add(delta)
-        return delta
+        return await self._gen.__anext__()
 
     async def collect(self) -> GenerationResult:
         """Read the rest of the stream; the result covers every delta, including those already iterated."""
         async for _ in self:
             pass
         return self.result()
-
-    def result(self) -> GenerationResult:
-        return self._builder.result(self.request_id, self._state.attempts)
-
-    def cancel(self) -> None:
-        """Cancel the call in flight (synchronous, safe from another task on the same loop)."""
-        self._state.cancel()
 
     async def aclose(self) -> None:
         self._state.cancel()
@@ -155,43 +98,19 @@ class AsyncGenerateStream(AsyncIterator[Delta]):
                 state.cancel()
 
 
-class AsyncClient:
-    """An asyncio client for tokenstream.v1.GenerationService. Create it inside the event loop that uses it.
+class AsyncClient(ClientBase[grpc.aio.Channel, AsyncGenerateStream]):
+    """An asyncio client for tokenstream.v1.GenerationService, with the same arguments as Client. Create it inside
+    the event loop that uses it.
 
     >>> async with AsyncClient("127.0.0.1:50051") as client:
     ...     async for delta in client.generate("Hello", max_new_tokens=16):
     ...         print(delta.text, end="", flush=True)
     """
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        tls: TLSConfig | bool | None = None,
-        token: str | None = None,
-        timeout: float | None = None,
-        retry: RetryPolicy = DEFAULT_RETRY,
-        metadata: MetadataLike = (),
-        options: ChannelOptions = (),
-        wait_for_ready: bool | None = None,
-        channel: grpc.aio.Channel | None = None,
-    ) -> None:
-        """The same arguments as Client."""
-        self._base = ClientBase(target, tls=tls, token=token, timeout=timeout, retry=retry, metadata=metadata,
-                                options=options, wait_for_ready=wait_for_ready)
-        self._owns_channel = channel is None
-        if channel is not None:
-            self.channel = channel
-        elif self._base.tls is not None:
-            self.channel = grpc.aio.secure_channel(target, self._base.tls.credentials(), options=self._base.options)
-        else:
-            self.channel = grpc.aio.insecure_channel(target, options=self._base.options)
-        self._stub = pb_grpc.GenerationServiceStub(self.channel)
-        self._health = health_pb2_grpc.HealthStub(self.channel)
+    _grpc = grpc.aio
 
-    @property
-    def target(self) -> str:
-        return self._base.target
+    def _stream(self, request: pb.GenerateRequest, prepared: PreparedCall, retry: RetryPolicy) -> AsyncGenerateStream:
+        return AsyncGenerateStream(self._stub, request, prepared, retry, self._wait_for_ready)
 
     async def close(self) -> None:
         if self._owns_channel:
@@ -204,36 +123,11 @@ class AsyncClient:
                         tb: TracebackType | None) -> None:
         await self.close()
 
-    def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        request: pb.GenerateRequest | None = None,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        metadata: MetadataLike = (),
-        retry: RetryPolicy | None = None,
-        **params: Unpack[GenerateParams],
-    ) -> AsyncGenerateStream:
-        """Stream a completion; see Client.generate."""
-        req = self._base._request(prompt, request, params)
-        prepared = self._base._prepare(timeout, request_id, metadata)
-        return AsyncGenerateStream(self._stub, req, prepared, retry or self._base.retry, self._base.wait_for_ready)
-
     async def generate_text(
-        self,
-        prompt: str | None = None,
-        *,
-        request: pb.GenerateRequest | None = None,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        metadata: MetadataLike = (),
-        retry: RetryPolicy | None = None,
-        **params: Unpack[GenerateParams],
+        self, prompt: str | None = None, **kwargs: Unpack[GenerateOptions]
     ) -> GenerationResult:
-        """Generate and collect: the full text, token ids, usage and finish reason."""
-        async with self.generate(prompt, request=request, timeout=timeout, request_id=request_id, metadata=metadata,
-                                 retry=retry, **params) as stream:
+        """Generate and collect: the full text, token ids, usage and finish reason. Takes generate()'s arguments."""
+        async with self.generate(prompt, **kwargs) as stream:
             return await stream.collect()
 
     async def tokenize(
@@ -242,15 +136,14 @@ class AsyncClient:
     ) -> TokenizeResult:
         request = pb.TokenizeRequest(text=text, truncate_to=truncate_to, return_tokens=return_tokens,
                                      return_offsets=return_offsets)
-        response = await self._unary(self._stub.Tokenize, request, timeout, request_id, metadata, self._base.retry)
-        return TokenizeResult.from_proto(response)
+        return TokenizeResult.from_proto(await self._unary(self._stub.Tokenize, request, timeout, request_id,
+                                                           metadata))
 
     async def model_info(
         self, *, timeout: float | None = None, request_id: str | None = None, metadata: MetadataLike = ()
     ) -> ModelInfo:
-        response = await self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout, request_id,
-                                     metadata, self._base.retry)
-        return ModelInfo.from_proto(response)
+        return ModelInfo.from_proto(
+            await self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout, request_id, metadata))
 
     async def health(self, service: str = "", *, timeout: float | None = None,
                      retry: RetryPolicy | None = None) -> str:
@@ -261,18 +154,12 @@ class AsyncClient:
 
     async def _unary(
         self, method: Callable[..., Any], request: Any, timeout: float | None, request_id: str | None,
-        metadata: MetadataLike, retry: RetryPolicy,
+        metadata: MetadataLike, retry: RetryPolicy | None = None,
     ) -> Any:
-        prepared = self._base._prepare(timeout, request_id, metadata)
-        attempts = 0
+        attempts = self._attempts(timeout, request_id, metadata, retry)
         while True:
-            attempts += 1
             try:
-                return await method(request, timeout=prepared.deadline.remaining(), metadata=prepared.metadata,
-                                    wait_for_ready=self._base.wait_for_ready)
+                return await method(request, **attempts.next())
             except grpc.RpcError as rpc_error:
-                error = TokenstreamError.from_rpc_error(rpc_error, request_id=prepared.request_id, attempts=attempts)
-                delay = retry.delay_for(error, attempts, received_response=False)
-                if delay is None or not prepared.deadline.allows(delay):
-                    raise error from None
+                delay = attempts.backoff(rpc_error)
             await asyncio.sleep(delay)

@@ -10,77 +10,38 @@ from types import TracebackType
 from typing import Any, Self, Unpack
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from tokenstream.v1 import generation_pb2 as pb
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc
-from tokenstream_client._base import DEFAULT_TARGET, ClientBase, PreparedCall
-from tokenstream_client.channel import ChannelOptions, MetadataLike, TLSConfig
-from tokenstream_client.errors import TokenstreamError, deadline_exceeded, no_final_message
-from tokenstream_client.messages import Delta, GenerationResult, ModelInfo, ResultBuilder, TokenizeResult
-from tokenstream_client.request import GenerateParams
-from tokenstream_client.retry import DEFAULT_RETRY, RetryPolicy
+from tokenstream_client._base import ClientBase, GenerateOptions, PreparedCall, StreamBase, StreamCall
+from tokenstream_client.channel import MetadataLike
+from tokenstream_client.messages import Delta, GenerationResult, ModelInfo, TokenizeResult
+from tokenstream_client.retry import RetryPolicy
 
 
-class _StreamState:
-    """Shared by a GenerateStream and its generator, so that the generator holds no reference to the stream:
-    dropping the last reference to the stream then finalises it at once, cancelling the call."""
-
-    def __init__(self) -> None:
-        self.call: Any = None  # the attempt in flight: a grpc.Call that is also an iterator
-        self.cancelled = False
-        self.attempts = 0
-        self.wake = threading.Event()
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        self.wake.set()
-        call = self.call
-        if call is not None:
-            call.cancel()
-
-
-def _attempts(
-    stub: pb_grpc.GenerationServiceStub, request: pb.GenerateRequest, prepared: PreparedCall, retry: RetryPolicy,
-    wait_for_ready: bool | None, state: _StreamState,
+def _deltas(
+    stub: pb_grpc.GenerationServiceStub, state: StreamCall, wake: threading.Event
 ) -> Generator[Delta, None, None]:
-    received = False  # once any message arrived, nothing is retried
+    """The I/O of a Generate call's attempts; StreamCall makes every decision."""
     while not state.cancelled:
-        if prepared.deadline.expired():
-            raise deadline_exceeded(prepared.request_id, state.attempts)
-        state.attempts += 1
-        call = stub.Generate(request, timeout=prepared.deadline.remaining(), metadata=prepared.metadata,
-                             wait_for_ready=wait_for_ready)
-        state.call = call
-        if state.cancelled:  # cancel() ran between the check above and now
-            call.cancel()
-        delay: float | None = None
+        call = state.open(stub)
         try:
-            final = False
             for message in call:
-                received = True
-                delta = Delta.from_proto(message)
-                final = final or delta.is_final
-                yield delta
-            if not final:
-                raise no_final_message(prepared.request_id, state.attempts)
+                yield state.delta(message)
+            state.done()
             return
         except grpc.RpcError as rpc_error:
-            if state.cancelled:
+            delay = state.failed(rpc_error)
+            if delay is None:
                 return
-            error = TokenstreamError.from_rpc_error(rpc_error, request_id=prepared.request_id,
-                                                    attempts=state.attempts)
-            delay = retry.delay_for(error, state.attempts, received_response=received)
-            if delay is None or not prepared.deadline.allows(delay):
-                raise error from None
-        finally:  # closed early, garbage-collected, failed or done: the call ends here (a no-op when done)
-            state.call = None
-            call.cancel()
-        if state.wake.wait(delay):
+        finally:
+            state.close(call)
+        if wake.wait(delay):
             return  # cancelled during the backoff
 
 
-class GenerateStream(Iterator[Delta]):
+class GenerateStream(StreamBase, Iterator[Delta]):
     """The deltas of one Generate call, retried where safe.
 
     Iterate it for Delta objects; the call starts on the first iteration. Closing it (close(), a `with` block, or
@@ -92,42 +53,21 @@ class GenerateStream(Iterator[Delta]):
         self, stub: pb_grpc.GenerationServiceStub, request: pb.GenerateRequest, prepared: PreparedCall,
         retry: RetryPolicy, wait_for_ready: bool | None,
     ) -> None:
-        self.request = request
-        self.request_id = prepared.request_id
-        self._state = _StreamState()
-        self._builder = ResultBuilder()
-        self._gen = _attempts(stub, request, prepared, retry, wait_for_ready, self._state)
-
-    @property
-    def attempts(self) -> int:
-        return self._state.attempts
-
-    @property
-    def final(self) -> Delta | None:
-        """The final message, once it has been received."""
-        return self._builder.final
+        wake = threading.Event()
+        super().__init__(StreamCall(request, prepared, retry, wait_for_ready, wake))
+        self._gen = _deltas(stub, self._state, wake)
 
     def __iter__(self) -> Self:
         return self
 
     def __next__(self) -> Delta:
-        delta = next(self._gen)
-        self._builder.add(delta)
-        return delta
+        return next(self._gen)
 
     def collect(self) -> GenerationResult:
         """Read the rest of the stream; the result covers every delta, including those already iterated."""
         for _ in self:
             pass
         return self.result()
-
-    def result(self) -> GenerationResult:
-        """The collected result; ValueError before the final message."""
-        return self._builder.result(self.request_id, self._state.attempts)
-
-    def cancel(self) -> None:
-        """Cancel the call in flight; safe from any thread."""
-        self._state.cancel()
 
     def close(self) -> None:
         self._state.cancel()
@@ -147,7 +87,7 @@ class GenerateStream(Iterator[Delta]):
             self.close()
 
 
-class Client:
+class Client(ClientBase[grpc.Channel, GenerateStream]):
     """A synchronous client for tokenstream.v1.GenerationService.
 
     >>> with Client("127.0.0.1:50051") as client:
@@ -155,38 +95,10 @@ class Client:
     ...         print(delta.text, end="", flush=True)
     """
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        tls: TLSConfig | bool | None = None,
-        token: str | None = None,
-        timeout: float | None = None,
-        retry: RetryPolicy = DEFAULT_RETRY,
-        metadata: MetadataLike = (),
-        options: ChannelOptions = (),
-        wait_for_ready: bool | None = None,
-        channel: grpc.Channel | None = None,
-    ) -> None:
-        """target: "host:port" or "dns:///name:port" (round-robin over its addresses). tls: True for the default
-        roots, or a TLSConfig. token: sent as `authorization: Bearer <token>`. timeout: default deadline of each
-        call in seconds (None: none). metadata: sent with every call. channel: use this channel instead (it is not
-        closed by close())."""
-        self._base = ClientBase(target, tls=tls, token=token, timeout=timeout, retry=retry, metadata=metadata,
-                                options=options, wait_for_ready=wait_for_ready)
-        self._owns_channel = channel is None
-        if channel is not None:
-            self.channel = channel
-        elif self._base.tls is not None:
-            self.channel = grpc.secure_channel(target, self._base.tls.credentials(), options=self._base.options)
-        else:
-            self.channel = grpc.insecure_channel(target, options=self._base.options)
-        self._stub = pb_grpc.GenerationServiceStub(self.channel)
-        self._health = health_pb2_grpc.HealthStub(self.channel)
+    _grpc = grpc
 
-    @property
-    def target(self) -> str:
-        return self._base.target
+    def _stream(self, request: pb.GenerateRequest, prepared: PreparedCall, retry: RetryPolicy) -> GenerateStream:
+        return GenerateStream(self._stub, request, prepared, retry, self._wait_for_ready)
 
     def close(self) -> None:
         if self._owns_channel:
@@ -199,38 +111,11 @@ class Client:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        request: pb.GenerateRequest | None = None,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        metadata: MetadataLike = (),
-        retry: RetryPolicy | None = None,
-        **params: Unpack[GenerateParams],
-    ) -> GenerateStream:
-        """Stream a completion. Keywords are GenerateParams (max_new_tokens, temperature, top_k, top_p, seed,
-        stop, messages, ...), or pass a ready GenerateRequest as `request`. `timeout` is the deadline of the whole
-        call, retries included; `request_id` (x-request-id) defaults to a fresh one, the same for every retry."""
-        req = self._base._request(prompt, request, params)
-        prepared = self._base._prepare(timeout, request_id, metadata)
-        return GenerateStream(self._stub, req, prepared, retry or self._base.retry, self._base.wait_for_ready)
-
     def generate_text(
-        self,
-        prompt: str | None = None,
-        *,
-        request: pb.GenerateRequest | None = None,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        metadata: MetadataLike = (),
-        retry: RetryPolicy | None = None,
-        **params: Unpack[GenerateParams],
+        self, prompt: str | None = None, **kwargs: Unpack[GenerateOptions]
     ) -> GenerationResult:
-        """Generate and collect: the full text, token ids, usage and finish reason."""
-        with self.generate(prompt, request=request, timeout=timeout, request_id=request_id, metadata=metadata,
-                           retry=retry, **params) as stream:
+        """Generate and collect: the full text, token ids, usage and finish reason. Takes generate()'s arguments."""
+        with self.generate(prompt, **kwargs) as stream:
             return stream.collect()
 
     def tokenize(
@@ -239,15 +124,13 @@ class Client:
     ) -> TokenizeResult:
         request = pb.TokenizeRequest(text=text, truncate_to=truncate_to, return_tokens=return_tokens,
                                      return_offsets=return_offsets)
-        response = self._unary(self._stub.Tokenize, request, timeout, request_id, metadata, self._base.retry)
-        return TokenizeResult.from_proto(response)
+        return TokenizeResult.from_proto(self._unary(self._stub.Tokenize, request, timeout, request_id, metadata))
 
     def model_info(
         self, *, timeout: float | None = None, request_id: str | None = None, metadata: MetadataLike = ()
     ) -> ModelInfo:
-        response = self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout, request_id, metadata,
-                               self._base.retry)
-        return ModelInfo.from_proto(response)
+        return ModelInfo.from_proto(
+            self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout, request_id, metadata))
 
     def health(self, service: str = "", *, timeout: float | None = None, retry: RetryPolicy | None = None) -> str:
         """The grpc.health.v1 status name: SERVING, NOT_SERVING (loading, draining) or SERVICE_UNKNOWN. A probe:
@@ -258,19 +141,13 @@ class Client:
 
     def _unary(
         self, method: Callable[..., Any], request: Any, timeout: float | None, request_id: str | None,
-        metadata: MetadataLike, retry: RetryPolicy,
+        metadata: MetadataLike, retry: RetryPolicy | None = None,
     ) -> Any:
         """A unary call, retried where safe: these methods have no side effects, so any attempt may be repeated."""
-        prepared = self._base._prepare(timeout, request_id, metadata)
-        attempts = 0
+        attempts = self._attempts(timeout, request_id, metadata, retry)
         while True:
-            attempts += 1
             try:
-                return method(request, timeout=prepared.deadline.remaining(), metadata=prepared.metadata,
-                              wait_for_ready=self._base.wait_for_ready)
+                return method(request, **attempts.next())
             except grpc.RpcError as rpc_error:
-                error = TokenstreamError.from_rpc_error(rpc_error, request_id=prepared.request_id, attempts=attempts)
-                delay = retry.delay_for(error, attempts, received_response=False)
-                if delay is None or not prepared.deadline.allows(delay):
-                    raise error from None
+                delay = attempts.backoff(rpc_error)
             time.sleep(delay)

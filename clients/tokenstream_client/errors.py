@@ -90,7 +90,8 @@ def _call(err: grpc.RpcError, name: str) -> Any:
 
 
 def deadline_exceeded(request_id: str | None, attempts: int) -> TokenstreamError:
-    return TokenstreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call could be retried",
+    when = "could be retried" if attempts else "started"
+    return TokenstreamError(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline exceeded before the call {when}",
                             request_id=request_id, attempts=attempts)
 
 

@@ -55,6 +55,14 @@ def test_generate_prints_the_text(server: Any, loaded_model: Any) -> None:
     assert out == "".join(json.loads(line)["text"] for line in json_out.splitlines())  # greedy: the same text
 
 
+def test_generate_echoes_the_prompt_tokens(server: Any, loaded_model: Any) -> None:
+    code, out, _ = run("generate", PROMPT, "--target", server.target, "--max-new-tokens", "2", "--json",
+                       "--echo-prompt-tokens")
+    first = json.loads(out.splitlines()[0])
+    assert code == 0
+    assert first["prompt_token_ids"] == loaded_model.tokenizer.encode(PROMPT)
+
+
 def test_generate_on_a_terminal_shows_a_status_line(server: Any) -> None:
     code, out, err = run("generate", PROMPT, "--target", server.target, "--max-new-tokens", "12", tty=True)
     assert code == 0 and out.endswith("\n")

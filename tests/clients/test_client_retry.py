@@ -126,6 +126,28 @@ def test_no_retry_is_started_that_would_end_after_the_deadline(fake: FakeServer,
     assert attempts == 1 and time.monotonic() - start < 2.0
 
 
+@both
+def test_an_expired_deadline_starts_no_attempt(fake: FakeServer, kind: str) -> None:
+    """Streams and unary calls share one attempt loop: each attempt checks the deadline before it starts."""
+    _, error, attempts = GENERATE[kind](fake.target, timeout=0.0)
+    assert error is not None
+    assert (error.code, error.message, attempts) == (
+        grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call started", 0)
+
+    def tokenize_sync() -> None:
+        with Client(fake.target) as client:
+            client.tokenize("x", timeout=0.0)
+
+    async def tokenize_async() -> None:
+        async with AsyncClient(fake.target) as client:
+            await client.tokenize("x", timeout=0.0)
+
+    with pytest.raises(TokenstreamError) as info:
+        tokenize_sync() if kind == "sync" else asyncio.run(tokenize_async())
+    assert (info.value.code, info.value.attempts) == (grpc.StatusCode.DEADLINE_EXCEEDED, 0)
+    assert fake.service.calls == []
+
+
 def test_unary_calls_are_retried_on_unavailable(fake: FakeServer) -> None:
     fake.service.reset(Step(code=grpc.StatusCode.UNAVAILABLE), Step(code=grpc.StatusCode.UNAVAILABLE))
     with Client(fake.target, retry=FAST) as client:

@@ -1,0 +1,237 @@
+"""`tokenstream chat` against the real server: the history each turn sends, /reset, Ctrl-C during an answer."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+from tokenstream_client.cli import main
+
+CLIENTS = Path(__file__).resolve().parents[2] / "clients"
+LONG = ("--max-new-tokens", "400", "--min-new-tokens", "400")  # EOS cannot end it: seconds of decoding
+CLEAR_LINE = "\r\x1b[K"
+WAITING = "waiting for the first token"
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def chat(server: Any, *argv: str, stdin: str, tty: bool = False, typed: bool = False) -> tuple[int, str, str]:
+    """tty: stdout and stderr are a terminal; typed: stdin is one too (a person types)."""
+    out, err = (FakeTTY(), FakeTTY()) if tty else (io.StringIO(), io.StringIO())
+    inp = FakeTTY(stdin) if typed else io.StringIO(stdin)
+    code = main(["chat", "--target", server.target, *argv], stdin=inp, stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def answers(out: str) -> list[list[dict[str, Any]]]:
+    """JSON lines, one list per turn: each ends with its final message, an `interrupted` or an `error` record."""
+    groups: list[list[dict[str, Any]]] = [[]]
+    for line in out.splitlines():
+        record = json.loads(line)
+        groups[-1].append(record)
+        if record.get("finish_reason") or record.get("interrupted") or record.get("error"):
+            groups.append([])
+    assert groups[-1] == []
+    return groups[:-1]
+
+
+def text(answer: list[dict[str, Any]]) -> str:
+    return "".join(r.get("text", "") for r in answer)
+
+
+def prompt_ids(loaded_model: Any, *turns: tuple[str, str]) -> list[int]:
+    """What the server should have received: the turns through the model's chat template."""
+    tok = loaded_model.tokenizer
+    return list(tok.encode(tok.render_chat([{"role": role, "content": content} for role, content in turns])))
+
+
+def idle(server: Any) -> bool:
+    return bool(server.engine.wait_until(lambda s: s.active == 0 and s.waiting == 0, timeout=30))
+
+
+def test_each_turn_sends_the_history_and_reset_clears_it(server: Any, loaded_model: Any) -> None:
+    system = "You are terse."
+    code, out, err = chat(server, "--json", "--echo-prompt-tokens", "--max-new-tokens", "6", "--system", system,
+                          "--request-id", "conv-7", stdin="Hello there\nAnd then?\n/reset\nHello there\n")
+    assert code == 0, err
+    first, second, third = answers(out)
+    assert [a[-1]["request_id"] for a in (first, second, third)] == ["conv-7-1", "conv-7-2", "conv-7-3"]
+    assert first[0]["prompt_token_ids"] == prompt_ids(loaded_model, ("system", system), ("user", "Hello there"))
+    assert second[0]["prompt_token_ids"] == prompt_ids(
+        loaded_model, ("system", system), ("user", "Hello there"), ("assistant", text(first)), ("user", "And then?"))
+    assert second[-1]["usage"]["prompt_tokens"] == len(second[0]["prompt_token_ids"])
+    # /reset: the same first question again, with the system message but no history; greedy, so the same answer
+    assert third[0]["prompt_token_ids"] == first[0]["prompt_token_ids"]
+    assert text(third) == text(first)
+    assert err == "history cleared\n"
+
+
+def test_answers_over_a_pipe_are_plain_text_lines(server: Any) -> None:
+    code, json_out, _ = chat(server, "--json", "--max-new-tokens", "5", stdin="Hi\n\nWhy?\n")
+    assert code == 0
+    expected = "".join(t if t.endswith("\n") else t + "\n" for t in map(text, answers(json_out)))
+    code, out, err = chat(server, "--max-new-tokens", "5", stdin="Hi\n\nWhy?\n")  # the empty line is skipped
+    assert (code, out, err) == (0, expected, "")  # not a terminal: no prompt, no status
+
+
+def test_on_a_terminal_each_answer_shows_ttft_and_tokens_per_second(server: Any) -> None:
+    code, out, err = chat(server, "--max-new-tokens", "6", "--min-new-tokens", "6", stdin="Hi\nAgain\n", tty=True)
+    assert code == 0
+    assert out.count("\n") == 2  # two answers, each ending its line
+    # each line: any "waiting for the first token" redraws (\r-separated), then the summary after the last one
+    summaries = [line.rpartition(CLEAR_LINE)[2] for line in err.removesuffix("\n").split("\n")]
+    assert len(summaries) == 2
+    for summary in summaries:
+        assert summary.startswith("MAX_TOKENS · TTFT ")
+        assert "6 tokens" in summary
+        assert "tok/s" in summary
+    code, _, err = chat(server, "--max-new-tokens", "6", "--quiet", stdin="Hi\n", tty=True)
+    assert (code, err) == (0, "")
+
+
+def test_from_a_pipe_the_first_failure_ends_the_chat(server: Any) -> None:
+    code, out, err = chat(server, "--top-p", "2", stdin="Hi\nAgain\n")
+    assert (code, out) == (1, "")
+    assert err.count("error: INVALID_ARGUMENT") == 1
+    assert "sampling.top_p" in err
+    code, _, err = chat(server, "--max-new-tokens", "2", stdin="/nope\nHi\n")
+    assert code == 2
+    assert err == "unknown command /nope; /help lists the commands\n"
+
+
+def test_at_a_terminal_a_failed_turn_is_reported_and_the_chat_goes_on(server: Any, loaded_model: Any) -> None:
+    too_long = "word " * 600  # more tokens than the test server's 512-token context
+    code, out, err = chat(server, "--max-new-tokens", "4", "--quiet", "--json", "--echo-prompt-tokens",
+                          stdin=f"Hi\n{too_long}\nAgain\n/help\n/exit\nnever sent\n", tty=True, typed=True)
+    assert code == 0
+    assert out.startswith("> ")  # a prompt before each line read
+    records = "".join(line.lstrip("> ") + "\n" for line in out.splitlines() if line.lstrip("> "))
+    hi, failed, again = answers(records)  # and none for "never sent": /exit ended the chat
+    assert failed[0]["error"]["code"] == "INVALID_ARGUMENT"
+    assert "  (/reset clears the history)" in err
+    assert "/reset   forget the conversation" in err  # /help
+    assert again[0]["prompt_token_ids"] == prompt_ids(  # the failed turn was dropped from the history
+        loaded_model, ("user", "Hi"), ("assistant", text(hi)), ("user", "Again"))
+
+
+@pytest.fixture
+def chat_process(server: Any) -> Iterator[subprocess.Popen[str]]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(CLIENTS), *sys.path]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenstream_client", "chat", "--target", server.target, "--json",
+         "--echo-prompt-tokens", *LONG],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+def say(stdin: IO[str] | None, line: str) -> None:
+    assert stdin is not None
+    stdin.write(line + "\n")
+    stdin.flush()
+
+
+def read_answer(stdout: IO[str] | None) -> list[dict[str, Any]]:
+    assert stdout is not None
+    records = [json.loads(stdout.readline())]
+    while not (records[-1].get("finish_reason") or records[-1].get("interrupted")):
+        records.append(json.loads(stdout.readline()))
+    return records
+
+
+def test_ctrl_c_stops_the_answer_keeps_it_and_the_chat_goes_on(
+    server: Any, loaded_model: Any, chat_process: subprocess.Popen[str]
+) -> None:
+    proc = chat_process
+    assert proc.stdout is not None
+    steps = server.engine.stats().steps
+    say(proc.stdin, "Tell me a long story")
+    first = json.loads(proc.stdout.readline())
+    assert first["token_ids"]  # part of the answer has been printed
+    assert server.engine.stats().active == 1  # and it is far from done
+    proc.send_signal(signal.SIGINT)
+    assert idle(server)
+    assert server.engine.stats().steps - steps < 400  # the slot was freed by the cancel, not by the 400th token
+    partial = [first, *read_answer(proc.stdout)]
+    assert partial[-1]["interrupted"] is True
+    assert 1 <= sum(len(r.get("token_ids", ())) for r in partial) < 400
+
+    say(proc.stdin, "Go on")
+    second = read_answer(proc.stdout)
+    assert second[-1]["finish_reason"] in {"MAX_TOKENS", "CONTEXT_LENGTH"}  # a whole answer
+    assert second[0]["prompt_token_ids"] == prompt_ids(  # the partial answer stayed in the history
+        loaded_model, ("user", "Tell me a long story"), ("assistant", text(partial)), ("user", "Go on"))
+
+    proc.send_signal(signal.SIGINT)  # at the prompt: quits
+    assert proc.wait(timeout=30) == 130
+    assert idle(server)
+
+
+def read_until(fd: int, done: Any, timeout: float = 60.0) -> str:
+    """Read the terminal until done(text so far) holds."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not done(data.decode(errors="replace")):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"the terminal showed only {data!r}"
+        data += os.read(fd, 4096)
+    return data.decode(errors="replace")
+
+
+def answer_started(screen: str) -> bool:
+    """Whether text follows the echoed question and any 'waiting for the first token' status."""
+    after_echo = screen.partition("story")[2].partition("\n")[2]
+    last = re.split(re.escape(CLEAR_LINE), after_echo)[-1]
+    return bool(last) and not (last.startswith(WAITING) or WAITING.startswith(last))
+
+
+def test_on_a_terminal(server: Any) -> None:
+    """A person at a terminal: a prompt, Ctrl-C stops an answer with its TTFT shown, /help, Ctrl-D quits."""
+    controller, terminal = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(CLIENTS), *sys.path]), TERM="dumb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenstream_client", "chat", "--target", server.target, *LONG],
+        stdin=terminal, stdout=terminal, stderr=terminal, env=env,
+    )
+    os.close(terminal)
+    try:
+        assert "/help" in read_until(controller, lambda s: s.endswith("> "))  # the banner, then the prompt
+        steps = server.engine.stats().steps
+        os.write(controller, b"Tell me a long story\n")
+        read_until(controller, answer_started)
+        assert server.engine.stats().active == 1
+        proc.send_signal(signal.SIGINT)
+        assert idle(server)
+        assert server.engine.stats().steps - steps < 400  # cancelled, not decoded to the end
+        screen = read_until(controller, lambda s: "interrupted · " in s and s.endswith("> "))
+        assert "interrupted · TTFT " in screen
+        os.write(controller, b"/help\n")
+        assert "/reset" in read_until(controller, lambda s: s.endswith("> "))
+        os.write(controller, b"\x04")  # Ctrl-D
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        os.close(controller)
