@@ -21,7 +21,8 @@ import pytest
 from tokenstream_client.cli import main
 
 CLIENTS = Path(__file__).resolve().parents[2] / "clients"
-LONG = ("--max-new-tokens", "400", "--min-new-tokens", "400")  # EOS cannot end it: seconds of decoding
+LONG = ("--max-new-tokens", "400", "--min-new-tokens", "400")  # EOS cannot end it
+FIRST_STEPS = 20  # decode steps the gated server may take before the Ctrl-C: the answer cannot end before it
 CLEAR_LINE = "\r\x1b[K"
 WAITING = "waiting for the first token"
 
@@ -131,7 +132,8 @@ def test_at_a_terminal_a_failed_turn_is_reported_and_the_chat_goes_on(server: An
 
 
 @pytest.fixture
-def chat_process(server: Any) -> Iterator[subprocess.Popen[str]]:
+def chat_process(gated_server: Any) -> Iterator[subprocess.Popen[str]]:
+    server = gated_server
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(CLIENTS), *sys.path]))
     proc = subprocess.Popen(
         [sys.executable, "-m", "tokenstream_client", "chat", "--target", server.target, "--json",
@@ -161,22 +163,24 @@ def read_answer(stdout: IO[str] | None) -> list[dict[str, Any]]:
 
 
 def test_ctrl_c_stops_the_answer_keeps_it_and_the_chat_goes_on(
-    server: Any, loaded_model: Any, chat_process: subprocess.Popen[str]
+    gated_server: Any, gate: Any, loaded_model: Any, chat_process: subprocess.Popen[str]
 ) -> None:
-    proc = chat_process
+    server, proc = gated_server, chat_process
     assert proc.stdout is not None
     steps = server.engine.stats().steps
+    gate.permit(FIRST_STEPS)  # then the engine waits: the answer is still running when Ctrl-C comes
     say(proc.stdin, "Tell me a long story")
     first = json.loads(proc.stdout.readline())
     assert first["token_ids"]  # part of the answer has been printed
     assert server.engine.stats().active == 1  # and it is far from done
     proc.send_signal(signal.SIGINT)
     assert idle(server)
-    assert server.engine.stats().steps - steps < 400  # the slot was freed by the cancel, not by the 400th token
+    assert server.engine.stats().steps - steps <= FIRST_STEPS  # the slot was freed by the cancel
     partial = [first, *read_answer(proc.stdout)]
     assert partial[-1]["interrupted"] is True
-    assert 1 <= sum(len(r.get("token_ids", ())) for r in partial) < 400
+    assert 1 <= sum(len(r.get("token_ids", ())) for r in partial) <= FIRST_STEPS + 1
 
+    gate.open()
     say(proc.stdin, "Go on")
     second = read_answer(proc.stdout)
     assert second[-1]["finish_reason"] in {"MAX_TOKENS", "CONTEXT_LENGTH"}  # a whole answer
@@ -206,8 +210,9 @@ def answer_started(screen: str) -> bool:
     return bool(last) and not (last.startswith(WAITING) or WAITING.startswith(last))
 
 
-def test_on_a_terminal(server: Any) -> None:
+def test_on_a_terminal(gated_server: Any, gate: Any) -> None:
     """A person at a terminal: a prompt, Ctrl-C stops an answer with its TTFT shown, /help, Ctrl-D quits."""
+    server = gated_server
     controller, terminal = pty.openpty()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(CLIENTS), *sys.path]), TERM="dumb")
     proc = subprocess.Popen(
@@ -218,12 +223,13 @@ def test_on_a_terminal(server: Any) -> None:
     try:
         assert "/help" in read_until(controller, lambda s: s.endswith("> "))  # the banner, then the prompt
         steps = server.engine.stats().steps
+        gate.permit(FIRST_STEPS)
         os.write(controller, b"Tell me a long story\n")
         read_until(controller, answer_started)
         assert server.engine.stats().active == 1
         proc.send_signal(signal.SIGINT)
         assert idle(server)
-        assert server.engine.stats().steps - steps < 400  # cancelled, not decoded to the end
+        assert server.engine.stats().steps - steps <= FIRST_STEPS  # cancelled, not decoded to the end
         screen = read_until(controller, lambda s: "interrupted · " in s and s.endswith("> "))
         assert "interrupted · TTFT " in screen
         os.write(controller, b"/help\n")
