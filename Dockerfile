@@ -27,7 +27,8 @@ ARG PADDLE_GPU_IMAGE=paddlepaddle/paddle:3.3.1-gpu-cuda12.6-cudnn9.5
 # volume covers /opt (deploy/k8s mounts $HOME and /tmp), so they stay visible
 # with the root filesystem read-only, root-owned and read-only to the server.
 # Today: the trained demo model from the repository (5 MB), served by path.
-# Once names resolve through the model cache, fetch instead, e.g.
+# Once names resolve through the model cache, fetch instead (builder has the
+# dependencies, pip and the project), e.g.
 #   FROM builder AS models
 #   RUN TOKENSTREAM_MODEL_CACHE=/opt/tokenstream/models python -m service.models fetch default
 # and set TOKENSTREAM_MODEL_DIR=default below.
@@ -53,13 +54,14 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN "${GPU_PYTHON}" -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 # Install every pyproject dependency except the CPU paddlepaddle, then
 # paddlepaddle-gpu (both provide the `paddle` module: only one may be there).
 RUN python -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not re.match(r'paddlepaddle\b', d)))" > /tmp/requirements.txt \
  && pip install --no-cache-dir -r /tmp/requirements.txt \
  && pip install --no-cache-dir --extra-index-url "${PADDLE_GPU_INDEX}" "paddlepaddle-gpu==${PADDLE_GPU_VERSION}" \
  && rm /tmp/requirements.txt
+COPY README.md ./
 COPY generated/ generated/
 COPY service/ service/
 COPY clients/tokenstream_client/ clients/tokenstream_client/
@@ -108,10 +110,11 @@ STOPSIGNAL SIGTERM
 ENTRYPOINT ["python", "-m", "service"]
 
 # ---------------------------------------------------------------------------
-# CPU builder: a venv with the pyproject dependencies (paddlepaddle CPU wheel
-# from PyPI), then the project.
+# CPU dependencies: a venv with the pyproject dependencies (paddlepaddle CPU
+# wheel from PyPI). Its own stage and layer, cached until pyproject.toml
+# changes, so that a code change neither rebuilds nor re-ships its 830 MB.
 # ---------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS builder
+FROM ${PYTHON_IMAGE} AS deps
 # Optional, for builds behind a TLS-intercepting proxy: a CA bundle path for
 # pip (e.g. mounted with the build). A builder ARG, so not in the runtime image.
 ARG PIP_CERT
@@ -119,26 +122,35 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Dependencies in their own layer, cached until pyproject.toml changes; the
-# cache mount keeps downloaded wheels for the next change, outside the image.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
+# The cache mount keeps downloaded wheels for the next change, outside the
+# image. The .pth file puts the project (/opt/tokenstream/app, see builder) on
+# the venv's path.
 RUN --mount=type=cache,target=/root/.cache/pip \
     python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt \
- && rm /tmp/requirements.txt
+ && rm /tmp/requirements.txt \
+ && echo /opt/tokenstream/app > "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tokenstream-app.pth"
+
+# ---------------------------------------------------------------------------
+# CPU builder: the project itself (server and the `tokenstream` CLI) into
+# /opt/tokenstream/app, a small layer of its own in the runtime image.
+# ---------------------------------------------------------------------------
+FROM deps AS builder
+COPY README.md ./
 COPY generated/ generated/
 COPY service/ service/
 COPY clients/tokenstream_client/ clients/tokenstream_client/
-# The project itself (server and the `tokenstream` CLI), without dependencies.
-RUN --mount=type=cache,target=/root/.cache/pip pip install --no-deps .
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --no-deps --target /opt/tokenstream/app .
 
 # ---------------------------------------------------------------------------
-# The runtime venv: the builder's, less what the server never loads.
+# The runtime venv: the dependencies, less what the server never loads.
 # ---------------------------------------------------------------------------
-FROM builder AS venv
-# - pip: nothing is installed at run time (the builder keeps it for stages
-#   such as `models` that need it). setuptools stays: `import paddle` imports
-#   it (paddle.utils.cpp_extension) without declaring it;
+FROM deps AS venv
+# - pip: nothing is installed at run time (deps and builder keep it, for
+#   stages such as `models` that need it). setuptools stays: `import paddle`
+#   imports it (paddle.utils.cpp_extension) without declaring it;
 # - paddle/include: C++ headers for building custom operators, with no
 #   compiler in the image;
 # - Paddle's OpenVINO CPU plugin: OpenVINO loads it only for Paddle Inference's
@@ -158,19 +170,24 @@ FROM ${PYTHON_IMAGE} AS cpu
 # Paddle's CPU wheel links libgomp.so.1 (libcommon.so, libdnnl.so.3) without
 # shipping it, and slim bases lack it. Its version is whatever the base image's
 # Debian release has: pin the base by digest rather than this package.
+# apt-get clean drops apt's 80 MB package caches where the base has no
+# docker-clean hook (the official Debian images have one).
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libgomp1 \
+ && apt-get clean \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 tokenstream \
  && useradd --system --no-log-init --uid 10001 --gid 10001 \
       --create-home --home-dir /home/tokenstream --shell /usr/sbin/nologin tokenstream
+# Least to most often changed: dependencies, model, code.
 COPY --from=venv /opt/venv /opt/venv
 COPY --from=models /opt/tokenstream/models /opt/tokenstream/models
+COPY --from=builder /opt/tokenstream/app /opt/tokenstream/app
 # DL3064 false positive on the TOKENSTREAM_ prefix: no secret here (see gpu stage).
 # TOKENSTREAM_MODEL_DIR: see the models stage at the top.
 # hadolint ignore=DL3064
-ENV PATH=/opt/venv/bin:$PATH \
+ENV PATH=/opt/tokenstream/app/bin:/opt/venv/bin:$PATH \
     HOME=/home/tokenstream \
     XDG_CACHE_HOME=/home/tokenstream/.cache \
     PYTHONUNBUFFERED=1 \

@@ -12,7 +12,7 @@
 #   under that exact name, labelled as a stand-in. Its Python is /usr/bin/python, not /usr/local/bin/python.
 # - pip inside RUN steps needs this machine's CA bundle (see pip_build_args): bind-mounted read-only for the build
 #   only, so none of it lands in the runtime image.
-# Environment: PODMAN_STATE (default ~/.cache/tokenstream/podman), PY (python with pip, for `pip config list`).
+# Environment: PODMAN_STATE (default ~/.cache/tokenstream/podman), PY (a python with pip, to read pip's `cert`).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -39,7 +39,7 @@ setup() {
         command -v apt-get >/dev/null || { log "needs apt-get to install ${missing[*]}"; exit 77; }
         log "installing ${missing[*]}"
         apt-get update -qq >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
     fi
     mkdir -p "$STATE"
     if [[ -z "${CONTAINERS_CONF:-}" ]]; then
@@ -60,6 +60,8 @@ EOF
 base() {
     # The recipe is the image's identity: a changed package list or suite rebuilds it.
     local recipe have tar old
+    exec 9>"$STATE/base.lock"
+    flock 9  # one stand-in build at a time; a second caller waits, then finds it current
     recipe="$(printf '%s|' "$BASE_SUITE" "$BASE_PACKAGES" "$MIRROR" "${SLIM_EXCLUDES[@]}" | sha256sum | cut -c1-16)"
     have="$(podman image inspect --format '{{index .Config.Labels "org.tokenstream.standin.recipe"}}' \
             "$BASE_NAME" 2>/dev/null || true)"
@@ -109,13 +111,16 @@ pip_build_args() {
 }
 
 build() {
-    local tag="${1:-tokenstream:dev}" start end
+    local tag="${1:-tokenstream:dev}" start end old
     local -a extra
+    old="$(podman image ls -q "$tag" 2>/dev/null || true)"
     mapfile -t extra < <(pip_build_args)
     start="$(date +%s%N)"
     # docker format keeps HEALTHCHECK (OCI image configs have no field for it); --pull=never: nothing to pull from.
     podman build --format docker --pull=never --network host "${extra[@]}" --target cpu -t "$tag" . >&2
     end="$(date +%s%N)"
+    # The image this build replaced, now untagged (kept while a container uses it).
+    [[ -n "$old" && "$old" != "$(podman image ls -q "$tag")" ]] && podman rmi "$old" >/dev/null 2>&1 || true
     log "built $tag in $(((end - start) / 1000000000)).$((((end - start) / 100000000) % 10)) s"
 }
 
