@@ -78,8 +78,10 @@ def podman_env() -> dict[str, str]:
     """Installs podman & co. where missing and returns an environment with its containers.conf (runc, ulimits)."""
     script = ROOT / "scripts" / "image.sh"
     env = {**os.environ, "PY": os.environ.get("PY", sys.executable)}
+    start = time.monotonic()
     done = subprocess.run([script, "setup"], env=env, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, f"scripts/image.sh setup failed:\n{done.stderr}"
+    report("setup_s", round(time.monotonic() - start, 1))
     return {**env, "CONTAINERS_CONF": done.stdout.strip().splitlines()[-1]}
 
 
@@ -95,12 +97,13 @@ def image(podman_env: dict[str, str]) -> dict[str, Any]:
     """Builds the image (stand-in base first, cached) and returns its config."""
     OUT.mkdir(parents=True, exist_ok=True)
     log = OUT / "build.log"
-    start = time.monotonic()
     with log.open("w") as out:
-        done = subprocess.run([ROOT / "scripts" / "image.sh", "build", IMAGE], env=podman_env, stdout=out,
-                              stderr=subprocess.STDOUT, timeout=3600, check=False)
-    assert done.returncode == 0, f"image build failed ({done.returncode}); see {log}:\n{log.read_text()[-4000:]}"
-    report("build_s", round(time.monotonic() - start, 1))
+        for step, args in (("standin_base_s", ["base"]), ("build_s", ["build", IMAGE])):
+            start = time.monotonic()
+            done = subprocess.run([ROOT / "scripts" / "image.sh", *args], env=podman_env, stdout=out,
+                                  stderr=subprocess.STDOUT, timeout=3600, check=False)
+            assert done.returncode == 0, f"image.sh {args[0]} failed; see {log}:\n{log.read_text()[-4000:]}"
+            report(step, round(time.monotonic() - start, 1))
     (inspected,) = json.loads(podman(podman_env, "image", "inspect", IMAGE).stdout)
     report("image_size_mb", round(inspected["Size"] / 1e6))
     report("base_image", inspected["Config"].get("Labels", {}).get("org.tokenstream.standin", "official"))
