@@ -47,6 +47,8 @@ REQUIRED = os.environ.get("TOKENSTREAM_IMAGE_TEST_REQUIRED") == "1"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 DRAIN_STREAMS = 8
 REPORT: dict[str, Any] = {}
+# The first test also pays for installing podman, the stand-in base and a cold build (about 7 min here, loaded).
+pytestmark = pytest.mark.timeout(3600)
 
 
 def _cannot_run() -> str | None:
