@@ -7,7 +7,7 @@ NODE_MODULES := clients/node/node_modules/.package-lock.json
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: install serve test proto proto-check lint deploy-check ci bench soak clean
+.PHONY: install serve test proto proto-check lint deploy-check image-test ci bench soak clean
 
 # The venv is (re)built whenever pyproject.toml changes. `serve` needs only the runtime;
 # the dev extra adds the test tools and the numerical references (paddleformers, torch CPU).
@@ -54,6 +54,11 @@ lint: $(STAMP)
 
 deploy-check: $(STAMP)
 	VENV=$(VENV) .ci/check-deploy
+
+# Builds the CPU image with podman (installed with apt where missing; needs root) and runs it as deploy/k8s does.
+# Skipped where it cannot run, unless TOKENSTREAM_IMAGE_TEST_REQUIRED=1. Figures: build/image-test/report.json.
+image-test: $(STAMP)
+	PY=$(PY) $(PY) -m pytest tests/image/check_image.py -s $(PYTEST_ARGS)
 
 ci: lint proto-check deploy-check test
 
