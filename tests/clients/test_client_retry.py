@@ -226,7 +226,7 @@ def test_retry_policy_delays() -> None:
     for code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
                  grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAUTHENTICATED):
         assert policy.delay_for(TokenstreamError(code, "no"), 1, received_response=False) is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_attempts"):
         RetryPolicy(max_attempts=0)
 
 
@@ -242,5 +242,5 @@ def test_channel_options() -> None:
     assert dns["grpc.keepalive_time_ms"] == 60_000  # extra options override
     tls = dict(channel_options("10.0.0.1:443", TLSConfig(server_name="tokenstream.internal")))
     assert tls["grpc.ssl_target_name_override"] == "tokenstream.internal"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="key"):
         TLSConfig(certificate_chain=b"cert")  # a client certificate needs its key

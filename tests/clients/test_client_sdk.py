@@ -10,10 +10,31 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.support.hooks import StepGate
+from tests.support.servers import base_config, started
 from tokenstream_client import AsyncClient, Client, Delta, FinishReason, TokenstreamError
 
 PROMPT = "你好世界 Hello"
-LONG = 400  # tokens: far more than a test takes to read its first delta; the test context holds 512
+LONG = 400  # tokens; the test context holds 512
+HELD_STEPS = 20  # decode steps a held stream gets: it is still running, far from LONG, whatever the machine
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Any) -> Iterator[Any]:
+    """Overrides tests/conftest.py's: the same server, whose decode steps follow a gate (open unless `held`)."""
+    srv = started(base_config(model_dir), hooks=StepGate())
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def held(server: Any) -> Iterator[StepGate]:
+    """Streams get HELD_STEPS decode steps, then wait: a LONG answer is still running when the test acts on it."""
+    gate = server.hooks
+    gate.close()
+    gate.permit(HELD_STEPS)
+    yield gate
+    gate.open()
 
 
 @pytest.fixture
@@ -63,35 +84,38 @@ def test_stream_result_covers_iterated_deltas(client: Client) -> None:
     assert len(result.token_ids) == 8
 
 
-def test_deadline_ends_with_time_limit_or_deadline_exceeded(client: Client, server: Any) -> None:
+def test_deadline_ends_with_time_limit_or_deadline_exceeded(client: Client, server: Any, held: StepGate) -> None:
+    outcome: Any
     try:
-        result = client.generate_text(PROMPT, max_new_tokens=LONG, timeout=0.3)
+        outcome = client.generate_text(PROMPT, max_new_tokens=LONG, timeout=0.3)
     except TokenstreamError as error:
-        assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        outcome = error
+    if isinstance(outcome, TokenstreamError):
+        assert outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED
     else:
-        assert result.finish_reason is FinishReason.TIME_LIMIT
-        assert result.usage.completion_tokens < LONG
+        assert outcome.finish_reason is FinishReason.TIME_LIMIT
+        assert outcome.usage.completion_tokens <= HELD_STEPS + 1
     assert no_active_streams(server)
 
 
-def test_closing_the_iterator_cancels_the_call(client: Client, server: Any) -> None:
+def test_closing_the_iterator_cancels_the_call(client: Client, server: Any, held: StepGate) -> None:
     stream = client.generate(PROMPT, max_new_tokens=LONG)
     assert next(stream).tokens
-    assert server.engine.stats().active == 1  # still decoding: LONG tokens take seconds
+    assert server.engine.stats().active == 1  # still running: held after HELD_STEPS steps
     stream.close()
     assert no_active_streams(server)
     with pytest.raises(StopIteration):
         next(stream)
 
 
-def test_breaking_out_of_a_with_block_cancels_the_call(client: Client, server: Any) -> None:
+def test_breaking_out_of_a_with_block_cancels_the_call(client: Client, server: Any, held: StepGate) -> None:
     with client.generate(PROMPT, max_new_tokens=LONG) as stream:
         for _ in stream:
             break
     assert no_active_streams(server)
 
 
-def test_a_garbage_collected_stream_cancels_the_call(client: Client, server: Any) -> None:
+def test_a_garbage_collected_stream_cancels_the_call(client: Client, server: Any, held: StepGate) -> None:
     stream = client.generate(PROMPT, max_new_tokens=LONG)
     next(stream)
     assert server.engine.stats().active == 1
@@ -155,7 +179,7 @@ def test_async_generate_and_collect(server: Any, loaded_model: Any) -> None:
     assert health == "SERVING" and info.vocab_size == 151_936
 
 
-def test_async_deadline(server: Any) -> None:
+def test_async_deadline(server: Any, held: StepGate) -> None:
     async def run() -> Any:
         async with AsyncClient(server.target) as client:
             try:
@@ -171,7 +195,7 @@ def test_async_deadline(server: Any) -> None:
     assert no_active_streams(server)
 
 
-def test_async_aclose_cancels_the_call(server: Any) -> None:
+def test_async_aclose_cancels_the_call(server: Any, held: StepGate) -> None:
     async def run() -> bool:
         async with AsyncClient(server.target, timeout=60) as client:
             stream = client.generate(PROMPT, max_new_tokens=LONG)
@@ -183,7 +207,7 @@ def test_async_aclose_cancels_the_call(server: Any) -> None:
     assert asyncio.run(run())
 
 
-def test_async_cancel_from_another_task_ends_the_iteration(server: Any) -> None:
+def test_async_cancel_from_another_task_ends_the_iteration(server: Any, held: StepGate) -> None:
     async def run() -> tuple[int, bool]:
         async with AsyncClient(server.target, timeout=60) as client:
             stream = client.generate(PROMPT, max_new_tokens=LONG)
@@ -203,10 +227,10 @@ def test_async_cancel_from_another_task_ends_the_iteration(server: Any) -> None:
             return count, await asyncio.to_thread(no_active_streams, server)
 
     count, idle = asyncio.run(run())
-    assert 1 <= count < LONG and idle
+    assert 1 <= count <= HELD_STEPS + 1 and idle
 
 
-def test_async_garbage_collected_stream_cancels_the_call(server: Any) -> None:
+def test_async_garbage_collected_stream_cancels_the_call(server: Any, held: StepGate) -> None:
     async def run() -> bool:
         async with AsyncClient(server.target, timeout=60) as client:
             stream = client.generate(PROMPT, max_new_tokens=LONG)
@@ -218,7 +242,7 @@ def test_async_garbage_collected_stream_cancels_the_call(server: Any) -> None:
     assert asyncio.run(run())
 
 
-def test_async_task_cancellation_cancels_the_call(server: Any) -> None:
+def test_async_task_cancellation_cancels_the_call(server: Any, held: StepGate) -> None:
     async def run() -> bool:
         async with AsyncClient(server.target, timeout=60) as client:
             started = asyncio.Event()

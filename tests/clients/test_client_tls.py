@@ -66,7 +66,8 @@ def test_server_name_override(mtls_server: FakeServer, certs: Path) -> None:
 
 def test_without_a_client_certificate_the_handshake_fails(mtls_server: FakeServer, certs: Path) -> None:
     tls = TLSConfig.from_files(certs / "ca.pem")
-    with Client(mtls_server.target, tls=tls, timeout=10, retry=RetryPolicy.disabled()) as client, pytest.raises(TokenstreamError) as info:
+    with Client(mtls_server.target, tls=tls, timeout=10, retry=RetryPolicy.disabled()) as client, \
+            pytest.raises(TokenstreamError) as info:
         client.generate_text("x")
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
 
