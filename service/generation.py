@@ -18,6 +18,7 @@ from google.rpc import code_pb2
 from opentelemetry import propagate, trace
 
 from service.admission import admit
+from service.callers import Caller
 from service.config import Config
 from service.engine.api import EngineClient, EngineStream
 from service.engine.types import Chunk, ErrorKind, Finish, GenerationRequest, Timings
@@ -35,6 +36,7 @@ class ServerState:
     """What the fronts know about the engine's life: loading, serving, draining."""
 
     config: Config
+    auth_on: bool = False  # bearer tokens are required (then they identify callers)
     engine: EngineClient | None = None
     draining: bool = False
     active_streams: int = 0
@@ -60,6 +62,7 @@ class CallInfo:
     request_id: str
     remaining_s: float | None  # until the caller's own deadline, if it set one
     front: str  # "grpc" or "http"
+    caller: Caller  # who is calling (service/callers.py): fair sharing and per-caller limits
     span_name: str  # e.g. "/tokenstream.v1.GenerationService/Generate" or "POST /v1/chat/completions"
     carrier: dict[str, str] = field(default_factory=dict)  # headers or metadata, for `traceparent`
     span_attributes: dict[str, str | int] = field(default_factory=dict)  # the front's own (rpc.*, http.*)
@@ -186,6 +189,7 @@ def _request_attributes(span: trace.Span, request: pb.GenerateRequest, req: Gene
         "gen_ai.usage.input_tokens": len(req.prompt_ids),
         "tokenstream.request_id": call.request_id,
         "tokenstream.front": call.front,
+        "tokenstream.caller_class": call.caller.cls,
     }
     if s.seed is not None:
         attributes["gen_ai.request.seed"] = s.seed

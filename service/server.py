@@ -143,7 +143,7 @@ async def start_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    state = ServerState(config=config)
+    state = ServerState(config=config, auth_on=bool(tokens))
     metrics = Metrics(lambda: state.engine.stats() if state.engine is not None else None)
     tracer = get_tracer(tracer_provider)
     health = health_aio.HealthServicer()

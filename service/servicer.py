@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from service.callers import bearer_token, identify, peer_ip
 from service.engine.types import Chunk, Finish
 from service.errors import InvalidRequestError, NotReadyError, ShuttingDownError, abort
 from service.generation import CallInfo, Generations, ServerState
@@ -66,8 +67,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        token = bearer_token(metadata) if self.state.auth_on else None
+        caller = identify(self.state.config, metadata, peer_ip(context.peer() or ""), token)
         call = CallInfo(request_id=metadata.get("x-request-id") or uuid.uuid4().hex,
-                        remaining_s=context.time_remaining(), front="grpc", span_name=GENERATE, carrier=metadata,
+                        remaining_s=context.time_remaining(), front="grpc", caller=caller, span_name=GENERATE,
+                        carrier=metadata,
                         span_attributes={"rpc.system": "grpc", "rpc.service": GENERATE.split("/")[1],
                                          "rpc.method": "Generate"})
         run = self.generations.run(request, call)
