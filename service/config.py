@@ -44,9 +44,8 @@ class Config:
     caller_key: str = ""  # a metadata key / header naming the caller, set by a trusted gateway
     caller_class_key: str = "x-caller-class"  # names the caller's class, for metrics
     caller_classes: str = ""  # comma-separated: the classes metrics may carry; any other is "default"
-    caller_max_streams: int = 0  # streams one caller may have running or queued at once
-    caller_max_queued: int = 0  # of those, how many may wait for a slot
-    caller_tokens_per_s: float = 0.0  # generated tokens per second one caller may use, on average
+    caller_tokens_per_s: float = 0.0  # generated tokens per second one caller may use, on average (0: no cap)
+    caller_token_burst: int = 0  # tokens a caller may use at once before the rate applies (0: 10 s of its rate)
     # Security
     tls_cert: str = ""
     tls_key: str = ""

@@ -11,7 +11,7 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from service.engine.api import QueueFullError
+from service.engine.api import CallerQuotaError, QueueFullError
 from service.engine.tokenizer import ChatTemplateError
 
 
@@ -67,6 +67,11 @@ def to_status(exc: BaseException) -> grpc.Status:
         details.append(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field="messages", description=str(exc))
         ]))
+    elif isinstance(exc, CallerQuotaError):
+        code, message = code_pb2.RESOURCE_EXHAUSTED, f"quota exceeded: {exc}; retry later"
+        details.append(_retry_info(exc.retry_after_s))
+        details.append(error_details_pb2.QuotaFailure(violations=[error_details_pb2.QuotaFailure.Violation(
+            subject=f"caller:{exc.caller}", description=f"per-caller {exc.limit} limit: {exc}")]))
     elif isinstance(exc, QueueFullError):
         code, message = code_pb2.RESOURCE_EXHAUSTED, f"server busy: {exc}; retry later"
         details.append(_retry_info(1.0))

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from google.rpc import code_pb2
 from opentelemetry import propagate, trace
 
-from service.admission import admit
+from service.admission import TokenRates, admit
 from service.callers import Caller
 from service.config import Config
-from service.engine.api import EngineClient, EngineStream
+from service.engine.api import EngineClient, EngineStream, QueueFullError
 from service.engine.types import Chunk, ErrorKind, Finish, GenerationRequest, Timings
 from service.errors import EngineOutOfMemoryError, NotReadyError, ShuttingDownError, code_name
 from service.logs import request_fields
@@ -41,6 +41,11 @@ class ServerState:
     draining: bool = False
     active_streams: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    rates: TokenRates | None = None  # per-caller token rates, when configured
+
+    def __post_init__(self) -> None:
+        if self.config.caller_tokens_per_s > 0:
+            self.rates = TokenRates(self.config.caller_tokens_per_s, self.config.caller_token_burst)
 
     def ready_engine(self) -> EngineClient:
         if self.draining:
@@ -92,11 +97,34 @@ class Generations:
         final: Chunk | None = None
         code = "OK"
         output: list[str] = []
+        concluded = False
+
+        def conclude() -> None:
+            """Span, rate, metrics and log line, once. For a finished stream, before its final message goes out,
+            so that a caller who has the final message also finds the request counted."""
+            nonlocal final, concluded
+            if concluded:
+                return
+            concluded = True
+            if final is None and stream is not None and engine_req is not None:
+                final = _cancelled_summary(stream, engine_req)
+            if final is not None:
+                self._record(span, final)
+                if self.state.rates is not None:
+                    self.state.rates.charge(call.caller.id, final.completion_tokens)
+            self._end(span, code, call)
+            self.metrics.observe(final, code, call.front, call.caller.cls)
+            self._log(call, fields, code, final, request.prompt if config.log_text else None,
+                      "".join(output) if config.log_text else None)
+
         try:
             engine = self.state.ready_engine()
             engine_req, limit_ms = validate_generate(request, config, engine)
-            engine_req = dataclasses.replace(engine_req, request_id=call.request_id, trace_id=trace_id)
+            engine_req = dataclasses.replace(engine_req, request_id=call.request_id, trace_id=trace_id,
+                                             caller=call.caller.id)
             engine_req = admit(engine, engine_req, limit_ms, call.remaining_s, config)
+            if self.state.rates is not None:
+                self.state.rates.check(call.caller.id)
             _request_attributes(span, request, engine_req, engine.info.name, call)
             stream = engine.generate(engine_req)
             self.state.active_streams += 1
@@ -107,9 +135,13 @@ class Generations:
                         final = chunk
                     if chunk.error_kind is ErrorKind.OUT_OF_MEMORY and sent_tokens == 0:
                         raise EngineOutOfMemoryError(chunk.error)
+                    if chunk.error_kind is ErrorKind.OVERLOADED and sent_tokens == 0:
+                        raise QueueFullError(chunk.error)
                     sent_tokens += len(chunk.tokens)
                     if config.log_text:
                         output.append(chunk.text)
+                    if chunk.finish is not None:
+                        conclude()
                     yield chunk
             finally:
                 stream.cancel()  # a no-op once finished
@@ -121,14 +153,7 @@ class Generations:
             code = code_name(exc)
             raise
         finally:
-            if final is None and stream is not None and engine_req is not None:
-                final = _cancelled_summary(stream, engine_req)
-            if final is not None:
-                self._record(span, final)
-            self._end(span, code, call)
-            self.metrics.observe(final, code, call.front)
-            self._log(call, fields, code, final, request.prompt if config.log_text else None,
-                      "".join(output) if config.log_text else None)
+            conclude()
 
     def _record(self, span: trace.Span, chunk: Chunk) -> None:
         span.set_attribute("gen_ai.usage.input_tokens", chunk.prompt_tokens)

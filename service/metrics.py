@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from service.engine.api import EngineStats
@@ -27,7 +27,7 @@ class _EngineCollector(Collector):
     def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
         self._stats = stats
 
-    def collect(self) -> Iterator[GaugeMetricFamily | HistogramMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | HistogramMetricFamily | CounterMetricFamily]:
         s = self._stats()
         if s is None:
             return
@@ -37,6 +37,12 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("tokenstream_kv_cache_fill_ratio",
                                 "Cached positions over max_slots * max_context", value=s.kv_fill_ratio)
         yield GaugeMetricFamily("tokenstream_kv_cache_bytes", "Bytes allocated to the KV cache", value=s.cache_bytes)
+        yield CounterMetricFamily("tokenstream_preemptions", "Sequences sent back to the queue for another caller",
+                                  value=s.preemptions)
+        yield CounterMetricFamily("tokenstream_displaced", "Queued requests refused to make room for a caller "
+                                  "below its share", value=s.displaced)
+        yield CounterMetricFamily("tokenstream_slow_readers", "Streams ended because their reader stopped reading",
+                                  value=s.slow_readers)
 
 
 def _batch_size_histogram(per_size: tuple[int, ...]) -> HistogramMetricFamily:
@@ -55,9 +61,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("tokenstream_requests", "Finished Generate calls, by front (grpc, http)",
-                                ["finish_reason", "grpc_code", "front"], registry=r)
+                                ["finish_reason", "grpc_code", "front", "caller_class"], registry=r)
         self.ttft = Histogram("gen_ai_server_time_to_first_token_seconds",
-                              "Time from arrival to the first generated token", buckets=_LATENCY_BUCKETS, registry=r)
+                              "Time from arrival to the first generated token", ["caller_class"],
+                              buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("gen_ai_server_time_per_output_token_seconds",
                               "Decode time per output token after the first", buckets=_TPOT_BUCKETS, registry=r)
         self.duration = Histogram("gen_ai_server_request_duration_seconds", "End-to-end request time",
@@ -65,24 +72,26 @@ class Metrics:
         self.queue = Histogram("tokenstream_queue_time_seconds", "Time from arrival to the start of prefill",
                                buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("tokenstream_prompt_tokens", "Prompt tokens processed", registry=r)
-        self.completion_tokens = Counter("tokenstream_completion_tokens", "Tokens generated", registry=r)
+        self.completion_tokens = Counter("tokenstream_completion_tokens", "Tokens generated", ["caller_class"],
+                                         registry=r)
         r.register(_EngineCollector(stats))
 
-    def observe(self, final: Chunk | None, code: str, front: str) -> None:
-        """Record one finished call: its final chunk (None when it was rejected before streaming) and the
-        canonical status code (the gRPC code name, which the HTTP front's statuses map onto too)."""
+    def observe(self, final: Chunk | None, code: str, front: str, caller_class: str) -> None:
+        """Record one finished call: its final chunk (None when it was rejected before streaming), the canonical
+        status code (the gRPC code name, which the HTTP front's statuses map onto too) and the caller's class
+        (from a bounded, configured set)."""
         reason = final.finish.value if final is not None and final.finish is not None else "none"
-        self.requests.labels(finish_reason=reason, grpc_code=code, front=front).inc()
+        self.requests.labels(finish_reason=reason, grpc_code=code, front=front, caller_class=caller_class).inc()
         if final is None or final.timings is None:
             return
         t = final.timings
         self.prompt_tokens.inc(final.prompt_tokens)
-        self.completion_tokens.inc(final.completion_tokens)
+        self.completion_tokens.labels(caller_class=caller_class).inc(final.completion_tokens)
         self.duration.observe(t.total_ms / 1000.0)
         if t.prefill_start_ns:
             self.queue.observe(t.queue_ms / 1000.0)
         if t.first_token_ns:
-            self.ttft.observe(t.ttft_ms / 1000.0)
+            self.ttft.labels(caller_class=caller_class).observe(t.ttft_ms / 1000.0)
         if final.completion_tokens > 1:
             self.tpot.observe(t.decode_ms / 1000.0 / (final.completion_tokens - 1))
 

@@ -127,13 +127,15 @@ def test_metrics_are_exposed_with_genai_names(model_dir: Path) -> None:
         srv.close()
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line and not line.startswith("#")}
-    assert samples['tokenstream_requests_total{finish_reason="max_tokens",front="grpc",grpc_code="OK"}'] == 3
-    assert samples['tokenstream_requests_total{finish_reason="none",front="grpc",grpc_code="INVALID_ARGUMENT"}'] == 1
-    assert samples["gen_ai_server_time_to_first_token_seconds_count"] == 3
+    ok = 'caller_class="default",finish_reason="max_tokens",front="grpc",grpc_code="OK"'
+    bad = 'caller_class="default",finish_reason="none",front="grpc",grpc_code="INVALID_ARGUMENT"'
+    assert samples[f"tokenstream_requests_total{{{ok}}}"] == 3
+    assert samples[f"tokenstream_requests_total{{{bad}}}"] == 1
+    assert samples['gen_ai_server_time_to_first_token_seconds_count{caller_class="default"}'] == 3
     assert samples["gen_ai_server_time_per_output_token_seconds_count"] == 3
     assert samples["gen_ai_server_request_duration_seconds_count"] == 3
     assert samples["tokenstream_queue_time_seconds_count"] == 3
-    assert samples["tokenstream_completion_tokens_total"] == 15
+    assert samples['tokenstream_completion_tokens_total{caller_class="default"}'] == 15
     assert samples["tokenstream_prompt_tokens_total"] > 0
     for gauge in ("tokenstream_active_slots", "tokenstream_queue_depth", "tokenstream_kv_cache_fill_ratio"):
         assert gauge in samples
@@ -241,7 +243,7 @@ def served_by(servers: list[Subprocess], hosts: tuple[str, ...]) -> list[float]:
     for server, host in zip(servers, hosts, strict=True):
         body = urllib.request.urlopen(f"http://{host}:{server.info['metrics_port']}/metrics", timeout=5).read()
         counts.append(sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
-                          if line.startswith('tokenstream_requests_total{finish_reason="max_tokens"')))
+                          if line.startswith("tokenstream_requests_total{") and 'finish_reason="max_tokens"' in line))
     return counts
 
 

@@ -28,7 +28,7 @@ def tok(model_dir: Path) -> Tokenizer:
 def seq_for(tok: Tokenizer, prompt: str = "hi", max_new: int = 8, max_context: int = 512, eos: tuple[int, ...] = (),
             **kw: object) -> Sequence:
     req = GenerationRequest(tok.encode(prompt), max_new, **kw)  # type: ignore[arg-type]
-    return Sequence(req, tok, eos, max_context, arrival_ns=1, handle=StreamHandle(lambda _: None, None))
+    return Sequence(req, tok, eos, max_context, arrival_ns=1, handle=StreamHandle(lambda _: None, None, paced=True))
 
 
 def feed(seq: Sequence, ids: list[int]) -> list:
@@ -87,12 +87,21 @@ def test_first_token_time_and_usage(tok: Tokenizer) -> None:
 
 def test_verdict_precedence(tok: Tokenizer) -> None:
     seq = seq_for(tok, deadline=5.0)
-    assert verdict(seq, now_monotonic=4.0, max_backlog=0) is None
+    seq.handle.last_read = 3.0
+    assert verdict(seq, now_monotonic=4.0, max_backlog=0, slow_reader_s=5) is None
+    seq.handle.emitted = 1  # one message waits: not slow until the reader has been away for slow_reader_s
+    assert verdict(seq, 4.0, max_backlog=2, slow_reader_s=5) is None
+    assert verdict(seq, 4.0, max_backlog=2, slow_reader_s=0.5) == (Finish.ERROR, f"{SLOW_READER}: no message taken "
+                                                                   "for 0.5 s")
     seq.handle.emitted = 3
-    assert verdict(seq, 4.0, max_backlog=2) == (Finish.ERROR, f"{SLOW_READER}: stream buffer limit reached")
-    assert verdict(seq, 6.0, max_backlog=2) == (Finish.TIME_LIMIT, "")
+    assert verdict(seq, 4.0, max_backlog=2, slow_reader_s=5) == (Finish.ERROR, f"{SLOW_READER}: stream buffer "
+                                                                 "limit reached")
+    assert verdict(seq, 6.0, max_backlog=2, slow_reader_s=5) == (Finish.TIME_LIMIT, "")
     seq.handle.cancel()
-    assert verdict(seq, 6.0, max_backlog=2) == (Finish.CANCELLED, "")
+    assert verdict(seq, 6.0, max_backlog=2, slow_reader_s=5) == (Finish.CANCELLED, "")
+    unpaced = seq_for(tok)
+    unpaced.handle.paced, unpaced.handle.emitted = False, 10**6  # a plain callback consumes as it is called
+    assert verdict(unpaced, 1e9, max_backlog=2, slow_reader_s=0.5) is None
 
 
 class FlipFlopHandle(StreamHandle):
@@ -114,8 +123,8 @@ def test_a_verdict_that_changes_between_reads_ends_one_stream_not_the_batch(load
     engine = Engine(loaded_model, EngineConfig(max_slots=4, max_context=256, max_backlog=0))
     got: dict[str, list] = {"a": [], "b": []}
     ids = loaded_model.tokenizer.encode("hello there")
-    steady = engine.submit(GenerationRequest(ids, 20, request_id="a"), got["a"].extend)
-    racy = engine.submit(GenerationRequest(ids, 20, request_id="b"), got["b"].extend)
+    steady = engine.submit(GenerationRequest(ids, 20, request_id="a"), got["a"].extend, paced=True)
+    racy = engine.submit(GenerationRequest(ids, 20, request_id="b"), got["b"].extend, paced=True)
     with paddle.no_grad():
         engine._iteration()  # both prefilled and decoded once, driven here rather than on the engine thread
         engine._outbox.publish()

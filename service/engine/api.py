@@ -17,6 +17,11 @@ class EngineConfig:
     max_context: int = 2048  # capped at the model's own limit when it loads
     max_queue: int = 64  # waiting requests beyond the slots
     max_backlog: int = 256  # undelivered chunks per stream before it is ended as a slow consumer
+    # A stream whose reader has taken no message for this long while messages wait is ended ("the client
+    # stopped reading"), and its slot freed: a write blocked on a full HTTP/2 window counts, however few wait.
+    slow_reader_s: float = 5.0
+    caller_max_streams: int = 0  # per caller, running or queued (0: no cap)
+    caller_max_queued: int = 0  # per caller, queued (0: no cap)
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -37,6 +42,9 @@ class EngineStats:
     alive: bool
     # Decode steps per batch size: batch_sizes[b] is how many steps ran with b rows (index 0 unused).
     batch_sizes: tuple[int, ...] = ()
+    preemptions: int = 0  # sequences sent back to the queue so that another caller could have a slot
+    displaced: int = 0  # queued requests refused later, to make room for a caller below its share
+    slow_readers: int = 0  # streams ended because their reader stopped taking messages
 
     @property
     def kv_fill_ratio(self) -> float:
@@ -62,7 +70,17 @@ class ModelInfo:
 
 
 class QueueFullError(RuntimeError):
-    """The engine's slots and wait queue are full."""
+    """The engine's slots and wait queue are full (and the caller already has its share of them)."""
+
+
+class CallerQuotaError(QueueFullError):
+    """One caller's own cap on streams or queued requests (or its token rate) is reached."""
+
+    def __init__(self, caller: str, limit: str, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.caller = caller
+        self.limit = limit  # which cap: "streams", "queued" or "tokens_per_s"
+        self.retry_after_s = retry_after_s
 
 
 class Tokenizing(Protocol):

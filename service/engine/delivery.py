@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -14,11 +15,16 @@ from service.engine.types import Chunk
 class StreamHandle:
     """Shared by the engine thread and one consumer. Each side writes only its own fields."""
 
-    def __init__(self, deliver: Callable[[list[Chunk]], None], loop: asyncio.AbstractEventLoop | None) -> None:
+    def __init__(self, deliver: Callable[[list[Chunk]], None], loop: asyncio.AbstractEventLoop | None,
+                 paced: bool = False) -> None:
         self.deliver = deliver
         self.loop = loop
+        # Whether the consumer reports its reading (consumed, last_read), so that a stalled reader can be ended.
+        # A plain callback consumes as it is called: it is never behind.
+        self.paced = paced
         self.cancelled = False  # consumer side; the engine stops the sequence at its next step
         self.consumed = 0  # consumer side
+        self.last_read = time.monotonic()  # consumer side: when it last asked for a message
         self.emitted = 0  # engine side
         self.marks = StreamMarks()  # engine side
 
@@ -66,9 +72,9 @@ def _deliver_all(items: list[tuple[StreamHandle, list[Chunk]]]) -> None:
 class AsyncStream:
     """An event loop's view of one request: an async iterator of chunks that ends after the final one."""
 
-    def __init__(self, submit: Callable[[Callable[[list[Chunk]], None], asyncio.AbstractEventLoop], StreamHandle]):
+    def __init__(self, submit: Callable[..., StreamHandle]) -> None:
         self._chunks: asyncio.Queue[Chunk] = asyncio.Queue()
-        self._handle = submit(self._put_all, asyncio.get_running_loop())
+        self._handle = submit(self._put_all, asyncio.get_running_loop(), paced=True)
         self._done = False
 
     def _put_all(self, batch: list[Chunk]) -> None:
@@ -85,6 +91,9 @@ class AsyncStream:
     async def __anext__(self) -> Chunk:
         if self._done:
             raise StopAsyncIteration
+        # Asked for the next message: the front has finished writing the previous one (a blocked write keeps
+        # the front away from here, which is how a reader that stopped reading shows).
+        self._handle.last_read = time.monotonic()
         chunk = await self._chunks.get()
         self._handle.consumed += 1
         self._done = chunk.finish is not None
@@ -96,7 +105,7 @@ class AsyncStream:
             self._handle.cancel()
 
 
-def iterate_sync(submit: Callable[[Callable[[list[Chunk]], None]], StreamHandle]) -> Iterator[Chunk]:
+def iterate_sync(submit: Callable[..., StreamHandle]) -> Iterator[Chunk]:
     """The same for threads without an event loop (tests, benchmarks); closing the iterator cancels."""
     out: queue.SimpleQueue[Chunk] = queue.SimpleQueue()
 
@@ -104,9 +113,10 @@ def iterate_sync(submit: Callable[[Callable[[list[Chunk]], None]], StreamHandle]
         for chunk in batch:
             out.put(chunk)
 
-    handle = submit(put_all)
+    handle = submit(put_all, None, paced=True)
     try:
         while True:
+            handle.last_read = time.monotonic()
             chunk = out.get()
             handle.consumed += 1
             yield chunk

@@ -23,8 +23,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import paddle
 
-from service.engine.api import EngineConfig, EngineStats, ModelInfo, QueueFullError
+from service.engine.api import CallerQuotaError, EngineConfig, EngineStats, ModelInfo, QueueFullError
 from service.engine.delivery import AsyncStream, Outbox, StreamHandle, iterate_sync
+from service.engine.fairness import FairQueue, displacement_victims, fair_share, holders, preemption_victim
 from service.engine.hooks import EngineHooks
 from service.engine.kv_cache import SlotKVCache
 from service.engine.loader import LoadedModel
@@ -52,13 +53,20 @@ class Engine:
             max_context, self.config.dtype,
         )
         self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
-        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._waiting = FairQueue()  # engine thread only
         self._active: list[Sequence] = []  # decode rows; index == slot
         self._prefilling: Sequence | None = None  # partly prefilled, at slot len(_active)
         self._outbox = Outbox()
         self._done: list[Sequence] = []  # finished in this step, slots not yet freed
         self._steps = 0
         self._iterations = 0
+        self._preemptions = 0
+        self._displaced = 0
+        self._slow_readers = 0
+        # Streams submitted and not yet finished, per caller: written by submit (any thread) and the engine
+        # thread, under the lock, so that admission can share the queue fairly before the engine sees a request.
+        self._inflight: collections.Counter[str] = collections.Counter()
+        self._inflight_lock = threading.Lock()
         self._batch_sizes = [0] * (self.config.max_slots + 1)
         self._last_iteration = time.monotonic()
         self._thread: threading.Thread | None = None
@@ -148,33 +156,65 @@ class Engine:
             cache_capacity=self.cache.capacity, cache_bytes=self.cache.nbytes, used_positions=used,
             max_slots=self.config.max_slots, max_context=self.config.max_context, steps=self._steps,
             iterations=self._iterations, last_iteration_monotonic=self._last_iteration, alive=self.alive,
-            batch_sizes=tuple(self._batch_sizes),
+            batch_sizes=tuple(self._batch_sizes), preemptions=self._preemptions, displaced=self._displaced,
+            slow_readers=self._slow_readers,
         )
 
     # -- submission (any thread) -----------------------------------------------------------------
 
     def submit(
         self, req: GenerationRequest, deliver: Callable[[list[Chunk]], None],
-        loop: asyncio.AbstractEventLoop | None = None,
+        loop: asyncio.AbstractEventLoop | None = None, paced: bool = False,
     ) -> StreamHandle:
-        """Queue a request. `deliver` gets the stream's chunks: on `loop` when given, else on the engine thread."""
-        stats = self.stats()
-        if stats.waiting + stats.prefilling + stats.active >= self.config.max_slots + self.config.max_queue:
-            raise QueueFullError("all slots and the wait queue are full")
-        handle = StreamHandle(deliver, loop)
+        """Queue a request. `deliver` gets the stream's chunks: on `loop` when given, else on the engine thread.
+        `paced`: the consumer reports what it has read on the handle (see StreamHandle)."""
+        self._admit_caller(req.caller)
+        handle = StreamHandle(deliver, loop, paced)
         now = time.time_ns()
         handle.marks.arrival_ns = now
         self._inbox.put(Sequence(req, self.model.tokenizer, self.model.config.eos_token_ids, self.config.max_context,
                                  now, handle))
         return handle
 
+    def _admit_caller(self, caller: str) -> None:
+        """Count the request against its caller, or refuse it: a caller's own caps, then the shared bound.
+
+        When slots and queue are all taken, a caller with less than its share of them still gets in (the engine
+        then displaces a queued request of a caller over its share), so one caller cannot lock the others out.
+        """
+        cfg = self.config
+        with self._inflight_lock:
+            mine = self._inflight[caller]
+            if cfg.caller_max_streams and mine >= cfg.caller_max_streams:
+                raise CallerQuotaError(caller, "streams", f"this caller already has {mine} streams running or "
+                                       f"queued, its limit (caller_max_streams={cfg.caller_max_streams})")
+            if cfg.caller_max_queued:
+                running = self._running()
+                free = cfg.max_slots - len(running)  # requests not yet started that will find a slot at once
+                queued = mine - sum(1 for s in running if s.req.caller == caller) - free
+                if queued >= cfg.caller_max_queued:
+                    raise CallerQuotaError(caller, "queued", f"this caller already has {queued} requests waiting "
+                                           f"for a slot, its limit (caller_max_queued={cfg.caller_max_queued})")
+            capacity = cfg.max_slots + cfg.max_queue
+            total = sum(self._inflight.values())
+            if total >= capacity:
+                callers = len(self._inflight) + (caller not in self._inflight)
+                if mine >= fair_share(capacity, callers) or total >= 2 * capacity:
+                    raise QueueFullError("all slots and the wait queue are full")
+            self._inflight[caller] += 1
+
+    def _running(self) -> list[Sequence]:
+        """Sequences holding a slot: decoding, or being prefilled."""
+        prefilling = self._prefilling
+        return [*self._active, *([prefilling] if prefilling is not None else [])]
+
     def generate(self, req: GenerationRequest) -> AsyncStream:
         """The transport's view: an async iterator of chunks; cancel() it to stop the request."""
-        return AsyncStream(lambda deliver, loop: self.submit(req, deliver, loop))
+        return AsyncStream(lambda deliver, loop, paced: self.submit(req, deliver, loop, paced))
 
     def generate_sync(self, req: GenerationRequest) -> Iterator[Chunk]:
         """The same, for threads without an event loop (tests, benchmarks)."""
-        return iterate_sync(lambda deliver: self.submit(req, deliver))
+        return iterate_sync(lambda deliver, loop, paced: self.submit(req, deliver, loop, paced))
 
     # -- the loop (engine thread) ----------------------------------------------------------------
 
@@ -194,10 +234,11 @@ class Engine:
         self._outbox.publish()
 
     def _iteration(self) -> None:
-        self._admit(block=not (self._active or self._waiting or self._prefilling))
+        self._admit(block=not (self._active or len(self._waiting) or self._prefilling))
         if self._hooks is not None:
             self._hooks.before_iteration()
         self._reap()
+        self._preempt()
         self._prefill()
         self._outbox.publish()  # first tokens go out now, not after the decode step below
         if self._active and (self._hooks is None or self._hooks.allow_decode()):
@@ -212,29 +253,46 @@ class Engine:
             return
         while True:
             if item is not None:
-                self._waiting.append(item)
+                self._waiting.push(item)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                break
+        for seq in displacement_victims(self._waiting, holders(self._running()), self.config.max_queue,
+                                        self.config.max_slots):
+            self._displaced += 1
+            self._finish(seq, Finish.ERROR, "server busy: the wait queue is full and this caller has more than its "
+                         "share of it; retry later", ErrorKind.OVERLOADED)
+
+    def _preempt(self) -> None:
+        """Send one sequence of a caller over its share back to the queue when another caller is starved."""
+        victim = preemption_victim(self._active, self._waiting, self.config.max_slots - (self._prefilling is not None))
+        if victim is None:
+            return
+        self._preemptions += 1
+        self._release(victim)  # its cache is dropped; it keeps its tokens, and is re-prefilled when it starts again
+        victim.prefilled = 0
+        self._waiting.push(victim, front=True)
 
     def _reap(self) -> None:
         """End cancelled, expired and unread sequences wherever they are, freeing their slots now."""
         now = time.monotonic()
+        cfg = self.config
         if self._cancel_all:
             for seq in self._everyone():
                 seq.handle.cancel()
         for seq in list(self._waiting):
-            if (why := verdict(seq, now, self.config.max_backlog)) is not None:
+            if (why := verdict(seq, now, cfg.max_backlog, cfg.slow_reader_s)) is not None:
                 self._waiting.remove(seq)
                 self._finish(seq, *why)
-        for seq in [*self._active, *([self._prefilling] if self._prefilling else [])]:
-            if (why := verdict(seq, now, self.config.max_backlog)) is not None:
+        for seq in self._running():
+            if (why := verdict(seq, now, cfg.max_backlog, cfg.slow_reader_s)) is not None:
+                self._slow_readers += why[0] is Finish.ERROR
                 self._finish(seq, *why)
         self._release_done()
 
     def _everyone(self) -> list[Sequence]:
-        return [*self._waiting, *self._active, *([self._prefilling] if self._prefilling else [])]
+        return [*self._waiting, *self._running()]
 
     def _ensure_capacity(self, extra_for: Sequence | None = None, extra: int = 0) -> None:
         longest = max((s.cache_len + 1 for s in self._active), default=1)
@@ -247,23 +305,29 @@ class Engine:
         budget = self.config.max_prefill_tokens
         while budget > 0:
             if self._prefilling is None:
-                if not self._waiting or len(self._active) >= self.config.max_slots:
+                if len(self._active) >= self.config.max_slots:
                     return
-                seq = self._waiting.popleft()
+                seq = self._waiting.pop_next(holders(self._active))
+                if seq is None:
+                    return
                 seq.slot = len(self._active)
-                seq.prefill_start_ns = seq.handle.marks.prefill_start_ns = time.time_ns()
+                if not seq.prefill_start_ns:
+                    seq.prefill_start_ns = seq.handle.marks.prefill_start_ns = time.time_ns()
+                seq.context = seq.context_ids()  # the prompt; after a preemption, the tokens so far too
                 self._prefilling = seq
             seq = self._prefilling
-            n = min(budget, len(seq.prompt) - seq.prefilled)
-            done = seq.prefilled + n == len(seq.prompt)
+            context = seq.context
+            n = min(budget, len(context) - seq.prefilled)
+            done = seq.prefilled + n == len(context)
             started = time.perf_counter()
             try:
                 if self._hooks is not None:
                     self._hooks.before_prefill(seq.req.request_id)
                 self._ensure_capacity(seq, n)
-                # logits: [V] of the prompt's last position, only once the whole prompt is in the cache
-                logits = self.decoder.prefill(self.cache, seq.slot, seq.prompt[seq.prefilled : seq.prefilled + n],
-                                              seq.prefilled, want_logits=done)
+                # logits: [V] of the prompt's last position, once the whole prompt is in the cache (a resumed
+                # sequence knows its next token already)
+                logits = self.decoder.prefill(self.cache, seq.slot, context[seq.prefilled : seq.prefilled + n],
+                                              seq.prefilled, want_logits=done and not seq.generated)
             except Exception as exc:
                 if not _is_out_of_memory(exc):
                     raise
@@ -276,8 +340,9 @@ class Engine:
             if done:
                 self._prefilling = None
                 self._active.append(seq)
-                assert logits is not None
-                self._sample_rows([seq], logits[None, :])
+                if not seq.generated:
+                    assert logits is not None
+                    self._sample_rows([seq], logits[None, :])
                 self._release_done()
 
     def _decode(self) -> None:
@@ -346,6 +411,15 @@ class Engine:
         done, self._done = self._done, []
         for seq in done:
             self._release(seq)
+        self._retire(done)
+
+    def _retire(self, done: list[Sequence]) -> None:
+        """Finished sequences no longer count against their callers."""
+        with self._inflight_lock:
+            for seq in done:
+                self._inflight[seq.req.caller] -= 1
+                if self._inflight[seq.req.caller] <= 0:
+                    del self._inflight[seq.req.caller]
 
     def _release(self, seq: Sequence) -> None:
         """Free the sequence's slot, moving the last active slot (and the prefilling one) down to stay packed."""
@@ -365,6 +439,7 @@ class Engine:
     def _fail_all(self, exc: BaseException, reason: Finish = Finish.ERROR) -> None:
         for seq in self._everyone():
             self._finish(seq, reason, f"{type(exc).__name__}: {exc}" if reason is Finish.ERROR else "")
+        self._retire(self._done)
         self._done = []
         self._waiting.clear()
         self._active.clear()

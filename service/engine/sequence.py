@@ -27,6 +27,7 @@ class Sequence:
         self.req = req
         self.handle = handle  # the delivery side (delivery.StreamHandle); opaque here
         self.prompt = np.asarray(req.prompt_ids, dtype=np.int64)
+        self.context = self.prompt  # what the current prefill puts in the cache (context_ids())
         self.max_context = max_context
         self.prefilled = 0
         self.slot = -1
@@ -59,6 +60,13 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.generated[-1]
+
+    def context_ids(self) -> np.ndarray:
+        """What a prefill must put in the cache: the prompt, and after a preemption the tokens generated since
+        (but the newest, which the next decode step writes)."""
+        if not self.generated:
+            return self.prompt
+        return np.concatenate([self.prompt, np.asarray(self.generated[:-1], dtype=np.int64)])
 
     @property
     def banned(self) -> tuple[int, ...]:
@@ -122,7 +130,7 @@ class Sequence:
         return tuple(self.req.prompt_ids) if self.req.echo_prompt_tokens else ()
 
 
-def verdict(seq: Sequence, now_monotonic: float, max_backlog: int) -> tuple[Finish, str] | None:
+def verdict(seq: Sequence, now_monotonic: float, max_backlog: int, slow_reader_s: float) -> tuple[Finish, str] | None:
     """Why a sequence must end before its next step, if it must: cancelled, past its deadline, or unread.
 
     Computed once per sequence and step: the consumer moves `consumed` concurrently, so asking twice can disagree.
@@ -132,6 +140,11 @@ def verdict(seq: Sequence, now_monotonic: float, max_backlog: int) -> tuple[Fini
         return Finish.CANCELLED, ""
     if seq.req.deadline is not None and now_monotonic >= seq.req.deadline:
         return Finish.TIME_LIMIT, ""
-    if handle.emitted - handle.consumed > max_backlog:
+    if not handle.paced:
+        return None
+    unread = handle.emitted - handle.consumed
+    if unread > max_backlog:
         return Finish.ERROR, f"{SLOW_READER}: stream buffer limit reached"
+    if unread > 0 and now_monotonic - handle.last_read > slow_reader_s:
+        return Finish.ERROR, f"{SLOW_READER}: no message taken for {slow_reader_s:g} s"
     return None

@@ -21,6 +21,7 @@ class ErrorKind(enum.Enum):
 
     INTERNAL = "internal"
     OUT_OF_MEMORY = "out_of_memory"
+    OVERLOADED = "overloaded"  # displaced from a full wait queue by a caller with less than its share
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class GenerationRequest:
     echo_prompt_tokens: bool = False
     request_id: str = ""
     trace_id: str = ""  # for the engine's own log lines about this request
+    caller: str = ""  # who is asking: slots and queue places are shared fairly between callers
 
 
 @dataclass(frozen=True)

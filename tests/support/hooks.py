@@ -27,6 +27,8 @@ class StepGate:
         self.frozen = threading.Event()  # set while the engine thread sits in a freeze
         self.step_delay_s = step_delay_s  # a floor under each decode step's time, for admission-estimate tests
         self._faults: dict[str, str] = {}
+        self.decode_steps = 0  # decode steps allowed so far (engine thread)
+        self.first_token_step: dict[str, int] = {}  # request id -> decode_steps when it took its first token
 
     # -- the test's side ---------------------------------------------------------------------------
 
@@ -71,6 +73,7 @@ class StepGate:
                 if self._permits == 0:
                     return False
                 self._permits -= 1
+            self.decode_steps += 1
         if self.step_delay_s:
             time.sleep(self.step_delay_s)  # the injected step time, not synchronisation
         return True
@@ -80,5 +83,7 @@ class StepGate:
             raise MemoryError("injected out-of-memory in prefill")
 
     def before_accept(self, request_id: str, index: int) -> None:
+        if index == 0:
+            self.first_token_step.setdefault(request_id, self.decode_steps)
         if self._faults.get(request_id) == f"error_at_{index}":
             raise RuntimeError(f"injected fault at token {index}")

@@ -1,0 +1,290 @@
+"""Fair sharing between callers (#15): the scheduling rules alone, then against the real server.
+
+Every assertion is about order, step counts and finish reasons, never wall-clock times: the step gate decides
+when the engine decodes, and the gate counts the decode steps.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from service.engine.delivery import StreamHandle
+from service.engine.fairness import FairQueue, displacement_victims, holders, preemption_victim
+from service.engine.sequence import Sequence
+from service.engine.tokenizer import Tokenizer
+from service.engine.types import GenerationRequest
+from tests.support.hooks import StepGate
+from tests.support.servers import base_config, started
+from tokenstream.v1 import generation_pb2 as pb
+from tokenstream.v1 import generation_pb2_grpc as pb_grpc
+
+# -- the rules, on plain sequences ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir: Path) -> Tokenizer:
+    return Tokenizer(model_dir)
+
+
+def seq(tok: Tokenizer, caller: str, generated: int = 0, prompt: str = "hi") -> Sequence:
+    s = Sequence(GenerationRequest(tok.encode(prompt), 50, caller=caller), tok, (), 512, 0,
+                 StreamHandle(lambda _: None, None))
+    s.generated = list(range(1, generated + 1))
+    return s
+
+
+def test_one_caller_alone_uses_every_slot(tok: Tokenizer) -> None:
+    running = [seq(tok, "a", 3) for _ in range(4)]
+    queue = FairQueue()
+    for _ in range(10):
+        queue.push(seq(tok, "a"))
+    assert preemption_victim(running, queue, max_slots=4) is None  # nobody else waits: no preemption
+    assert displacement_victims(queue, holders(running), max_queue=16, max_slots=4) == []
+
+
+def test_callers_take_turns_instead_of_first_come_first_served(tok: Tokenizer) -> None:
+    queue = FairQueue()
+    for caller in "aaaabbc":
+        queue.push(seq(tok, caller))
+    held: Counter[str] = Counter()
+    order = []
+    while len(queue):
+        nxt = queue.pop_next(held)
+        assert nxt is not None
+        order.append(nxt.req.caller)
+        held[nxt.req.caller] += 1
+    assert order == ["a", "b", "c", "a", "b", "a", "a"]
+
+
+def test_preemption_frees_a_slot_of_the_heaviest_caller_and_does_not_flap(tok: Tokenizer) -> None:
+    running = [seq(tok, "a", 5, prompt="a much longer prompt here"), seq(tok, "a", 2), seq(tok, "a", 9),
+               seq(tok, "a", 4)]
+    queue = FairQueue()
+    queue.push(seq(tok, "b"))
+    victim = preemption_victim(running, queue, max_slots=4)
+    assert victim is running[1]  # the cheapest to recompute: the shortest context
+    # Two callers at two slots each: even, whoever waits.
+    even = [seq(tok, "a", 3), seq(tok, "a", 3), seq(tok, "b", 3), seq(tok, "b", 3)]
+    queue = FairQueue()
+    queue.push(seq(tok, "a"))
+    assert preemption_victim(even, queue, max_slots=4) is None
+    # 8 slots, 3 callers (share 2.67): 3/3/2 is as fair as integers allow; moving one would only swap who is short.
+    mixed = [seq(tok, c, 2) for c in "aaabbbcc"]
+    queue = FairQueue()
+    queue.push(seq(tok, "c"))
+    assert preemption_victim(mixed, queue, max_slots=8) is None
+
+
+def test_an_overflowing_queue_displaces_the_newest_request_of_the_caller_over_its_share(tok: Tokenizer) -> None:
+    running = [seq(tok, "a", 1) for _ in range(4)]
+    queue = FairQueue()
+    flood = [seq(tok, "a") for _ in range(8)]
+    for s in flood:
+        queue.push(s)
+    newcomer = seq(tok, "b")
+    queue.push(newcomer)
+    assert displacement_victims(queue, holders(running), max_queue=8, max_slots=4) == [flood[-1]]
+    assert len(queue) == 8 and queue.count("b") == 1
+
+
+# -- the real server ------------------------------------------------------------------------------------------
+
+TOKENS = "token-a,token-b"
+
+
+def as_caller(name: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer token-{name}")]
+
+
+def ids_of(msgs: list[pb.GenerateResponse]) -> list[int]:
+    return [t.id for m in msgs for t in m.tokens]
+
+
+def request(prompt: str, n: int, **response: bool | int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt=prompt, stopping=pb.StoppingCriteria(max_new_tokens=n),
+                              response=pb.ResponseOptions(**response))  # type: ignore[arg-type]
+
+
+class Reader:
+    """Reads one stream to its end on a thread; records the messages or the error status."""
+
+    def __init__(self, call: grpc.Call) -> None:
+        self.msgs: list[pb.GenerateResponse] = []
+        self.code = grpc.StatusCode.OK
+        self._thread = threading.Thread(target=self._read, args=(call,), daemon=True)
+        self._thread.start()
+
+    def _read(self, call: grpc.Call) -> None:
+        try:
+            self.msgs.extend(call)  # type: ignore[arg-type]
+        except grpc.RpcError as err:
+            self.code = err.code()
+
+    def join(self) -> Reader:
+        self._thread.join(120)
+        assert not self._thread.is_alive()
+        return self
+
+
+def test_a_second_caller_starts_ahead_of_the_queue_by_preemption_and_the_preempted_stream_is_unchanged(
+    model_dir: Path,
+) -> None:
+    gate = StepGate()
+    srv = started(base_config(model_dir, max_slots=4, max_queue=8, auth_tokens=TOKENS), hooks=gate)
+    prompts = [f"caller a, request {i}{' padding' * i}" for i in range(8)]
+    try:
+        with srv.channel() as ch:
+            stub = pb_grpc.GenerationServiceStub(ch)
+            solo = {p: ids_of(list(stub.Generate(request(p, 12), metadata=as_caller("a"), timeout=60)))
+                    for p in [*prompts, "caller b"]}
+            gate.close()  # from now on the engine decodes only when the test says so
+            a = [Reader(stub.Generate(request(p, 12), metadata=as_caller("a"), timeout=120)) for p in prompts]
+            assert srv.engine.wait_until(lambda s: s.active == 4 and s.waiting == 4, 60)
+            steps = srv.engine.stats().steps
+            b = Reader(stub.Generate(request("caller b", 12), metadata=as_caller("b"), timeout=120))
+            # B holds a slot, A still has all its queued requests waiting plus one preempted: B went first, and
+            # without a single decode step.
+            assert srv.engine.wait_until(lambda s: s.preemptions == 1 and s.active == 4 and s.waiting == 5, 60)
+            assert srv.engine.stats().steps == steps
+            gate.open()
+            for r in [*a, b]:
+                r.join()
+    finally:
+        srv.close()
+    assert b.msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS and ids_of(b.msgs) == solo["caller b"]
+    for prompt, r in zip(prompts, a, strict=True):
+        assert r.msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS
+        assert ids_of(r.msgs) == solo[prompt], prompt  # the preempted one too: it resumed where it was
+        assert "".join(m.text for m in r.msgs) == "".join(m.text for m in r.msgs)
+
+
+def test_an_unread_flood_cannot_lock_out_another_caller(model_dir: Path) -> None:
+    """Caller A opens many streams with large messages and never reads them; caller B still starts within two
+    decode steps, at the start of the flood and later in it, and A's streams end as slow readers."""
+    gate = StepGate()
+    config = base_config(model_dir, max_slots=8, max_queue=16, max_context=2048, max_new_tokens_limit=2000,
+                         slow_reader_s=0.5, auth_tokens=TOKENS)
+    srv = started(config, hooks=gate)
+    # A's window stays small: no BDP probing, a small initial window, so unread messages block the server soon.
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4096)]
+    try:
+        with grpc.insecure_channel(srv.target, options=options) as flood_ch, srv.channel() as ch:
+            flood = pb_grpc.GenerationServiceStub(flood_ch)
+            calls = [flood.Generate(request(f"flood {i}", 1500, logprobs=True, top_n=10), metadata=as_caller("a"),
+                                    timeout=300) for i in range(40)]
+            assert srv.engine.wait_until(lambda s: s.active == 8, 60)
+            stub = pb_grpc.GenerationServiceStub(ch)
+            for label, wait_for in (("b-early", 0), ("b-late", 8)):
+                assert srv.engine.wait_until(lambda s, n=wait_for: s.slow_readers >= n, 300)
+                before = gate.decode_steps
+                msgs = list(stub.Generate(request("caller b", 6), metadata=[*as_caller("b"), ("x-request-id", label)],
+                                          timeout=120))
+                assert msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS
+                assert gate.first_token_step[label] - before <= 2, label
+            assert srv.engine.wait_until(lambda s: s.active == 0 and s.waiting == 0, 300)
+            ended: Counter[str] = Counter()
+            for call in calls:
+                try:
+                    final = list(call)[-1]
+                    ended["slow reader" if "stopped reading" in final.error_message else
+                          pb.FinishReason.Name(final.finish_reason)] += 1
+                except grpc.RpcError as err:
+                    ended[err.code().name] += 1
+    finally:
+        srv.close()
+    # Each of A's streams either was refused at once (A already held its share of slots and queue) or ran until
+    # it had stopped reading, and was then ended with the slow-reader error.
+    assert set(ended) <= {"slow reader", "RESOURCE_EXHAUSTED"}, ended
+    assert ended["slow reader"] >= 8 and sum(ended.values()) == 40, ended
+
+
+def quota_failure(err: grpc.RpcError) -> tuple[float, list[str]]:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None
+    retry, subjects = 0.0, []
+    for detail in status.details:
+        info, quota = error_details_pb2.RetryInfo(), error_details_pb2.QuotaFailure()
+        if detail.Unpack(info):
+            retry = info.retry_delay.ToMilliseconds() / 1000
+        elif detail.Unpack(quota):
+            subjects += [v.subject for v in quota.violations]
+    return retry, subjects
+
+
+@pytest.mark.parametrize(("caps", "running"), [({"caller_max_streams": 2}, 2),
+                                               ({"caller_max_queued": 1, "max_slots": 1}, 2)],
+                         ids=["streams", "queued"])
+def test_per_caller_caps_answer_resource_exhausted_with_retry_info_and_quota_failure(
+    model_dir: Path, caps: dict, running: int,
+) -> None:
+    srv = started(base_config(model_dir, auth_tokens=TOKENS, **caps), hooks=StepGate(gated=True))
+    try:
+        with srv.channel() as ch:
+            stub = pb_grpc.GenerationServiceStub(ch)
+            held = [stub.Generate(request(f"held {i}", 50), metadata=as_caller("a"), timeout=60)
+                    for i in range(running)]
+            assert srv.engine.wait_until(lambda s: s.active + s.prefilling + s.waiting == running, 30)
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Generate(request("one too many", 5), metadata=as_caller("a"), timeout=30))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            retry, subjects = quota_failure(err.value)
+            assert retry > 0 and len(subjects) == 1 and subjects[0].startswith("caller:token:")
+            other = stub.Generate(request("caller b is not capped by a", 2), metadata=as_caller("b"), timeout=60)
+            srv.hooks.open()  # type: ignore[union-attr]
+            assert list(other)[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS
+            for call in held:
+                call.cancel()
+    finally:
+        srv.close()
+
+
+def test_a_per_caller_token_rate(model_dir: Path) -> None:
+    srv = started(base_config(model_dir, auth_tokens=TOKENS, caller_tokens_per_s=1.0, caller_token_burst=5))
+    try:
+        with srv.channel() as ch:
+            stub = pb_grpc.GenerationServiceStub(ch)
+            assert list(stub.Generate(request("spend", 10), metadata=as_caller("a"), timeout=60))[-1].finish_reason
+            with pytest.raises(grpc.RpcError) as err:  # 5 - 10 tokens: the bucket is 5 below empty
+                list(stub.Generate(request("again", 2), metadata=as_caller("a"), timeout=30))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            retry, subjects = quota_failure(err.value)
+            assert 4 < retry <= 6 and subjects[0].startswith("caller:token:")
+            assert list(stub.Generate(request("b has its own", 2), metadata=as_caller("b"), timeout=60))
+    finally:
+        srv.close()
+
+
+def test_metrics_carry_the_callers_class_from_a_bounded_set(model_dir: Path) -> None:
+    import urllib.request
+
+    srv = started(base_config(model_dir, metrics_port=-1, caller_classes="gold,batch"))
+    try:
+        with srv.channel() as ch:
+            stub = pb_grpc.GenerationServiceStub(ch)
+            for cls in ("gold", "batch", "made-up", ""):
+                list(stub.Generate(request("class", 2), metadata=[("x-caller-class", cls)], timeout=30))
+        body = urllib.request.urlopen(f"http://127.0.0.1:{srv.running.metrics_port}/metrics", timeout=5).read()
+    finally:
+        srv.close()
+    classes = Counter(line.split('caller_class="')[1].split('"')[0] for line in body.decode().splitlines()
+                      if line.startswith("tokenstream_requests_total{"))
+    assert classes == {"gold": 1, "batch": 1, "default": 1}  # one series each; unknown classes fold into default
+
+
+def test_who_the_caller_is() -> None:
+    from service.callers import identify, peer_ip
+
+    cfg = base_config("x", caller_key="x-tenant", caller_classes="gold")
+    assert peer_ip("ipv4:127.0.0.1:5000") == "127.0.0.1" and peer_ip("ipv6:[::1]:5000") == "::1"
+    by_token = identify(cfg, {"x-tenant": "t1", "x-caller-class": "gold"}, "127.0.0.1", "secret")
+    assert by_token.id.startswith("token:") and "secret" not in by_token.id and by_token.cls == "gold"
+    assert identify(cfg, {"x-tenant": "t1"}, "127.0.0.1", None).id == "key:t1"  # a trusted gateway names it
+    plain = identify(base_config("x"), {"x-tenant": "t1", "x-caller-class": "platinum"}, "10.0.0.7", None)
+    assert (plain.id, plain.cls) == ("ip:10.0.0.7", "default")  # no key configured; unknown class
