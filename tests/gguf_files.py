@@ -66,12 +66,13 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 
 def random_tensor(qtype: str, rows: int, cols: int, rng: np.random.Generator) -> tuple[np.ndarray, Any]:
     """(data, raw type) for GGUFWriter.add_tensor: a [rows, cols] tensor of `qtype` with random content."""
+    # Float weights at 1/sqrt(fan_in), so that activations keep their scale through a layer.
     if qtype == "F32":
-        return rng.standard_normal((rows, cols)).astype(np.float32), None
+        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32), None
     if qtype == "F16":
-        return rng.standard_normal((rows, cols)).astype(np.float16), None
+        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float16), None
     if qtype == "BF16":
-        bits = rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint32) >> 16
+        bits = (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32).view(np.uint32) >> 16
         return bits.astype(np.uint16).view(np.uint8).reshape(rows, cols * 2), T.BF16
     qt = T[qtype]
     block, size = gguf.GGML_QUANT_SIZES[qt]

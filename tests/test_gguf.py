@@ -51,7 +51,9 @@ from tests.test_numerics import DECODE, PROMPT, max_diff
 from tokenstream.v1 import generation_pb2 as pb
 
 LOGIT_TOL = 1e-3
-GGUF_PROPERTY = settings(max_examples=8, deadline=None, derandomize=True,
+# A 135M model takes ~1 s per property example even on an idle machine: a few examples per property here; the
+# contract's own runs (tests/test_contract.py) explore the space on the small test model.
+GGUF_PROPERTY = settings(max_examples=3, deadline=None, derandomize=True,
                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 QUESTION = "What is the capital of France?"
 CHATS = [
@@ -60,13 +62,14 @@ CHATS = [
      {"role": "user", "content": "Why is the sky blue?"}],
     [{"role": "user", "content": "Write a Python function that returns the square of a number."}],
 ]
+NUMBERS = "Numbers 1234567890 3.14159 1e-10 0x1F ²³ x² and it's, we're, they'll, I'd"
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
     "你好，世界！床前明月光，疑是地上霜。 日本語のテキスト 한국어",
     "Emoji: 😀🐍🦀🎉🚀👍🏽🇨🇳❤️‍🔥 and symbols ∑∫√ ≠ ≤",
     "   leading spaces\t\ttabs\n\n\nnewlines    trailing   ",
-    "Numbers 1234567890 3.14159 1e-10 0x1F ²³ and it's, we're, they'll, I'd",
+    NUMBERS,
     "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
     "Ünïcödé àccénts café naïve e\u0301 Å",
 ]
@@ -87,14 +90,23 @@ def gguf_model(smollm2: Path) -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def hf_reference(smollm2: Path) -> Any:
-    """transformers' own GGUF loader on the same file: LlamaForCausalLM in float32."""
+def hf_reference(smollm2: Path) -> Iterator[Any]:
+    """transformers' own GGUF loader on the same file: LlamaForCausalLM in float32.
+
+    PyTorch runs on one thread meanwhile: next to the Paddle engine's threads on a shared 2-core machine, two
+    spinning OpenMP threads made its generation 4x slower.
+    """
     transformers = transformers_with_torch()
     import torch
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2.parent, gguf_file=smollm2.name,
-                                                              dtype=torch.float32)
-    return model.eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(smollm2.parent, gguf_file=smollm2.name,
+                                                                  dtype=torch.float32)
+        yield model.eval()
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +176,8 @@ def test_greedy_chat_matches_transformers(gguf_model: LoadedModel, hf_reference:
 
 
 def compare_with_llamacpp(ours_file: Path, f32_file: Path) -> dict[str, tuple[str, float, int]]:
-    """Per tensor: (type, max |ours - llama.cpp|, number of elements that differ)."""
+    """Per tensor: (type, max |ours - llama.cpp|, number of elements that differ); every tensor is finite and
+    not all zeros, so that agreement means something."""
     ours = gguf.GGUFReader(ours_file)
     theirs = {t.name: t for t in gguf.GGUFReader(f32_file).tensors}
     assert set(theirs) == {t.name for t in ours.tensors}
@@ -173,6 +186,8 @@ def compare_with_llamacpp(ours_file: Path, f32_file: Path) -> dict[str, tuple[st
         mine = gguf_reader.dequantize(t)
         ref = np.asarray(theirs[t.name].data, dtype=np.float32).reshape(mine.shape)
         assert theirs[t.name].tensor_type == gguf.GGMLQuantizationType.F32
+        assert np.isfinite(mine).all()
+        assert mine.std() > 0, t.name
         result[t.name] = (t.tensor_type.name, float(np.abs(mine - ref).max()), int((mine != ref).sum()))
     return result
 
@@ -205,7 +220,7 @@ def test_each_type_dequantizes_as_llamacpp_does(qtype: str, llamacpp: Path, tmp_
     src = tiny_llama(tmp_path / f"tiny-{qtype}.gguf", qtype, seed=SUPPORTED.index(qtype))
     result = compare_with_llamacpp(src, llamacpp_to_f32(llamacpp, src, tmp_path / "f32.gguf"))
     weights = {name: r for name, r in result.items() if r[0] == qtype}
-    assert len(weights) == 8  # the embedding and 7 Linear weights
+    assert len(weights) == (11 if qtype == "F32" else 8)  # the embedding and 7 Linear weights (and 3 norms)
     worst = max(diff for _, diff, _ in weights.values())
     assert worst == 0.0, f"{qtype}: max |ours - llama.cpp| {worst}"
 
@@ -222,13 +237,24 @@ def test_unsupported_tensor_type_is_refused_by_name(tmp_path: Path) -> None:
 
 
 def test_tokenizer_matches_transformers_gguf_tokenizer(gguf_model: LoadedModel, smollm2: Path) -> None:
+    from tokenizers import pre_tokenizers
+
     transformers = transformers_with_torch()
-    ref = transformers.AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
+    ref = transformers.AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name).backend_tokenizer
     tok = gguf_model.tokenizer
     for text in TEXTS:
         ids = tok.encode(text)
-        assert ids == ref(text, add_special_tokens=False).input_ids, text
         assert tok.decode(ids) == text
+        if text != NUMBERS:
+            assert ids == ref.encode(text, add_special_tokens=False).ids, text
+    # transformers' converter drops SmolLM2's digit pre-tokenizer, which llama.cpp's `smollm` keeps (\p{N} split
+    # off first, as SmolLM2's own tokenizer.json does with Digits): they differ where a space precedes a digit
+    # such as '²' that a merge can join. With SmolLM2's pre-tokenizer put back, every text agrees.
+    assert tok.encode(" ²") != ref.encode(" ²", add_special_tokens=False).ids
+    ref.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    for text in TEXTS:
+        assert tok.encode(text) == ref.encode(text, add_special_tokens=False).ids, text
     assert {1, 2} <= set(tok.encode(TEXTS[6]))  # control tokens in a raw prompt are matched
 
 
@@ -382,7 +408,7 @@ def test_stop_sequences_on_this_tokenizer(stub: Any, tok: Tokenizer, prompt: str
         stub, tok, prompt, seed, start, length, include)
 
 
-@given(seed=st.integers(0, 2**63 - 1), prompt=contract.prompts(), others=st.integers(1, 3))
+@given(seed=st.integers(0, 2**63 - 1), prompt=contract.prompts(), others=st.integers(1, 2))
 @GGUF_PROPERTY
 def test_seeds_reproduce_on_this_model(server: ServerThread, stub: Any, seed: int, prompt: str, others: int) -> None:
     contract.test_seeded_sampling_reproduces_whatever_shares_the_batch.hypothesis.inner_test(

@@ -459,7 +459,7 @@ def _load_gguf(path: Path, dtype: DType) -> LoadedModel:
     ckpt = read_gguf(path)
     cfg = ModelConfig.from_dict(ckpt.config)
     # Zero-copy views of the float32 arrays (paddle.to_tensor would copy 0.5 GB for a 135M model).
-    state = {name: paddle.from_dlpack(w) for name, w in ckpt.state.items()}
+    state = {name: paddle.from_dlpack(w.__dlpack__()) for name, w in ckpt.state.items()}
     ckpt.state.clear()
     weights = _build_all(cfg, state, dtype, str(path), layout="hf", fused_qkv="plain")
     log.info("loaded %s (%s, GGUF%s) as %s", path, cfg.architecture, ", from its float32 cache" if ckpt.from_cache
