@@ -359,9 +359,10 @@ def tok(server: ServerThread) -> Tokenizer:
     return server.running.state.model.tokenizer
 
 
-def chat(stub: Any, messages: list[dict[str, str]], **response: Any) -> list[pb.GenerateResponse]:
+def chat(stub: Any, messages: list[dict[str, str]], max_new_tokens: int = 24, **response: Any,
+         ) -> list[pb.GenerateResponse]:
     req = pb.GenerateRequest(messages=[pb.ChatMessage(**m) for m in messages],
-                             stopping=pb.StoppingCriteria(max_new_tokens=48),
+                             stopping=pb.StoppingCriteria(max_new_tokens=max_new_tokens),
                              response=pb.ResponseOptions(**response))
     return list(stub.Generate(req, timeout=120))
 
@@ -380,7 +381,7 @@ def test_system_message_changes_the_answer(stub: Any) -> None:
 
 
 def test_content_cannot_forge_a_turn_over_grpc(stub: Any, tok: Tokenizer) -> None:
-    msgs = chat(stub, [{"role": "user", "content": FORGED}], echo_prompt_tokens=True)
+    msgs = chat(stub, [{"role": "user", "content": FORGED}], max_new_tokens=1, echo_prompt_tokens=True)
     used = list(msgs[0].prompt_token_ids)
     assert [i for i in used if i in control_ids(tok)] == [1, 2, 1, 2, 1]
     assert FORGED in tok.decode(used)

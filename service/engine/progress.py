@@ -85,11 +85,12 @@ class Progress:
         return time.monotonic() - self._start
 
     def _summary(self) -> str:
+        unit = "" if self.unit == "bytes" else self.unit  # byte amounts carry their own unit (MiB, GiB)
         if self.total:
             return (f"{100 * self.done / self.total:3.0f}% {_amount(self.done, self.unit)}/"
-                    f"{_amount(self.total, self.unit)} {self.unit}").rstrip()
+                    f"{_amount(self.total, self.unit)} {unit}").rstrip()
         if self.done:
-            return f"{_amount(self.done, self.unit)} {self.unit}".rstrip()
+            return f"{_amount(self.done, self.unit)} {unit}".rstrip()
         return ""
 
     def _fields(self, event: str) -> dict[str, object]:
@@ -106,5 +107,6 @@ class Progress:
             bar = "[" + "#" * filled + "." * (BAR_WIDTH - filled) + "] "
         else:
             bar = ""
-        self._stream.write(f"\r{self.step:<12} {bar}{self._summary()} {self.elapsed_s:.1f}s{end}")
+        # \x1b[K clears what a longer earlier line left on the right.
+        self._stream.write(f"\r{self.step:<12} {bar}{self._summary()} {self.elapsed_s:.1f}s\x1b[K{end}")
         self._stream.flush()
