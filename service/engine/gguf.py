@@ -19,7 +19,8 @@ import logging
 import os
 import re
 import secrets
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,6 @@ class GGUFCheckpoint:
     generation: dict[str, Any]  # as a generation_config.json: bos / eos ids
     add_bos: bool
     from_cache: bool = False
-    tensor_types: dict[str, str] = field(default_factory=dict)  # GGUF tensor name -> its type, when read from GGUF
 
 
 # -- metadata ----------------------------------------------------------------------------------------------
@@ -104,13 +104,7 @@ def _open(path: Path) -> Any:
 
 
 def _metadata(reader: Any) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
-    for key, fld in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        value = fld.contents()
-        meta[key] = value
-    return meta
+    return {key: fld.contents() for key, fld in reader.fields.items() if not key.startswith("GGUF.")}
 
 
 def _check_complete(path: Path, reader: Any) -> None:
@@ -249,9 +243,9 @@ def dequantize(tensor: Any) -> np.ndarray:
 
 
 def read_tensors(path: Path, reader: Any, arch: str, cfg: dict[str, Any],
-                 progress: Progress | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+                 progress: Progress | None = None) -> dict[str, np.ndarray]:
+    """Every tensor dequantized, under its Hugging Face name, q/k rows of `llama` back in Hugging Face order."""
     state: dict[str, np.ndarray] = {}
-    types: dict[str, str] = {}
     unknown = [t.name for t in reader.tensors if hf_name(t.name) is None]
     if unknown:
         shown = ", ".join(unknown[:6]) + (", ..." if len(unknown) > 6 else "")
@@ -267,10 +261,9 @@ def read_tensors(path: Path, reader: Any, arch: str, cfg: dict[str, Any],
         if not np.isfinite(w).all():
             raise GGUFError(f"{path}: tensor {t.name} ({t.tensor_type.name}) has non-finite values")
         state[name] = w
-        types[t.name] = t.tensor_type.name
         if progress is not None:
             progress.update(int(t.n_elements))
-    return state, types
+    return state
 
 
 # -- tokenizer ---------------------------------------------------------------------------------------------
@@ -453,10 +446,16 @@ def read_gguf(path: Path, *, cache: bool = True, cache_dir: Path | None = None) 
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
     cfg = gguf_config(path, meta, shapes)
     tok, tok_config, generation, add_bos = gguf_tokenizer(path, meta)
+    if len(meta["tokenizer.ggml.tokens"]) > cfg["vocab_size"]:
+        raise GGUFError(f"{path}: the vocabulary has {len(meta['tokenizer.ggml.tokens'])} tokens but token_embd.weight "
+                        f"only {cfg['vocab_size']} rows")
     total = sum(int(t.n_elements) for t in reader.tensors)
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    log.info("%s: %s, %d tensors (%s)", path.name, meta["general.architecture"], len(reader.tensors),
+             ", ".join(f"{n} {kind}" for kind, n in types.most_common()))
     with Progress("dequantize", total=total, unit="weights") as p:
-        state, types = read_tensors(path, reader, meta["general.architecture"], cfg, p)
-    ckpt = GGUFCheckpoint(cfg, state, tok, tok_config, generation, add_bos, tensor_types=types)
+        state = read_tensors(path, reader, meta["general.architecture"], cfg, p)
+    ckpt = GGUFCheckpoint(cfg, state, tok, tok_config, generation, add_bos)
     if candidates:
         with Progress("write cache"):
             written = _write_cache(ckpt, candidates, path)
