@@ -164,9 +164,10 @@ def test_greedy_chat_matches_transformers(gguf_model: LoadedModel, hf_reference:
     finally:
         engine.stop()
     for prompt, got in zip(prompts, ours, strict=True):
+        ids = torch.tensor([prompt])
         with torch.no_grad():
-            out = hf_reference.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False,
-                                        eos_token_id=2, pad_token_id=2)
+            out = hf_reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64,
+                                        do_sample=False, eos_token_id=2, pad_token_id=2)
         want = out[0, len(prompt):].tolist()
         assert got == want, gguf_model.tokenizer.decode(got) + " != " + gguf_model.tokenizer.decode(want)
     assert "Paris" in gguf_model.tokenizer.decode(ours[0])
