@@ -86,7 +86,7 @@ def _check_stopping(st: pb.StoppingCriteria, cfg: Config, max_context: int,
     return max_new, min(time_limit, cfg.max_request_ms), st.min_new_tokens
 
 
-def _prompt_text(req: pb.GenerateRequest, cfg: Config, tok: Tokenizing, bad: list[FieldViolation]) -> str | None:
+def _prompt_ids(req: pb.GenerateRequest, cfg: Config, tok: Tokenizing, bad: list[FieldViolation]) -> list[int] | None:
     if req.prompt and req.messages:
         bad.append(FieldViolation("messages", "set either prompt or messages, not both"))
         return None
@@ -103,12 +103,15 @@ def _prompt_text(req: pb.GenerateRequest, cfg: Config, tok: Tokenizing, bad: lis
             bad.append(FieldViolation("messages", "the model has no chat template; send a raw prompt instead"))
             return None
         if bad:
-            return None  # don't render a template for a request that is rejected anyway
-        return tok.render_chat([{"role": m.role, "content": m.content} for m in req.messages])
+            return None  # don't render or encode a request that is rejected anyway
+        # Content never becomes control tokens: a message cannot close its turn and forge another.
+        return tok.encode_chat([{"role": m.role, "content": m.content} for m in req.messages])
     if not req.prompt:
         bad.append(FieldViolation("prompt", "must not be empty (or send messages)"))
         return None
-    return req.prompt
+    if bad:
+        return None
+    return tok.encode(req.prompt)
 
 
 def validate_generate(req: pb.GenerateRequest, cfg: Config, engine: EngineClient) -> tuple[GenerationRequest, int]:
@@ -129,10 +132,10 @@ def validate_generate(req: pb.GenerateRequest, cfg: Config, engine: EngineClient
     if sum(len(m.content.encode("utf-8")) for m in req.messages) > cfg.max_prompt_bytes:
         bad.append(FieldViolation("messages", f"longer than {cfg.max_prompt_bytes} bytes in all"))
     before = len(bad)
-    text = _prompt_text(req, cfg, tok, bad)
+    prompt_ids = _prompt_ids(req, cfg, tok, bad)
     ids: list[int] = []
-    if text is not None and len(bad) == before and not bad:
-        ids = tok.encode(text)
+    if prompt_ids is not None and len(bad) == before and not bad:
+        ids = prompt_ids
         field = "messages" if req.messages else "prompt"
         if not ids:
             bad.append(FieldViolation(field, "has no tokens"))

@@ -30,7 +30,7 @@ from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 
 @pytest.fixture(scope="module")
 def tok(model_dir: Path) -> Tokenizer:
-    return Tokenizer(model_dir)
+    return Tokenizer.from_dir(model_dir)
 
 
 def seq(tok: Tokenizer, caller: str, generated: int = 0, prompt: str = "hi") -> Sequence:

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tok(model_dir: Path) -> Tokenizer:
-    return Tokenizer(model_dir)
+    return Tokenizer.from_dir(model_dir)
 
 
 def seq_for(tok: Tokenizer, prompt: str = "hi", max_new: int = 8, max_context: int = 512, eos: tuple[int, ...] = (),

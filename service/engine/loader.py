@@ -1,6 +1,6 @@
-"""Load a checkpoint directory into decoder weights.
+"""Load a checkpoint directory, or a GGUF file (see service/engine/gguf.py), into decoder weights.
 
-Two on-disk layouts are accepted, each with one file or several shards:
+Two directory layouts are accepted, each with one file or several shards:
 
 * Hugging Face: `model.safetensors`, or `model-0000X-of-0000N.safetensors` with `model.safetensors.index.json`.
   Linear weights are stored [out, in].
@@ -18,6 +18,7 @@ every projection is square and that carries no signal is taken to be in the Hugg
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import paddle
 
+from service.engine.gguf import read_gguf
 from service.engine.model import LayerWeights, ModelWeights
 from service.engine.model_config import DType, ModelConfig, UnsupportedModelError
 from service.engine.tokenizer import Tokenizer
@@ -39,6 +41,7 @@ HF_SINGLE = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 PADDLE_SINGLE = "model_state.pdparams"
 PADDLE_INDEX = "model_state.pdparams.index.json"
+GGUF_SUFFIX = ".gguf"
 PADDLE_FORMATS = ("np", "pd", "paddle")  # safetensors metadata "format" written by Paddle tools
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 # Base-model prefixes that PaddleNLP / ERNIEKit checkpoints use instead of "model.".
@@ -83,16 +86,18 @@ def resolve_model(name_or_path: str | os.PathLike[str], allow_network: bool) -> 
     local directory.
     """
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix == GGUF_SUFFIX):
         return path
     name = str(name_or_path)
     how = (
         "download it beforehand (e.g. `huggingface-cli download ORG/NAME --local-dir DIR`) and pass that local "
-        "directory, in the Hugging Face or PaddleFormers layout (config.json, tokenizer.json and weights), with "
-        "--model-dir or TOKENSTREAM_MODEL_DIR"
+        "directory, in the Hugging Face or PaddleFormers layout (config.json, tokenizer.json and weights), or a "
+        "GGUF file, with --model-dir or TOKENSTREAM_MODEL_DIR"
     )
     if path.exists():
-        raise ModelNotFoundError(f"model path {name!r} is not a directory; {how}")
+        raise ModelNotFoundError(f"model path {name!r} is neither a directory nor a {GGUF_SUFFIX} file; {how}")
+    if path.suffix == GGUF_SUFFIX:
+        raise ModelNotFoundError(f"GGUF file {name!r} does not exist; {how}")
     if not _REPO_ID.match(name):
         raise ModelNotFoundError(f"model directory {name!r} does not exist; {how}")
     if not allow_network:
@@ -393,16 +398,15 @@ def load_model(
 ) -> LoadedModel:
     """Load config, tokenizer, generation defaults and weights.
 
-    `model_dir` is a local directory; a hub id is fetched only when networking is allowed (see resolve_model;
-    by default as HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE say).
+    `model_dir` is a local directory, a `.gguf` file, or a directory holding exactly one `.gguf` file and no
+    config.json; a hub id is fetched only when networking is allowed (see resolve_model; by default as
+    HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE say).
     """
     check_dtype(dtype)
     model_dir = resolve_model(model_dir, network_allowed() if allow_network is None else allow_network)
-    if not (model_dir / "config.json").exists():
-        raise ModelNotFoundError(
-            f"model directory {str(model_dir)!r} has no config.json; pass a local directory in the Hugging Face "
-            "layout (config.json, model.safetensors, tokenizer.json) with --model-dir or TOKENSTREAM_MODEL_DIR"
-        )
+    gguf_file = find_gguf(model_dir)
+    if gguf_file is not None:
+        return _load_gguf(gguf_file, dtype)
     raw_cfg = json.loads((model_dir / "config.json").read_text())
     cfg = ModelConfig.from_dict(raw_cfg)
     if not (model_dir / "tokenizer.json").exists():
@@ -416,31 +420,83 @@ def load_model(
     layout = detect_layout(cfg, state, signal)
     # ERNIEKit (`ernie.` keys) concatenates q, k and v; PaddleFormers groups them per kv head.
     fused_qkv = "plain" if prefix == "ernie." else "grouped"
+    weights = _build_all(cfg, state, dtype, str(model_dir), layout=layout, fused_qkv=fused_qkv)
+    log.info("loaded %s (%s, %s layout, %d file(s)) as %s", model_dir, cfg.architecture, layout, len(ckpt.files),
+             dtype)
+    generation = _generation_defaults(model_dir)
+    return LoadedModel(
+        name=model_dir.name,
+        path=model_dir,
+        config=_with_eos(cfg, generation),
+        weights=weights,
+        tokenizer=Tokenizer.from_dir(model_dir),
+        generation_defaults=generation,
+    )
+
+
+def find_gguf(path: Path) -> Path | None:
+    """The GGUF file to load: `path` itself, or the one `.gguf` in a directory without config.json."""
+    if path.is_file():
+        return path
+    if (path / "config.json").exists():
+        return None
+    found = sorted(path.glob(f"*{GGUF_SUFFIX}"))
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ModelNotFoundError(
+            f"model directory {str(path)!r} holds {len(found)} GGUF files ({', '.join(f.name for f in found)}); "
+            "pass the one to load as --model-dir / TOKENSTREAM_MODEL_DIR"
+        )
+    raise ModelNotFoundError(
+        f"model directory {str(path)!r} has neither config.json nor a {GGUF_SUFFIX} file; pass a local directory in "
+        "the Hugging Face layout (config.json, model.safetensors, tokenizer.json) or a GGUF file with --model-dir "
+        "or TOKENSTREAM_MODEL_DIR"
+    )
+
+
+def _load_gguf(path: Path, dtype: DType) -> LoadedModel:
+    ckpt = read_gguf(path)
+    cfg = ModelConfig.from_dict(ckpt.config)
+    # Zero-copy views of the float32 arrays (paddle.to_tensor would copy 0.5 GB for a 135M model).
+    state = {name: paddle.from_dlpack(w.__dlpack__()) for name, w in ckpt.state.items()}
+    ckpt.state.clear()
+    weights = _build_all(cfg, state, dtype, str(path), layout="hf", fused_qkv="plain")
+    log.info("loaded %s (%s, GGUF%s) as %s", path, cfg.architecture, ", from its float32 cache" if ckpt.from_cache
+             else "", dtype)
+    return LoadedModel(
+        name=path.stem,
+        path=path,
+        config=_with_eos(cfg, ckpt.generation),
+        weights=weights,
+        tokenizer=Tokenizer(ckpt.tokenizer, ckpt.tokenizer_config, add_bos=ckpt.add_bos),
+        generation_defaults=ckpt.generation,
+    )
+
+
+def _build_all(cfg: ModelConfig, state: dict[str, paddle.Tensor], dtype: DType, where: str, **layout: str,
+               ) -> ModelWeights:
+    """build_weights, refusing a checkpoint that lacks weights or has weights the decoder would ignore."""
     try:
-        weights = build_weights(cfg, state, dtype, layout=layout, fused_qkv=fused_qkv)
+        weights = build_weights(cfg, state, dtype, **layout)
     except KeyError as exc:
-        raise UnsupportedModelError(f"{cfg.architecture} checkpoint in {model_dir} lacks weight {exc}") from exc
+        raise UnsupportedModelError(f"{cfg.architecture} checkpoint in {where} lacks weight {exc}") from exc
     leftover = sorted(k for k in state if not _IGNORED.search(k))
     if leftover:
         shown = ", ".join(leftover[:6]) + (", ..." if len(leftover) > 6 else "")
         raise UnsupportedModelError(
-            f"{cfg.architecture} checkpoint in {model_dir} has weights the decoder would ignore: {shown}"
+            f"{cfg.architecture} checkpoint in {where} has weights the decoder would ignore: {shown}"
         )
-    log.info("loaded %s (%s, %s layout, %d file(s)) as %s", model_dir, cfg.architecture, layout, len(ckpt.files),
-             dtype)
-    generation = _generation_defaults(model_dir)
+    return weights
+
+
+def _with_eos(cfg: ModelConfig, generation: dict[str, Any]) -> ModelConfig:
+    """The config with the generation defaults' EOS ids, which override config.json's."""
     eos = generation.get("eos_token_id")
-    if eos is not None:
-        ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
-        cfg = ModelConfig(**{**cfg.__dict__, "eos_token_ids": tuple(int(e) for e in ids)})
-    return LoadedModel(
-        name=model_dir.name,
-        path=model_dir,
-        config=cfg,
-        weights=weights,
-        tokenizer=Tokenizer(model_dir),
-        generation_defaults=generation,
-    )
+    if eos is None:
+        return cfg
+    ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
+    return dataclasses.replace(cfg, eos_token_ids=tuple(int(e) for e in ids))
 
 
 def _generation_defaults(model_dir: Path) -> dict[str, Any]:

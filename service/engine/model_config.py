@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 # Paddle's type stubs accept dtype names only as a Literal; configs carry them as plain strings.
@@ -112,10 +110,6 @@ class ModelConfig:
             rope_interleaved=ernie,
             sliding_window=window,
         )
-
-    @classmethod
-    def from_dir(cls, model_dir: Path) -> ModelConfig:
-        return cls.from_dict(json.loads((model_dir / "config.json").read_text()))
 
 
 def _rope(raw: dict[str, Any], default_theta: float) -> tuple[float, dict[str, Any] | None]:

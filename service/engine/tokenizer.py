@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,24 +24,47 @@ class Encoding:
 
 
 class Tokenizer:
-    def __init__(self, model_dir: Path) -> None:
-        self._tok = HFTokenizer.from_file(str(model_dir / "tokenizer.json"))
-        cfg_path = model_dir / "tokenizer_config.json"
-        self.config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    """A `tokenizers.Tokenizer` with its tokenizer_config (chat template, bos/eos token strings).
+
+    `add_bos`: prompts start with the BOS token (added when the text does not begin with it already), as
+    llama.cpp does for GGUF vocabularies that ask for it.
+    """
+
+    def __init__(self, tok: HFTokenizer, config: dict[str, Any] | None = None, *, add_bos: bool = False) -> None:
+        self._tok = tok
+        self._plain: HFTokenizer | None = None  # a copy that never matches special tokens, made when needed
+        self.config: dict[str, Any] = dict(config or {})
         self.chat_template: str | None = self.config.get("chat_template") or None
         self._compiled_template: Any = None
+        bos = self.config.get("bos_token")
+        self.bos_id: int | None = tok.token_to_id(bos) if isinstance(bos, str) else None
+        if add_bos and self.bos_id is None:
+            raise ValueError(f"add_bos is set but the BOS token {bos!r} is not in the vocabulary")
+        self.add_bos = add_bos
+        self._special_ids = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> Tokenizer:
+        """A Hugging Face layout: tokenizer.json and, when present, tokenizer_config.json."""
+        cfg_path = model_dir / "tokenizer_config.json"
+        config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        return cls(HFTokenizer.from_file(str(model_dir / "tokenizer.json")), config)
 
     @property
     def vocab_size(self) -> int:
         return int(self._tok.get_vocab_size(with_added_tokens=True))
 
-    def token_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        if self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            return [self.bos_id, *ids]
+        return ids
 
     def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
+        """A prompt's ids (with BOS when the model asks for it); special tokens in the text are matched."""
+        return self._with_bos(list(self._tok.encode(text, add_special_tokens=False).ids))
 
     def encode_full(self, text: str) -> Encoding:
+        """The text's own tokens (never a BOS), with strings and offsets."""
         enc = self._tok.encode(text, add_special_tokens=False)
         # The Rust tokenizer reports byte-level offsets in characters already for str input.
         return Encoding(list(enc.ids), list(enc.tokens), [tuple(o) for o in enc.offsets])  # type: ignore[misc]
@@ -71,6 +96,77 @@ class Tokenizer:
             )
         except Exception as exc:  # a template may raise on roles it does not accept
             raise ChatTemplateError(f"chat template failed: {exc}") from exc
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The ids of the rendered chat, where special tokens come only from the template's own markup.
+
+        Message content is text: a user who writes `<|im_end|>` gets the tokens of that text, never the control
+        token, so no message can close its turn and forge another. Where no content holds special-token text,
+        the ids are exactly those of encoding the rendered template.
+        """
+        text = self.render_chat(messages)
+        enc = self._tok.encode(text, add_special_tokens=False)
+        specials = [(i, o) for i, o in zip(enc.ids, enc.offsets, strict=True) if i in self._special_ids]
+        spans = self._content_spans(messages, text)
+        if spans is None:
+            # The template transforms content in a way we cannot trace: accept the rendering only when its
+            # special tokens are exactly those of the markup alone.
+            markup = self._markup_specials(messages)
+            if [i for i, _ in specials] != markup:
+                raise ChatTemplateError("message content contains special-token text (e.g. a turn marker), which "
+                                        "this model's chat template does not allow to be kept as plain text")
+            return self._with_bos(list(enc.ids))
+        forged = [o for _, o in specials if any(s < o[1] and o[0] < e for s, e in spans)]
+        if not forged:
+            return self._with_bos(list(enc.ids))
+        # Encode between the template's own special tokens with special-token matching off: the special tokens
+        # split the text into independent pieces anyway, so only the forged ones change.
+        ids: list[int] = []
+        pos = 0
+        for token_id, (start, end) in specials:
+            if (start, end) in forged:
+                continue
+            ids += self._plain_encode(text[pos:start])
+            ids.append(token_id)
+            pos = end
+        ids += self._plain_encode(text[pos:])
+        return self._with_bos(ids)
+
+    def _plain_encode(self, text: str) -> list[int]:
+        if not text:
+            return []
+        if self._plain is None:
+            plain = HFTokenizer.from_str(self._tok.to_str())
+            plain.encode_special_tokens = True  # special tokens' text is encoded as ordinary text
+            self._plain = plain
+        return list(self._plain.encode(text, add_special_tokens=False).ids)
+
+    def _content_spans(self, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]] | None:
+        """Character spans of message content in `text`, found by rendering with placeholders instead.
+
+        None when the rendering with the real content is not the placeholder rendering with the content (or
+        the stripped content, as templates that `trim` it produce) put in.
+        """
+        nonce = secrets.token_hex(8)
+        marker = re.compile("\ue000" + nonce + "(\\d+)\ue001")
+        held = [{**m, "content": f"\ue000{nonce}{i}\ue001"} for i, m in enumerate(messages)]
+        parts = marker.split(self.render_chat(held))  # markup, index, markup, index, ..., markup
+        for transform in (lambda c: c, str.strip):
+            spans, out, pos = [], [], 0
+            for k, part in enumerate(parts):
+                piece = part if k % 2 == 0 else transform(messages[int(part)].get("content", ""))
+                if k % 2:
+                    spans.append((pos, pos + len(piece)))
+                out.append(piece)
+                pos += len(piece)
+            if "".join(out) == text:
+                return spans
+        return None
+
+    def _markup_specials(self, messages: list[dict[str, str]]) -> list[int]:
+        held = [{**m, "content": "x"} for m in messages]
+        ids = self._tok.encode(self.render_chat(held), add_special_tokens=False).ids
+        return [i for i in ids if i in self._special_ids]
 
 
 class IncrementalDetokenizer:
