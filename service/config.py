@@ -16,7 +16,10 @@ from service.engine.registry import default_model_cache
 class Config:
     host: str = "127.0.0.1"
     port: int = 50051
-    model_dir: str = "default"  # a registered name (`python -m service.models list`) or a checkpoint path
+    # A registered name (`python -m service.models list`), or a checkpoint: a directory in the Hugging Face or
+    # PaddleFormers layout, a .gguf file, or a directory holding one .gguf (dequantized to float32 at load, with a
+    # float32 cache written next to it, or under ~/.cache/tokenstream/gguf where that is read-only).
+    model_dir: str = "default"
     model_cache: str = ""  # where named models live; default $XDG_CACHE_HOME/tokenstream/models
     # Limits of a request
     max_new_tokens: int = 256  # default when a request leaves it unset

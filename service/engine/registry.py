@@ -65,7 +65,7 @@ MODELS = {m.name: m for m in (
     RegisteredModel("test", "random weights, 2 layers, hidden 64, the real Qwen2 vocabulary; for the test suite",
                     lambda cache, _: ensure_random_model(TEST, cache)),
 )}
-ALIASES = {"default": "demo"}
+ALIASES = {"default": "smollm2-135m-instruct"}
 
 
 def canonical_name(name: str) -> str | None:

@@ -30,6 +30,7 @@ from service.engine.hooks import EngineHooks
 from service.engine.kv_cache import SlotKVCache
 from service.engine.loader import LoadedModel
 from service.engine.model import LlamaDecoder
+from service.engine.progress import Progress
 from service.engine.sampling import apply_penalties, log_softmax, sample_row, top_alternatives
 from service.engine.sequence import Sequence, verdict
 from service.engine.tokenizer import Tokenizer
@@ -447,7 +448,7 @@ class Engine:
 
     def _warmup(self) -> None:
         """Run one prefill and one decode step so the first request does not pay for kernel set-up."""
-        with paddle.no_grad():
+        with paddle.no_grad(), Progress("warm-up"):
             prompt = np.arange(8, dtype=np.int64) % self.model.config.vocab_size
             self.cache.ensure(16, 0)
             self.decoder.prefill(self.cache, 0, prompt, 0, want_logits=True)
