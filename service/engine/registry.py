@@ -78,5 +78,6 @@ def locate(name_or_path: str, cache: Path, allow_fetch: bool = True) -> tuple[st
     """(served name, what to load): a registered model is located or fetched; anything else passes through."""
     name = canonical_name(name_or_path)
     if name is None:
-        return Path(name_or_path).name or name_or_path, name_or_path
+        path = Path(name_or_path)
+        return (path.stem if path.suffix == ".gguf" else path.name) or name_or_path, name_or_path
     return name, MODELS[name].locate(cache, allow_fetch)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import dataclasses
 import logging
 import queue
@@ -70,6 +71,7 @@ class Engine:
         self._inflight_lock = threading.Lock()
         self._batch_sizes = [0] * (self.config.max_slots + 1)
         self._last_iteration = time.monotonic()
+        self._busy = False
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._cancel_all = False
@@ -244,6 +246,10 @@ class Engine:
         self._outbox.publish()  # first tokens go out now, not after the decode step below
         if self._active and (self._hooks is None or self._hooks.allow_decode()):
             self._decode()
+        busy = bool(self._active or len(self._waiting) or self._prefilling)
+        if self._busy and not busy:
+            _return_heap()  # the burst is over: give its freed memory back
+        self._busy = busy
         self._iterations += 1
         self._last_iteration = time.monotonic()
 
@@ -453,6 +459,21 @@ class Engine:
             self.cache.ensure(16, 0)
             self.decoder.prefill(self.cache, 0, prompt, 0, want_logits=True)
             self.decoder.decode_step(self.cache, prompt[:1], np.array([8], dtype=np.int64))
+
+
+def _return_heap() -> None:
+    """Return freed heap pages to the system. The KV cache's large blocks go back by themselves (they are mmapped);
+    a burst's many small freed allocations (messages, logprobs, Python objects) stay in glibc's arenas until this.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Callable[[int], int] | None
+try:  # glibc only; elsewhere nothing to do
+    _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):
+    _MALLOC_TRIM = None
 
 
 def _ema(old: float, new: float, weight: float = 0.2) -> float:

@@ -37,7 +37,7 @@ from tokenstream.v1 import generation_pb2 as pb
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 
 # The model the image serves by default: GetModelInfo must name it.
-EXPECTED_MODEL = "tokenstream-demo"
+EXPECTED_MODEL = "smollm2-135m-instruct"
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENT = ROOT / "deploy" / "k8s" / "deployment.yaml"

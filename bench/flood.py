@@ -1,0 +1,182 @@
+"""The unread flood and the burst (#15), measured, not asserted.
+
+    python -m bench.flood [--repo DIR] [--out FILE.json]
+
+Against a server subprocess on 127.0.0.1 (random-qwen2, 32 slots, queue 64), run from the checkout at --repo
+(default: this one; point it at a worktree of an older commit for a before/after comparison):
+  1. the flood: caller A (one bearer token) opens 150 streams (2,000 new tokens, logprobs with top_n 10, 60 s
+     deadline) on one channel and never reads them; caller B (another token) sends a 16-token request 3 s into the
+     flood and again 15 s into it. B's client-side TTFT, or its error, is recorded, and A's outcomes;
+  2. the burst: 96 streams that do read (64 tokens each) at once, then idle.
+The server's RSS is sampled throughout: before, peak and after each phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENS = "bench-token-a,bench-token-b"
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+class Sampler:
+    """The server's RSS every 0.25 s, with phase marks."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.samples: list[tuple[float, float, str]] = []
+        self.phase = "start"
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.samples.append((time.monotonic(), rss_mb(self.pid), self.phase))
+            await asyncio.sleep(0.25)  # a sampling period, not synchronisation
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    def of(self, phase: str) -> list[float]:
+        return [r for _, r, p in self.samples if p == phase]
+
+
+def start_server(repo: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{repo / 'generated'}:{repo}", "TOKENSTREAM_AUTH_TOKENS": TOKENS,
+           "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "service", "--port", str(port), "--model-dir", "random-qwen2", "--max-slots", "32",
+           "--max-queue", "64", "--max-context", "2048", "--max-new-tokens-limit", "2000"]
+    return subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def wait_serving(target: str) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(target) as ch:
+        async for msg in health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=600,
+                                                               wait_for_ready=True):
+            if msg.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+
+
+def bearer(name: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer bench-token-{name}")]
+
+
+async def timed(stub: Any, pb: Any, prompt: str, n: int, who: str, timeout: float = 60) -> dict[str, Any]:
+    start = time.perf_counter()
+    req = pb.GenerateRequest(prompt=prompt, stopping=pb.StoppingCriteria(max_new_tokens=n))
+    ttft = None
+    try:
+        async for msg in stub.Generate(req, metadata=bearer(who), timeout=timeout):
+            if ttft is None and msg.tokens:
+                ttft = time.perf_counter() - start
+            if msg.finish_reason:
+                return {"ttft_s": ttft, "finish": pb.FinishReason.Name(msg.finish_reason)}
+    except grpc.aio.AioRpcError as err:
+        return {"ttft_s": ttft, "error": err.code().name, "details": (err.details() or "")[:200]}
+    return {"ttft_s": ttft, "error": "no final message"}
+
+
+async def flood_phase(target: str, pb: Any, pb_grpc: Any) -> dict[str, Any]:
+    options = [("grpc.http2.bdp_probe", 0)]
+    async with grpc.aio.insecure_channel(target, options=options) as flood_ch, \
+            grpc.aio.insecure_channel(target) as ch:
+        flood = pb_grpc.GenerationServiceStub(flood_ch)
+        req = pb.GenerateRequest(prompt="flood", stopping=pb.StoppingCriteria(max_new_tokens=2000),
+                                 response=pb.ResponseOptions(logprobs=True, top_n=10))
+        calls = [flood.Generate(req, metadata=bearer("a"), timeout=60) for _ in range(150)]
+        stub = pb_grpc.GenerationServiceStub(ch)
+        started = time.monotonic()
+        b = []
+        for at in (3.0, 15.0):  # B arrives at these times into the flood
+            await asyncio.sleep(max(0.0, started + at - time.monotonic()))
+            b.append({"at_s": at, **await timed(stub, pb, "caller b", 16, "b")})
+        outcomes: Counter[str] = Counter()
+        for call in calls:  # now read what A left: each stream's end
+            try:
+                last = None
+                async for msg in call:
+                    last = msg
+                outcomes["slow reader" if last is not None and "stopped reading" in last.error_message else
+                         pb.FinishReason.Name(last.finish_reason) if last is not None else "none"] += 1
+            except grpc.aio.AioRpcError as err:
+                outcomes[err.code().name] += 1
+    return {"b": b, "a_outcomes": dict(outcomes)}
+
+
+async def burst_phase(target: str, pb: Any, pb_grpc: Any) -> dict[str, Any]:
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = pb_grpc.GenerationServiceStub(ch)
+        results = await asyncio.gather(*(timed(stub, pb, f"burst {i}", 64, "b", timeout=300) for i in range(96)))
+    return {"finished": sum(1 for r in results if "finish" in r), "errors": Counter(r.get("error") for r in results
+                                                                                    if "error" in r)}
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    sys.path[:0] = [str(REPO / "generated")]
+    from tokenstream.v1 import generation_pb2 as pb
+    from tokenstream.v1 import generation_pb2_grpc as pb_grpc
+
+    port = 50000 + os.getpid() % 10000
+    proc = start_server(Path(args.repo), port)
+    target = f"127.0.0.1:{port}"
+    try:
+        await wait_serving(target)
+        sampler = Sampler(proc.pid)
+        sampler.start()
+        await asyncio.sleep(2)  # an idle baseline
+        sampler.phase = "flood"
+        flood = await flood_phase(target, pb, pb_grpc)
+        sampler.phase = "after flood"
+        await asyncio.sleep(5)
+        sampler.phase = "burst"
+        burst = await burst_phase(target, pb, pb_grpc)
+        sampler.phase = "after burst"
+        await asyncio.sleep(5)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+    def summary(phase: str) -> dict[str, float]:
+        xs = sampler.of(phase)
+        return {"min": round(min(xs), 1), "max": round(max(xs), 1), "last": round(xs[-1], 1)} if xs else {}
+
+    return {"repo": str(args.repo), "flood": flood, "burst": burst,
+            "rss_mb": {p: summary(p) for p in ("start", "flood", "after flood", "burst", "after burst")},
+            "allocator": {k: v for k, v in os.environ.items() if k.startswith(("FLAGS_", "MALLOC_"))}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.flood", description=__doc__.splitlines()[0])
+    p.add_argument("--repo", default=str(REPO), help="checkout whose server to run (default: this one)")
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    result = asyncio.run(main_async(args))
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
