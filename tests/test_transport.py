@@ -1,0 +1,151 @@
+"""The gRPC front against a fake engine: status mapping, cancellation, admission and drain, exactly and fast.
+
+The fake keeps the engine protocol (service/engine/api.py), so this is the servicer and the shared request life
+(service/generation.py) alone. Every behaviour here is also covered against the real engine elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from service.engine.api import CallerQuotaError, QueueFullError
+from service.engine.tokenizer import Tokenizer
+from service.engine.types import Chunk, ErrorKind, Finish, TokenOut
+from tests.support.fake_engine import FakeEngine
+from tests.support.servers import ServerThread, base_config
+from tokenstream.v1 import generation_pb2 as pb
+from tokenstream.v1 import generation_pb2_grpc as pb_grpc
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir: Path) -> Tokenizer:
+    return Tokenizer.from_dir(model_dir)
+
+
+@pytest.fixture
+def fake(tok: Tokenizer) -> FakeEngine:
+    return FakeEngine(tok)
+
+
+@pytest.fixture
+def front(fake: FakeEngine, model_dir: Path) -> Iterator[ServerThread]:
+    srv = ServerThread(base_config(model_dir, max_new_tokens_limit=4096, grace_s=0.0), loader=lambda _: fake)
+    srv.wait_ready()
+    yield srv
+    srv.close()
+
+
+def call(srv: ServerThread, prompt: str = "hello world", **kw: object) -> list[pb.GenerateResponse]:
+    with srv.channel() as ch:
+        return list(pb_grpc.GenerationServiceStub(ch).Generate(pb.GenerateRequest(prompt=prompt), timeout=10, **kw))
+
+
+def details(err: grpc.RpcError) -> list[object]:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    out: list[object] = []
+    for d in status.details if status else ():
+        for kind in (error_details_pb2.RetryInfo, error_details_pb2.QuotaFailure, error_details_pb2.BadRequest):
+            msg = kind()
+            if d.Unpack(msg):
+                out.append(msg)
+    return out
+
+
+def test_a_stream_passes_through_unchanged(front: ServerThread, fake: FakeEngine, tok: Tokenizer) -> None:
+    msgs = call(front, "hello world")
+    assert [t.id for m in msgs for t in m.tokens] == tok.encode("hello world")
+    assert msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS
+    (req,) = fake.requests
+    assert req.request_id and req.caller == "ip:127.0.0.1" and req.deadline is not None
+
+
+@pytest.mark.parametrize(("raised", "code", "kinds"), [
+    (QueueFullError("all slots and the wait queue are full"), grpc.StatusCode.RESOURCE_EXHAUSTED,
+     {error_details_pb2.RetryInfo}),
+    (CallerQuotaError("ip:127.0.0.1", "streams", "two streams already", 2.5), grpc.StatusCode.RESOURCE_EXHAUSTED,
+     {error_details_pb2.RetryInfo, error_details_pb2.QuotaFailure}),
+    (RuntimeError("secret internals"), grpc.StatusCode.INTERNAL, set()),
+], ids=["queue-full", "quota", "internal"])
+def test_submit_errors_map_to_statuses(front: ServerThread, fake: FakeEngine, raised: Exception,
+                                       code: grpc.StatusCode, kinds: set[type]) -> None:
+    def refuse(req: object) -> list:
+        raise raised
+
+    fake.script = refuse
+    with pytest.raises(grpc.RpcError) as err:
+        call(front)
+    assert err.value.code() == code
+    assert {type(d) for d in details(err.value)} == kinds
+    assert "secret internals" not in (err.value.details() or "")  # internals stay on the server
+
+
+@pytest.mark.parametrize("kind", [ErrorKind.OUT_OF_MEMORY, ErrorKind.OVERLOADED])
+def test_engine_refusals_before_any_token_are_resource_exhausted(front: ServerThread, fake: FakeEngine,
+                                                                 kind: ErrorKind) -> None:
+    fake.script = lambda req: [Chunk("", finish=Finish.ERROR, error="no room", error_kind=kind)]
+    with pytest.raises(grpc.RpcError) as err:
+        call(front)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert [type(d) for d in details(err.value)] == [error_details_pb2.RetryInfo]
+
+
+def test_after_tokens_an_engine_error_is_a_final_message(front: ServerThread, fake: FakeEngine) -> None:
+    fake.script = lambda req: [Chunk("a", (TokenOut(64, "a"),)), Chunk("", finish=Finish.ERROR, error="no room",
+                                                                        error_kind=ErrorKind.OUT_OF_MEMORY)]
+    msgs = call(front)
+    assert msgs[-1].finish_reason == pb.FINISH_REASON_ERROR and msgs[-1].error_message == "no room"
+
+
+def test_a_failure_mid_stream_is_internal_without_internals(front: ServerThread, fake: FakeEngine) -> None:
+    fake.script = lambda req: [Chunk("a", (TokenOut(64, "a"),)), RuntimeError("secret internals")]
+    with pytest.raises(grpc.RpcError) as err:
+        call(front)
+    assert err.value.code() == grpc.StatusCode.INTERNAL and "secret" not in (err.value.details() or "")
+
+
+def test_a_deadline_shorter_than_the_estimate_never_reaches_the_engine(front: ServerThread, fake: FakeEngine) -> None:
+    fake.first_token_s = 10.0
+    with pytest.raises(grpc.RpcError) as err:
+        call(front)  # a 10 s deadline: 10 s of estimated wait is not less than it
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert fake.requests == []
+
+
+def test_the_caller_leaving_cancels_the_engine_stream(front: ServerThread, fake: FakeEngine) -> None:
+    fake.hold = asyncio.Event()
+    with front.channel() as ch:
+        stream = pb_grpc.GenerationServiceStub(ch).Generate(pb.GenerateRequest(prompt="hello"), timeout=10)
+        assert fake.wait_for(lambda: bool(fake.streams))
+        stream.cancel()
+    assert fake.wait_for(lambda: fake.streams[0].cancelled)
+
+
+def test_drain_refuses_new_calls_and_cancels_held_ones_with_a_final_message(front: ServerThread,
+                                                                             fake: FakeEngine) -> None:
+    fake.hold = asyncio.Event()
+    with front.channel() as ch:
+        stub = pb_grpc.GenerationServiceStub(ch)
+        held = stub.Generate(pb.GenerateRequest(prompt="hello"), timeout=10)
+        assert fake.wait_for(lambda: bool(fake.streams))
+        front.call(front.running.drain(0.0))  # no grace: the held stream is cancelled at once
+        assert fake.cancelled_all
+        assert list(held)[-1].finish_reason == pb.FINISH_REASON_CANCELLED
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(pb.GenerateRequest(prompt="late"), timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_model_info_reports_effective_limits_and_recommended_sampling(front: ServerThread) -> None:
+    with front.channel() as ch:
+        info = pb_grpc.GenerationServiceStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    assert info.max_context_length == 512 and info.max_new_tokens == 511  # the limit is 4096: capped
+    assert info.recommended_sampling.temperature == pytest.approx(0.6)
+    assert info.recommended_sampling.top_p == pytest.approx(0.9)
+
