@@ -7,6 +7,7 @@ g = nh // kv queries per key/value head, d head_dim, cap the cache's current cap
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +82,8 @@ class LlamaDecoder:
         # [B, H] x [H, V] shape Paddle's CPU matmul measured 1.7-2.8x slower at B >= 8 and equal at B = 1.
         on_cpu = weights.lm_head.place.is_cpu_place() and weights.lm_head.dtype == paddle.float32
         self._host_lm_head = np.from_dlpack(weights.lm_head) if on_cpu else None  # [H, V]
+        # Profiling hook (bench/profile_step.py): called with a section's name when that section ends.
+        self.trace: Callable[[str], None] | None = None
 
     # -- building blocks -------------------------------------------------------------------------
 
@@ -109,9 +112,15 @@ class LlamaDecoder:
 
     def _logits(self, x: paddle.Tensor) -> np.ndarray:
         h = self._rms(x, self.w.norm)
+        if self.trace:
+            self.trace("norm")
         if self._host_lm_head is not None:
-            return np.from_dlpack(h.contiguous()) @ self._host_lm_head  # [N, V] float32
-        return paddle.matmul(h, self.w.lm_head).astype("float32").numpy()  # [N, V], copied to the host
+            logits = np.from_dlpack(h.contiguous()) @ self._host_lm_head  # [N, V] float32
+        else:
+            logits = paddle.matmul(h, self.w.lm_head).astype("float32").numpy()  # [N, V], copied to the host
+        if self.trace:
+            self.trace("lm_head")
+        return logits
 
     # -- prefill ---------------------------------------------------------------------------------
 
@@ -160,6 +169,7 @@ class LlamaDecoder:
         b = int(tokens.shape[0])
         kv, g, d = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
         cap = cache.capacity
+        tr = self.trace
         pos = paddle.to_tensor(positions, dtype="int64")  # [B]
         cos = paddle.gather(self.cos, pos).unsqueeze(1)  # [B, 1, d]
         sin = paddle.gather(self.sin, pos).unsqueeze(1)
@@ -167,17 +177,39 @@ class LlamaDecoder:
         mask = paddle.to_tensor(mask_np).astype(self.dtype).reshape([b, 1, 1, cap])  # each slot sees its own length
         rows = cache.flat_rows(positions)  # [B kv] rows of the flattened [slots kv cap, d] cache
         x = F.embedding(paddle.to_tensor(tokens, dtype="int64"), self.w.embed)  # [B, H]
+        if tr:
+            tr("inputs")
         for i, layer in enumerate(self.w.layers):
             h = self._rms(x, layer.input_norm)
+            if tr:
+                tr("norm")
             q, k, v = self._qkv(layer, h)
+            if tr:
+                tr("qkv")
             q = self._rotate(q.reshape([b, cfg.num_heads, d]), cos, sin)  # [B, nh, d]
             k = self._rotate(k.reshape([b, kv, d]), cos, sin)  # [B, kv, d]
+            if tr:
+                tr("rotary")
             cache.write_rows(i, rows, k.reshape([b * kv, d]), v.reshape([b * kv, d]))  # in place, one row each
+            if tr:
+                tr("cache_write")
             k_cache, v_cache = cache.active(i, b)  # [B, kv, cap, d], views
             qg = q.reshape([b, kv, g, d])  # queries grouped under their kv head: no repeat_kv
             scores = paddle.matmul(qg, k_cache, transpose_y=True) * self.scale + mask  # [B, kv, g, cap]
             probs = F.softmax(scores.astype("float32"), axis=-1).astype(self.dtype)
             out = paddle.matmul(probs, v_cache).reshape([b, self.q_width])  # [B, nh d]
+            if tr:
+                tr("attention")
             x = x + paddle.matmul(out, layer.o)
-            x = self._mlp(layer, x)
+            if tr:
+                tr("o_proj")
+            h = self._rms(x, layer.post_norm)
+            if tr:
+                tr("norm")
+            gu = F.swiglu(paddle.matmul(h, layer.gate_up))
+            if tr:
+                tr("gate_up")
+            x = x + paddle.matmul(gu, layer.down)
+            if tr:
+                tr("down")
         return self._logits(x)  # [B, V]

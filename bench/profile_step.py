@@ -1,0 +1,402 @@
+"""Where a decode step's time goes, on SmolLM2-135M's shape (issue #13).
+
+    python -m bench.profile_step                      # everything, batches 1, 8, 32
+    python -m bench.profile_step --parts steps --paths eager,fast --reps 40
+    python -m bench.profile_step --parts breakdown --batches 1,32
+
+Parts:
+  steps      decode_step alone per path and batch, interleaved round by round (A/B on the same noise): median
+             ms per step, tokens/s, GB/s of weights + KV read, share of the memory bound, GFLOP/s.
+  breakdown  the eager step cut into sections by the decoder's trace hook (inputs, norms, each projection,
+             rotary, cache write, attention, lm_head), plus greedy sampling, for each batch; and the same-depth
+             skeleton model (hidden 72, vocab 256) whose step time is the per-op floor: Python and Paddle dispatch.
+  engine     the Engine's iteration at batch 8 and 32 in steady decode, against decode_step timed inside it: what
+             the scheduler, sampling, detokenizing and delivery add.
+  prefill    one prompt of 20 and of 256 tokens, and several 20-token prompts one by one vs batched.
+  bandwidth  the practical memory bound: a 2-thread numpy matrix-vector product over 1 GiB.
+
+Every figure is a median over --reps rounds; the machine is shared, so the load average is printed with them.
+The model is a random-weight checkpoint with SmolLM2's shapes (bench/smollm2_shape.py), built on first use.
+"""
+
+from __future__ import annotations
+
+import os
+
+# MKL's AVX2 kernels on AMD, as the server sets them; must precede the first paddle import.
+with open("/proc/cpuinfo") as _f:
+    if "AuthenticAMD" in _f.read(4096):
+        os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bench.common import quiet
+
+quiet()
+
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+
+from bench import smollm2_shape  # noqa: E402
+from service.engine.kv_cache import SlotKVCache  # noqa: E402
+from service.engine.loader import LoadedModel, build_weights, load_model  # noqa: E402
+from service.engine.model import LlamaDecoder  # noqa: E402
+from service.engine.model_config import ModelConfig  # noqa: E402
+
+Step = Callable[[SlotKVCache, np.ndarray, np.ndarray], np.ndarray]
+REFERENCE_BOUND_GBPS = 68.5  # issue #13: numpy 2-thread matvec over 1 GiB on this host, unloaded
+
+
+def load() -> str:
+    return open("/proc/loadavg").read().split(" ")[0]
+
+
+def median_ms(ts: list[float]) -> float:
+    return float(np.median(ts)) * 1e3
+
+
+# -- setup -----------------------------------------------------------------------------------------
+
+
+def make_cache(cfg: ModelConfig, slots: int, length: int, max_context: int = 2048) -> SlotKVCache:
+    cache = SlotKVCache(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, max_context, "float32")
+    cache.ensure(length + 1, 0)
+    return cache
+
+
+def inputs(cfg: ModelConfig, b: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = (np.arange(b, dtype=np.int64) * 7919 + 100) % cfg.vocab_size
+    return tokens, np.full(b, length, dtype=np.int64)
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    # name: extra LlamaDecoder keyword arguments, for decode paths measured side by side in one process
+}
+
+
+def paths(model: LoadedModel, dec: LlamaDecoder, which: list[str]) -> dict[str, Step]:
+    """The decode paths to time: 'eager' (the dygraph forward), 'fast' (what the engine uses), or a VARIANTS key
+    (a decoder of its own on the same weights)."""
+    out: dict[str, Step] = {}
+    for name in which:
+        if name == "fast":
+            out[name] = dec.decode_step
+        elif name == "eager":
+            out[name] = getattr(dec, "decode_step_eager", dec.decode_step)
+        else:
+            other = LlamaDecoder(model.config, model.weights, 2048, "float32", **VARIANTS[name])
+            out[name] = other.decode_step
+    return out
+
+
+def skeleton(cfg: ModelConfig) -> tuple[ModelConfig, LlamaDecoder]:
+    """The same depth and op graph with tiny dimensions: its step time is the per-op floor."""
+    raw = dict(smollm2_shape.CONFIG, hidden_size=72, intermediate_size=16, vocab_size=256, head_dim=8,
+               num_hidden_layers=cfg.num_layers)
+    small = ModelConfig.from_dict(raw)
+    rng = np.random.default_rng(0)
+    h, i, q, kv = 72, 16, 72, 24
+
+    def lin(o: int, n: int) -> paddle.Tensor:
+        return paddle.to_tensor((rng.standard_normal((o, n)) / np.sqrt(n)).astype(np.float32))
+
+    state = {"model.embed_tokens.weight": lin(256, h), "model.norm.weight": paddle.ones([h])}
+    for n in range(small.num_layers):
+        p = f"model.layers.{n}."
+        state |= {
+            p + "input_layernorm.weight": paddle.ones([h]), p + "post_attention_layernorm.weight": paddle.ones([h]),
+            p + "self_attn.q_proj.weight": lin(q, h), p + "self_attn.k_proj.weight": lin(kv, h),
+            p + "self_attn.v_proj.weight": lin(kv, h), p + "self_attn.o_proj.weight": lin(h, q),
+            p + "mlp.gate_proj.weight": lin(i, h), p + "mlp.up_proj.weight": lin(i, h),
+            p + "mlp.down_proj.weight": lin(h, i),
+        }
+    return small, LlamaDecoder(small, build_weights(small, state, "float32"), 2048, "float32")
+
+
+# -- parts -----------------------------------------------------------------------------------------
+
+
+def bandwidth(reps: int = 8) -> dict[str, float]:
+    """Practical memory bound: 2-thread numpy matvec over a 1 GiB float32 matrix (as issue #13 measured it)."""
+    a = np.ones((1 << 28) // 4096, dtype=np.float32).reshape(-1, 1)  # warm the allocator
+    del a
+    m = np.ones((65536, 4096), dtype=np.float32)
+    v = np.ones(4096, dtype=np.float32)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        m @ v
+        ts.append(time.perf_counter() - t)
+    del m
+    return {"GBps_median": m_bytes() / np.median(ts) / 1e9, "GBps_best": m_bytes() / min(ts) / 1e9}
+
+
+def m_bytes() -> int:
+    return 65536 * 4096 * 4
+
+
+def step_bytes(model: LoadedModel, b: int, length: int) -> int:
+    """Bytes a decode step must read: every layer weight, the final norm, the lm_head, B embedding rows, the KV."""
+    cfg, w = model.config, model.weights
+    total = sum(int(np.prod(t.shape)) * 4 for layer in w.layers for t in
+                (layer.input_norm, layer.qkv, layer.o, layer.post_norm, layer.gate_up, layer.down))
+    total += int(np.prod(w.lm_head.shape)) * 4 + int(np.prod(w.norm.shape)) * 4 + b * cfg.hidden_size * 4
+    return total + b * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * (length + 1)
+
+
+def step_flops(model: LoadedModel, b: int, length: int) -> float:
+    cfg, w = model.config, model.weights
+    params = sum(int(np.prod(t.shape)) for layer in w.layers for t in (layer.qkv, layer.o, layer.gate_up,
+                                                                          layer.down))
+    params += int(np.prod(w.lm_head.shape))
+    return 2.0 * b * params + 4.0 * b * (length + 1) * cfg.num_heads * cfg.head_dim * cfg.num_layers
+
+
+def part_steps(model: LoadedModel, dec: LlamaDecoder, batches: list[int], length: int, reps: int,
+               which: list[str], bound_gbps: float) -> dict[str, Any]:
+    cfg = model.config
+    steps = paths(model, dec, which)
+    cache = make_cache(cfg, max(batches), length)
+    times: dict[tuple[str, int], list[float]] = {(p, b): [] for p in steps for b in batches}
+    cpu: dict[tuple[str, int], list[float]] = {(p, b): [] for p in steps for b in batches}
+    ref = next(iter(steps))
+    for b in batches:  # warm every shape and path once
+        for fn in steps.values():
+            fn(cache, *inputs(cfg, b, length)).argmax(-1)
+    for _ in range(reps):  # round-robin: each path and batch sees the same stretch of host noise
+        for b in batches:
+            for name, fn in steps.items():
+                tok, pos = inputs(cfg, b, length)
+                c = time.thread_time()
+                t = time.perf_counter()
+                fn(cache, tok, pos).argmax(-1)
+                times[(name, b)].append(time.perf_counter() - t)
+                cpu[(name, b)].append(time.thread_time() - c)
+    rows = []
+    for (name, b), ts in times.items():
+        s = float(np.median(ts))
+        nbytes = step_bytes(model, b, length)
+        rows.append({
+            "path": name, "batch": b, "length": length, "capacity": cache.capacity, "ms_p50": s * 1e3,
+            "ms_p10": float(np.percentile(ts, 10)) * 1e3, "ms_p90": float(np.percentile(ts, 90)) * 1e3,
+            "tok_s": b / s, "GBps": nbytes / s / 1e9, "bound_ms": nbytes / bound_gbps / 1e6,
+            "of_bound": nbytes / bound_gbps / 1e9 / s, "GFLOPs": step_flops(model, b, length) / s / 1e9,
+            "ms_min": min(ts) * 1e3,
+            # CPU time of the calling thread: less sensitive to the host's load, blind to other threads' work
+            "thread_cpu_ms_p50": median_ms(cpu[(name, b)]),
+            # paired with the first path's time in the same round: robust to the host's load drifting
+            "vs_first": float(np.median(np.array(times[(ref, b)]) / np.array(ts))),
+        })
+    return {"rows": rows}
+
+
+class Marks:
+    """The decoder's trace hook: adds the time since the previous mark to the section just ended."""
+
+    def __init__(self) -> None:
+        self.acc: dict[str, float] = {}
+        self.last = 0.0
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.acc[name] = self.acc.get(name, 0.0) + now - self.last
+        self.last = now
+
+
+def traced(dec: LlamaDecoder, fn: Callable[[], Any], reps: int) -> dict[str, float]:
+    """Median ms per step of each traced section (summed over layers), plus 'total' and 'untraced'."""
+    per: dict[str, list[float]] = {}
+    totals: list[float] = []
+    for _ in range(reps):
+        mark = Marks()
+        dec.trace = mark
+        try:
+            t0 = mark.last = time.perf_counter()
+            logits = fn()
+            mark("untraced")  # the step's return after its last section
+            logits.argmax(-1)
+            mark("sampling")
+            totals.append(time.perf_counter() - t0)
+        finally:
+            dec.trace = None
+        for k, v in mark.acc.items():
+            per.setdefault(k, []).append(v)
+    out = {k: median_ms(v) for k, v in per.items()}
+    out["total"] = median_ms(totals)
+    return out
+
+
+def part_breakdown(model: LoadedModel, dec: LlamaDecoder, batches: list[int], length: int,
+                   reps: int) -> dict[str, Any]:
+    cfg = model.config
+    cache = make_cache(cfg, max(batches), length)
+    small_cfg, small = skeleton(cfg)
+    small_cache = make_cache(small_cfg, max(batches), length)
+    eager = getattr(dec, "decode_step_eager", dec.decode_step)
+    small_eager = getattr(small, "decode_step_eager", small.decode_step)
+    out: dict[str, Any] = {}
+    for b in batches:
+        tok, pos = inputs(cfg, b, length)
+        stok, spos = inputs(small_cfg, b, length)
+        for _ in range(2):
+            eager(cache, tok, pos)
+            small_eager(small_cache, stok, spos)
+        sections = traced(dec, lambda tok=tok, pos=pos: eager(cache, tok, pos), reps)
+        floor = traced(small, lambda stok=stok, spos=spos: small_eager(small_cache, stok, spos), reps)
+        out[str(b)] = {"sections": sections, "floor": floor}
+    return out
+
+
+def part_engine(model: LoadedModel, batches: list[int], steps: int) -> dict[str, Any]:
+    """The Engine's iteration in steady decode at each batch, with decode_step timed inside the same iterations:
+    the rest is the scheduler, sampling, detokenizing and delivery (chunks dropped on the engine thread)."""
+    from service.engine.engine import Engine, EngineConfig
+    from service.engine.types import GenerationRequest
+
+    eng = Engine(model, EngineConfig(max_slots=max(batches), max_context=2048))
+    eng.start(warmup=True)
+    out: dict[str, Any] = {}
+    try:
+        for b in batches:
+            inner = eng.decoder.decode_step
+            spent: list[float] = []
+
+            def timed(*a: Any, inner: Any = inner, spent: list[float] = spent) -> Any:
+                t = time.perf_counter()
+                try:
+                    return inner(*a)
+                finally:
+                    spent.append(time.perf_counter() - t)
+
+            handles = []
+            for i in range(b):
+                ids = [(i * 31 + j * 7) % model.config.vocab_size for j in range(20)]
+                req = GenerationRequest(prompt_ids=ids, max_new_tokens=steps * 4 + 64)
+                handles.append(eng.submit(req, lambda chunks: None))
+            assert eng.wait_until(lambda st, b=b: st.active == b and st.prefilling == 0 and st.waiting == 0, 300)
+            eng.decoder.decode_step = timed  # type: ignore[method-assign]
+            try:
+                s0 = eng.stats().steps
+                t0 = time.perf_counter()
+                eng.wait_until(lambda st, s0=s0: st.steps >= s0 + steps, 600)
+                t1 = time.perf_counter()
+                n = eng.stats().steps - s0
+            finally:
+                eng.decoder.decode_step = inner  # type: ignore[method-assign]
+            for h in handles:
+                h.cancel()
+            eng.wait_until(lambda st: st.active == 0 and st.waiting == 0 and st.prefilling == 0, 120)
+            it = (t1 - t0) / n
+            model_s = sum(spent[:n]) / max(1, min(n, len(spent)))
+            out[str(b)] = {"iteration_ms": it * 1e3, "decode_step_ms": model_s * 1e3,
+                           "outside_ms": (it - model_s) * 1e3, "tok_s": b / it}
+    finally:
+        eng.stop()
+    return out
+
+
+def part_prefill(model: LoadedModel, dec: LlamaDecoder, reps: int) -> dict[str, Any]:
+    """Prefill of one prompt of 20 and of 256 tokens, and of 8 prompts of 20 tokens one call each (what the
+    scheduler does now), each from an empty slot."""
+    cfg = model.config
+    cache = make_cache(cfg, 8, 300)
+    rng = np.random.default_rng(1)
+    prompts = {n: rng.integers(0, cfg.vocab_size, n).astype(np.int64) for n in (20, 256)}
+    cases: dict[str, Callable[[], Any]] = {
+        "1x20": lambda: dec.prefill(cache, 0, prompts[20], 0, True),
+        "1x256": lambda: dec.prefill(cache, 0, prompts[256], 0, True),
+        "8x20 one by one": lambda: [dec.prefill(cache, s, prompts[20], 0, True) for s in range(8)],
+    }
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for fn in cases.values():
+        fn()
+    for _ in range(reps):
+        for k, fn in cases.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: {"ms_p50": median_ms(v), "ms_min": min(v) * 1e3} for k, v in times.items()}
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def print_steps(res: dict[str, Any]) -> None:
+    print("path     batch   ms p50 (p10-p90)      min  thread-cpu   tok/s   GB/s  of bound  GFLOP/s  vs first")
+    for r in sorted(res["rows"], key=lambda r: r["batch"]):
+        print(f"{r['path']:8} {r['batch']:5} {r['ms_p50']:8.2f} ({r['ms_p10']:.1f}-{r['ms_p90']:.1f}) "
+              f"{r['ms_min']:7.2f} {r['thread_cpu_ms_p50']:8.2f} {r['tok_s']:8.1f} {r['GBps']:6.1f} "
+              f"{r['of_bound']:8.0%} {r['GFLOPs']:8.1f} {r['vs_first']:8.2f}x")
+
+
+ORDER = ["inputs", "norm", "qkv", "rotary", "cache_write", "attention", "o_proj", "gate_up", "down", "lm_head",
+         "untraced", "sampling", "total"]
+
+
+def print_breakdown(res: dict[str, Any]) -> None:
+    batches = list(res)
+    print("section        " + "".join(f"   B={b:<4} floor" for b in batches))
+    for k in ORDER:
+        cells = ""
+        for b in batches:
+            s, f = res[b]["sections"].get(k, 0.0), res[b]["floor"].get(k, 0.0)
+            cells += f" {s:8.2f} {f:5.2f}"
+        print(f"{k:14}{cells}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", default=None, help="checkpoint (default: the SmolLM2-shaped random one)")
+    ap.add_argument("--parts", default="bandwidth,steps,breakdown,prefill,engine")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--paths", default="eager,fast", help="decode paths to time in 'steps'")
+    ap.add_argument("--length", type=int, default=84, help="cached positions per row (20-token prompt + 64)")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json", default=None, help="write the results here too")
+    args = ap.parse_args(argv)
+    parts = args.parts.split(",")
+    batches = [int(b) for b in args.batches.split(",")]
+    paddle.set_device("cpu")
+    model = load_model(args.model_dir or smollm2_shape.ensure())
+    dec = LlamaDecoder(model.config, model.weights, 2048, "float32")
+    results: dict[str, Any] = {"load_start": load(), "env": {k: os.environ.get(k) for k in
+                                                            ("MKL_DEBUG_CPU_TYPE", "OMP_NUM_THREADS",
+                                                             "KMP_BLOCKTIME")}}
+    print(f"load average {load()}, {model.config.num_layers} layers, hidden {model.config.hidden_size}, "
+          f"length {args.length}")
+    bound = REFERENCE_BOUND_GBPS
+    with paddle.no_grad():
+        if "bandwidth" in parts:
+            results["bandwidth"] = bw = bandwidth()
+            print(f"memory bound: 2-thread numpy matvec over 1 GiB: {bw['GBps_median']:.1f} GB/s median, "
+                  f"{bw['GBps_best']:.1f} best (issue #13 reference {REFERENCE_BOUND_GBPS}; shares below use it)")
+        if "steps" in parts:
+            results["steps"] = part_steps(model, dec, batches, args.length, args.reps, args.paths.split(","), bound)
+            print_steps(results["steps"])
+        if "breakdown" in parts:
+            results["breakdown"] = part_breakdown(model, dec, batches, args.length, args.reps)
+            print_breakdown(results["breakdown"])
+        if "prefill" in parts:
+            results["prefill"] = part_prefill(model, dec, max(3, args.reps // 4))
+            for k, v in results["prefill"].items():
+                print(f"prefill {k:16} {v['ms_p50']:8.1f} ms p50  {v['ms_min']:8.1f} min")
+    if "engine" in parts:
+        del dec
+        results["engine"] = part_engine(model, [b for b in batches if b > 1] or batches, steps=args.reps)
+        for b, v in results["engine"].items():
+            print(f"engine B={b:>3}: iteration {v['iteration_ms']:.1f} ms, decode_step {v['decode_step_ms']:.1f} ms, "
+                  f"outside the model {v['outside_ms']:.1f} ms ({v['tok_s']:.1f} tok/s)")
+    results["load_end"] = load()
+    print(f"load average at the end {load()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
