@@ -1,13 +1,15 @@
 """Where a decode step's time goes, on SmolLM2-135M's shape (issue #13).
 
     python -m bench.profile_step                      # everything, batches 1, 8, 32
-    python -m bench.profile_step --parts steps --paths eager,fast --reps 40
+    python -m bench.profile_step --parts steps --paths plain,fast,t2 --reps 40
     python -m bench.profile_step --parts breakdown --batches 1,32
 
 Parts:
+  check      exactness of the engine's paths (prefill, batched and chunked prefill, decode, decode with a prompt
+             chunk in the same step) against the plain forward: max |logit difference|, greedy agreement.
   steps      decode_step alone per path and batch, interleaved round by round (A/B on the same noise): median
              ms per step, tokens/s, GB/s of weights + KV read, share of the memory bound, GFLOP/s.
-  breakdown  the eager step cut into sections by the decoder's trace hook (inputs, norms, each projection,
+  breakdown  the engine's step (dygraph) cut into sections by the decoder's trace hook (inputs, norms, each projection,
              rotary, cache write, attention, lm_head), plus greedy sampling, for each batch; and the same-depth
              skeleton model (hidden 72, vocab 256) whose step time is the per-op floor: Python and Paddle dispatch.
   engine     the Engine's iteration at batch 8 and 32 in steady decode, against decode_step timed inside it: what
@@ -75,18 +77,32 @@ def inputs(cfg: ModelConfig, b: int, length: int) -> tuple[np.ndarray, np.ndarra
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # name: extra LlamaDecoder keyword arguments, for decode paths measured side by side in one process
+    "t1": {"threads": 1},
+    "t2": {"threads": 2},
+    "t1pl": {"threads": 1, "host_lm_head": False},
+    "t2pl": {"threads": 2, "host_lm_head": False},
+}
+# Paddle Inference on the exported step (bench/levers/static_step.py, dropped): name -> StaticDecodeStep options
+STATIC_VARIANTS: dict[str, dict[str, Any]] = {
+    "static1": {"threads": 1},
+    "static2": {"threads": 2},
+    "static2lm": {"threads": 2, "with_lm_head": True},
 }
 
 
 def paths(model: LoadedModel, dec: LlamaDecoder, which: list[str]) -> dict[str, Step]:
-    """The decode paths to time: 'eager' (the dygraph forward), 'fast' (what the engine uses), or a VARIANTS key
-    (a decoder of its own on the same weights)."""
+    """The decode paths to time: 'plain' (the first dygraph forward, op by op), 'fast' (what the engine uses), a
+    VARIANTS key (a decoder of its own on the same weights) or a STATIC_VARIANTS key."""
     out: dict[str, Step] = {}
     for name in which:
         if name == "fast":
             out[name] = dec.decode_step
-        elif name == "eager":
-            out[name] = getattr(dec, "decode_step_eager", dec.decode_step)
+        elif name == "plain":
+            out[name] = getattr(dec, "decode_step_plain", dec.decode_step)
+        elif name in STATIC_VARIANTS:
+            from bench.levers.static_step import static_decode_path
+
+            out[name] = static_decode_path(model, dec, **STATIC_VARIANTS[name])
         else:
             other = LlamaDecoder(model.config, model.weights, 2048, "float32", **VARIANTS[name])
             out[name] = other.decode_step
@@ -236,8 +252,8 @@ def part_breakdown(model: LoadedModel, dec: LlamaDecoder, batches: list[int], le
     cache = make_cache(cfg, max(batches), length)
     small_cfg, small = skeleton(cfg)
     small_cache = make_cache(small_cfg, max(batches), length)
-    eager = getattr(dec, "decode_step_eager", dec.decode_step)
-    small_eager = getattr(small, "decode_step_eager", small.decode_step)
+    eager = dec.decode_step
+    small_eager = small.decode_step
     out: dict[str, Any] = {}
     for b in batches:
         tok, pos = inputs(cfg, b, length)
@@ -322,6 +338,57 @@ def part_prefill(model: LoadedModel, dec: LlamaDecoder, reps: int) -> dict[str, 
     return {k: {"ms_p50": median_ms(v), "ms_min": min(v) * 1e3} for k, v in times.items()}
 
 
+def part_check(model: LoadedModel, dec: LlamaDecoder, decode_steps: int = 12) -> dict[str, Any]:
+    """Exactness of the engine's paths against the plain forward (prefill_plain, decode_step_plain): the largest
+    |logit difference| and whether greedy tokens agree, for prefill (one-shot, chunked, several prompts in one
+    step), decode, and decode rows with a prompt chunk in the same step."""
+    from service.engine.model import PrefillChunk
+
+    cfg = model.config
+    rng = np.random.default_rng(0)
+    none = np.zeros(0, dtype=np.int64)
+    lens = [3, 17, 60, 64, 9]
+    prompts = [rng.integers(0, cfg.vocab_size, n).astype(np.int64) for n in lens]
+    ref, new = make_cache(cfg, 8, 200), make_cache(cfg, 8, 200)
+    worst: dict[str, float] = {}
+    agree = True
+
+    def diff(key: str, a: np.ndarray | None, b: np.ndarray | None) -> None:
+        nonlocal agree
+        assert a is not None
+        assert b is not None
+        worst[key] = max(worst.get(key, 0.0), float(np.abs(a - b).max()))
+        agree &= bool((a.argmax(-1) == b.argmax(-1)).all())
+
+    want = []  # reference: one prompt at a time, slot 1 in two chunks
+    for s, p in enumerate(prompts):
+        if s == 1:
+            dec.prefill_plain(ref, s, p[:7], 0, False)
+        want.append(dec.prefill_plain(ref, s, p[7:] if s == 1 else p, 7 if s == 1 else 0, True))
+    got = {0: dec.prefill(new, 0, prompts[0], 0, True)}
+    _, outs = dec.step(new, none, none, [PrefillChunk(1, prompts[1][:7], 0, False),
+                                         PrefillChunk(2, prompts[2], 0, True), PrefillChunk(3, prompts[3], 0, True)])
+    got[2], got[3] = outs[1], outs[2]
+    _, outs = dec.step(new, none, none,
+                       [PrefillChunk(1, prompts[1][7:], 7, True), PrefillChunk(4, prompts[4], 0, True)])
+    got[1], got[4] = outs
+    for s in range(len(prompts)):
+        diff("prefill", want[s], got[s])
+    pos = np.array(lens, dtype=np.int64)
+    tok = np.array([int(w.argmax()) for w in want], dtype=np.int64)  # type: ignore[union-attr]
+    for _ in range(decode_steps):
+        a = dec.decode_step_plain(ref, tok, pos)
+        diff("decode", a, dec.decode_step(new, tok, pos))
+        tok, pos = a.argmax(-1).astype(np.int64), pos + 1
+    extra = rng.integers(0, cfg.vocab_size, 11).astype(np.int64)
+    a, b = dec.decode_step_plain(ref, tok, pos), dec.prefill_plain(ref, 5, extra, 0, True)
+    c, outs = dec.step(new, tok, pos, [PrefillChunk(5, extra, 0, True)])
+    diff("mixed: decode rows", a, c)
+    diff("mixed: prompt chunk", b, outs[0])
+    worst["cache"] = max(float((ref._k_all - new._k_all).abs().max()), float((ref._v_all - new._v_all).abs().max()))
+    return {"max_abs_diff": worst, "greedy_agree": agree}
+
+
 # -- report ----------------------------------------------------------------------------------------
 
 
@@ -351,9 +418,9 @@ def print_breakdown(res: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=None, help="checkpoint (default: the SmolLM2-shaped random one)")
-    ap.add_argument("--parts", default="bandwidth,steps,breakdown,prefill,engine")
+    ap.add_argument("--parts", default="check,bandwidth,steps,breakdown,prefill,engine")
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--paths", default="eager,fast", help="decode paths to time in 'steps'")
+    ap.add_argument("--paths", default="plain,fast", help="decode paths to time in 'steps'")
     ap.add_argument("--length", type=int, default=84, help="cached positions per row (20-token prompt + 64)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", default=None, help="write the results here too")
@@ -370,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
           f"length {args.length}")
     bound = REFERENCE_BOUND_GBPS
     with paddle.no_grad():
+        if "check" in parts:
+            results["check"] = chk = part_check(model, dec)
+            print("exactness vs the plain forward: max |logit diff| " +
+                  ", ".join(f"{k} {v:.1e}" for k, v in chk["max_abs_diff"].items()) +
+                  f"; greedy tokens agree: {chk['greedy_agree']}")
         if "bandwidth" in parts:
             results["bandwidth"] = bw = bandwidth()
             print(f"memory bound: 2-thread numpy matvec over 1 GiB: {bw['GBps_median']:.1f} GB/s median, "
