@@ -77,10 +77,13 @@ def inputs(cfg: ModelConfig, b: int, length: int) -> tuple[np.ndarray, np.ndarra
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # name: extra LlamaDecoder keyword arguments, for decode paths measured side by side in one process
+    "fused_gate_up": {"split_gate_up": False},
     "t1": {"threads": 1},
     "t2": {"threads": 2},
-    "t1pl": {"threads": 1, "host_lm_head": False},
-    "t2pl": {"threads": 2, "host_lm_head": False},
+    "t1pl": {"threads": 1, "lm_head": "paddle"},
+    "t2pl": {"threads": 2, "lm_head": "paddle"},
+    "t1nt": {"threads": 1, "lm_head": "paddle_nt"},
+    "t2nt": {"threads": 2, "lm_head": "paddle_nt"},
 }
 # Paddle Inference on the exported step (bench/levers/static_step.py, dropped): name -> StaticDecodeStep options
 STATIC_VARIANTS: dict[str, dict[str, Any]] = {
@@ -315,18 +318,35 @@ def part_engine(model: LoadedModel, batches: list[int], steps: int) -> dict[str,
     return out
 
 
-def part_prefill(model: LoadedModel, dec: LlamaDecoder, reps: int) -> dict[str, Any]:
-    """Prefill of one prompt of 20 and of 256 tokens, and of 8 prompts of 20 tokens one call each (what the
-    scheduler does now), each from an empty slot."""
+def part_prefill(model: LoadedModel, dec: LlamaDecoder, reps: int, decode_batch: int = 8,
+                 length: int = 84) -> dict[str, Any]:
+    """Prompt processing, each case from empty slots, interleaved round by round:
+    - one prompt of 20 and of 256 tokens; 8 prompts of 20 one call each (the scheduler today) and in one step;
+    - a decode step of `decode_batch` rows alone, and with a prompt chunk of C tokens in the same step (what a
+      scheduler mixing prefill into decode would run): the extra time is how long that chunk stalls the streams.
+    """
+    from service.engine.model import PrefillChunk
+
     cfg = model.config
-    cache = make_cache(cfg, 8, 300)
+    b = decode_batch
+    cache = make_cache(cfg, b + 8, 300)
     rng = np.random.default_rng(1)
-    prompts = {n: rng.integers(0, cfg.vocab_size, n).astype(np.int64) for n in (20, 256)}
+    p20 = [rng.integers(0, cfg.vocab_size, 20).astype(np.int64) for _ in range(8)]
+    p256 = rng.integers(0, cfg.vocab_size, 256).astype(np.int64)
+    tok, pos = inputs(cfg, b, length)
+    none = np.zeros(0, dtype=np.int64)
     cases: dict[str, Callable[[], Any]] = {
-        "1x20": lambda: dec.prefill(cache, 0, prompts[20], 0, True),
-        "1x256": lambda: dec.prefill(cache, 0, prompts[256], 0, True),
-        "8x20 one by one": lambda: [dec.prefill(cache, s, prompts[20], 0, True) for s in range(8)],
+        "1x20": lambda: dec.prefill(cache, b, p20[0], 0, True),
+        "1x256": lambda: dec.prefill(cache, b, p256, 0, True),
+        "8x20 one call each": lambda: [dec.prefill(cache, b + s, p20[s], 0, True) for s in range(8)],
+        "8x20 in one step": lambda: dec.step(cache, none, none, [PrefillChunk(b + s, p20[s], 0, True)
+                                                                 for s in range(8)]),
+        f"decode B={b}": lambda: dec.decode_step(cache, tok, pos),
     }
+    for c in (16, 32, 64, 128, 256):
+        cases[f"chunk {c} alone"] = lambda c=c: dec.prefill(cache, b, p256[:c], 0, True)
+        cases[f"decode B={b} + chunk {c}"] = lambda c=c: dec.step(cache, tok, pos,
+                                                                  [PrefillChunk(b, p256[:c], 0, True)])
     times: dict[str, list[float]] = {k: [] for k in cases}
     for fn in cases.values():
         fn()
@@ -415,6 +435,17 @@ def print_breakdown(res: dict[str, Any]) -> None:
         print(f"{k:14}{cells}")
 
 
+def print_prefill(res: dict[str, Any]) -> None:
+    for k, v in res.items():
+        print(f"prefill {k:26} {v['ms_p50']:8.1f} ms p50 {v['ms_min']:8.1f} min")
+    dec = next((v["ms_p50"] for k, v in res.items() if k.startswith("decode") and "+" not in k), None)
+    for k, v in res.items():
+        if "+ chunk" in k and dec is not None:
+            alone = res[f"chunk {k.split()[-1]} alone"]["ms_p50"]
+            stall, saved = v["ms_p50"] - dec, dec + alone - v["ms_p50"]
+            print(f"  {k}: stalls the decode rows {stall:7.1f} ms; saves {saved:6.1f} ms against a separate prefill")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=None, help="checkpoint (default: the SmolLM2-shaped random one)")
@@ -454,8 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             print_breakdown(results["breakdown"])
         if "prefill" in parts:
             results["prefill"] = part_prefill(model, dec, max(3, args.reps // 4))
-            for k, v in results["prefill"].items():
-                print(f"prefill {k:16} {v['ms_p50']:8.1f} ms p50  {v['ms_min']:8.1f} min")
+            print_prefill(results["prefill"])
     if "engine" in parts:
         del dec
         results["engine"] = part_engine(model, [b for b in batches if b > 1] or batches, steps=args.reps)
