@@ -15,6 +15,9 @@ Parts:
   engine     the Engine's iteration at batch 8 and 32 in steady decode, against decode_step timed inside it: what
              the scheduler, sampling, detokenizing and delivery add.
   prefill    one prompt of 20 and of 256 tokens, and several 20-token prompts one by one vs batched.
+  arrivals   the scheduler today against the recommended one (bench/levers/mixed_engine.py): 8 streams decode
+             while 8 prompts of 20 tokens, or one of 256, arrive at once; the streams' longest gap, the
+             newcomers' first token. Not in the default parts.
   bandwidth  the practical memory bound: a 2-thread numpy matrix-vector product over 1 GiB.
 
 Every figure is a median over --reps rounds; the machine is shared, so the load average is printed with them.
@@ -250,13 +253,14 @@ def traced(dec: LlamaDecoder, fn: Callable[[], Any], reps: int) -> dict[str, flo
 
 
 def part_breakdown(model: LoadedModel, dec: LlamaDecoder, batches: list[int], length: int,
-                   reps: int) -> dict[str, Any]:
+                   reps: int, path: str = "fast") -> dict[str, Any]:
+    """Sections of `path` ('fast': the engine's decode_step, 'plain': decode_step_plain) and of the skeleton."""
     cfg = model.config
     cache = make_cache(cfg, max(batches), length)
     small_cfg, small = skeleton(cfg)
     small_cache = make_cache(small_cfg, max(batches), length)
-    eager = dec.decode_step
-    small_eager = small.decode_step
+    eager = dec.decode_step_plain if path == "plain" else dec.decode_step
+    small_eager = small.decode_step_plain if path == "plain" else small.decode_step
     out: dict[str, Any] = {}
     for b in batches:
         tok, pos = inputs(cfg, b, length)
@@ -358,6 +362,75 @@ def part_prefill(model: LoadedModel, dec: LlamaDecoder, reps: int, decode_batch:
     return {k: {"ms_p50": median_ms(v), "ms_min": min(v) * 1e3} for k, v in times.items()}
 
 
+def arrivals_once(eng: Any, cfg: ModelConfig, runners: int, newcomers: int, prompt_len: int) -> dict[str, float]:
+    """`runners` streams decode; then `newcomers` prompts of `prompt_len` tokens arrive at once. Returns the
+    runners' longest gap between tokens while the newcomers were being let in, their usual gap, and the
+    newcomers' time to first token."""
+    from service.engine.types import GenerationRequest
+
+    times: dict[int, list[float]] = {}
+
+    def sink(i: int) -> Callable[[list[Any]], None]:
+        times[i] = []
+        return lambda chunks: times[i].extend([time.perf_counter()] * sum(len(c.tokens) > 0 for c in chunks))
+
+    def prompt(i: int, n: int) -> list[int]:
+        return [(i * 131 + j * 7 + 3) % cfg.vocab_size for j in range(n)]
+
+    handles = [eng.submit(GenerationRequest(prompt_ids=prompt(i, 20), max_new_tokens=100_000), sink(i))
+               for i in range(runners)]
+    assert eng.wait_until(lambda st: st.active == runners and st.waiting == 0 and st.prefilling == 0, 300)
+    s0 = eng.stats().steps
+    eng.wait_until(lambda st: st.steps >= s0 + 6, 300)  # steady decode, the moving averages settled
+    t0 = time.perf_counter()
+    new = [eng.submit(GenerationRequest(prompt_ids=prompt(100 + i, prompt_len), max_new_tokens=4),
+                      sink(100 + i)) for i in range(newcomers)]
+    assert eng.wait_until(lambda st: all(times[100 + i] for i in range(newcomers)), 600)
+    t1 = max(times[100 + i][0] for i in range(newcomers))
+    s1 = eng.stats().steps
+    eng.wait_until(lambda st: st.steps >= s1 + 4, 300)
+    for h in handles + new:
+        h.cancel()
+    eng.wait_until(lambda st: st.active == 0 and st.waiting == 0 and st.prefilling == 0, 120)
+    gaps_in, gaps_before = [], []
+    for i in range(runners):
+        ts = np.array(times[i])
+        d = np.diff(ts)
+        gaps_before += list(d[ts[1:] < t0])
+        gaps_in += list(d[(ts[1:] > t0) & (ts[:-1] < t1)])
+    ttft = [times[100 + i][0] - t0 for i in range(newcomers)]
+    return {"runner_gap_before_ms_p50": float(np.median(gaps_before)) * 1e3,
+            "runner_gap_max_ms": float(max(gaps_in)) * 1e3 if gaps_in else 0.0,
+            "newcomer_ttft_ms_p50": float(np.median(ttft)) * 1e3, "newcomer_ttft_ms_max": float(max(ttft)) * 1e3,
+            "admission_s": t1 - t0}
+
+
+def part_arrivals(model: LoadedModel, reps: int) -> dict[str, Any]:
+    """The scheduler today (Engine) against the recommended one (bench/levers/mixed_engine.py): 8 streams decode
+    while 8 prompts of 20 tokens, or one of 256, arrive at once."""
+    from bench.levers.mixed_engine import MixedEngine
+    from service.engine.engine import Engine, EngineConfig
+
+    cfg = model.config
+    config = EngineConfig(max_slots=32, max_context=2048)
+    engines = {"engine today": Engine(model, config),
+               "mixed, stall <= 1 step": MixedEngine(model, config, stall_factor=1.0),
+               "mixed, stall <= 3 steps": MixedEngine(model, config, stall_factor=3.0)}
+    for eng in engines.values():
+        eng.start(warmup=True)
+        arrivals_once(eng, cfg, 8, 8, 20)  # learns the step and prefill speeds; not recorded
+    out: dict[str, Any] = {}
+    try:
+        for scenario, (n, length) in {"8 x 20 tokens": (8, 20), "1 x 256 tokens": (1, 256)}.items():
+            for _ in range(reps):
+                for name, eng in engines.items():
+                    out.setdefault(f"{scenario}: {name}", []).append(arrivals_once(eng, cfg, 8, n, length))
+    finally:
+        for eng in engines.values():
+            eng.stop()
+    return {k: {m: float(np.median([r[m] for r in v])) for m in v[0]} for k, v in out.items()}
+
+
 def part_check(model: LoadedModel, dec: LlamaDecoder, decode_steps: int = 12) -> dict[str, Any]:
     """Exactness of the engine's paths against the plain forward (prefill_plain, decode_step_plain): the largest
     |logit difference| and whether greedy tokens agree, for prefill (one-shot, chunked, several prompts in one
@@ -452,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="check,bandwidth,steps,breakdown,prefill,engine")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--paths", default="plain,fast", help="decode paths to time in 'steps'")
+    ap.add_argument("--breakdown-paths", default="fast", help="'fast' and/or 'plain'")
     ap.add_argument("--length", type=int, default=84, help="cached positions per row (20-token prompt + 64)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", default=None, help="write the results here too")
@@ -481,11 +555,19 @@ def main(argv: list[str] | None = None) -> int:
             results["steps"] = part_steps(model, dec, batches, args.length, args.reps, args.paths.split(","), bound)
             print_steps(results["steps"])
         if "breakdown" in parts:
-            results["breakdown"] = part_breakdown(model, dec, batches, args.length, args.reps)
-            print_breakdown(results["breakdown"])
+            for path in args.breakdown_paths.split(","):
+                results[f"breakdown_{path}"] = part_breakdown(model, dec, batches, args.length, args.reps, path)
+                print(f"breakdown of '{path}', ms per step (median; 'floor': the same ops on the skeleton model)")
+                print_breakdown(results[f"breakdown_{path}"])
         if "prefill" in parts:
             results["prefill"] = part_prefill(model, dec, max(3, args.reps // 4))
             print_prefill(results["prefill"])
+    if "arrivals" in parts:
+        results["arrivals"] = part_arrivals(model, max(1, args.reps // 10))
+        for k, v in results["arrivals"].items():
+            print(f"arrivals {k:40}: runners' gap {v['runner_gap_before_ms_p50']:6.1f} ms before, longest "
+                  f"{v['runner_gap_max_ms']:7.1f} ms while admitting; newcomers' first token p50 "
+                  f"{v['newcomer_ttft_ms_p50']:7.1f} ms, max {v['newcomer_ttft_ms_max']:7.1f} ms")
     if "engine" in parts:
         del dec
         results["engine"] = part_engine(model, [b for b in batches if b > 1] or batches, steps=args.reps)
