@@ -81,6 +81,7 @@ def inputs(cfg: ModelConfig, b: int, length: int) -> tuple[np.ndarray, np.ndarra
 VARIANTS: dict[str, dict[str, Any]] = {
     # name: extra LlamaDecoder keyword arguments, for decode paths measured side by side in one process
     "fused_gate_up": {"split_gate_up": False},
+    "lm_numpy": {"lm_head": "numpy"},
     "t1": {"threads": 1},
     "t2": {"threads": 2},
     "t1pl": {"threads": 1, "lm_head": "paddle"},

@@ -92,7 +92,7 @@ class LlamaDecoder:
 
     def __init__(
         self, cfg: ModelConfig, weights: ModelWeights, max_context: int, dtype: DType, fused: bool = True,
-        threads: int | None = None, lm_head: str = "numpy", split_gate_up: bool = True,
+        threads: int | None = None, lm_head: str = "auto", split_gate_up: bool = True,
     ) -> None:
         self.cfg = cfg
         self.w = weights
@@ -105,12 +105,16 @@ class LlamaDecoder:
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.q_width = cfg.num_heads * cfg.head_dim
         self.kv_width = cfg.num_kv_heads * cfg.head_dim
-        # On CPU the lm_head runs in numpy's BLAS, on the same memory (a DLPack view, no copy): for this
-        # [B, H] x [H, V] shape Paddle's CPU matmul measured 1.7-2.8x slower at B >= 8 and equal at B = 1.
+        # The lm_head on CPU (bench/PROFILE.md): for 1-3 rows numpy's BLAS on the [H, V] copy, through a DLPack
+        # view of Paddle's memory (Paddle's NN matmul ties with it, its NT one is 2x slower); from 4 rows, with
+        # tied embeddings, Paddle's matmul against the embedding [V, H] itself (x @ E^T), which beat numpy by
+        # 1.2-1.5x at 4-8 rows and 1.1x at 32, and Paddle's NN matmul by 1.4-1.7x. lm_head: "auto" picks so;
+        # "numpy", "paddle" (NN on the copy) and "paddle_nt" force one.
         on_cpu = weights.lm_head.place.is_cpu_place() and weights.lm_head.dtype == paddle.float32
-        self._host_lm_head = np.from_dlpack(weights.lm_head) if on_cpu and lm_head == "numpy" else None  # [H, V]
-        # "paddle_nt": Paddle's matmul against the tied embedding [V, H] itself (x @ E^T), no [H, V] copy needed.
-        self._lm_head_nt = lm_head == "paddle_nt" and cfg.tie_word_embeddings
+        host = on_cpu and lm_head in ("auto", "numpy")
+        self._host_lm_head = np.from_dlpack(weights.lm_head) if host else None  # [H, V]
+        nt = lm_head == "paddle_nt" or (lm_head == "auto" and on_cpu)
+        self._lm_head_nt_from = (1 if lm_head == "paddle_nt" else 4) if nt and cfg.tie_word_embeddings else 1 << 30
         # Paddle runs its CPU matmuls on one thread unless told otherwise (FLAGS_paddle_num_threads = 1).
         self.threads = threads
         # Profiling hook (bench/profile_step.py): called with a section's name when that section ends.
@@ -282,10 +286,10 @@ class LlamaDecoder:
 
     def _head(self, h: paddle.Tensor) -> np.ndarray:
         """logits [N, V] float32 on the host from final-normed hidden states [N, H]."""
-        if self._host_lm_head is not None:
-            logits = np.from_dlpack(h.contiguous()) @ self._host_lm_head
-        elif self._lm_head_nt:
+        if int(h.shape[0]) >= self._lm_head_nt_from:
             logits = paddle.matmul(h, self.w.embed, transpose_y=True).numpy()
+        elif self._host_lm_head is not None:
+            logits = np.from_dlpack(h.contiguous()) @ self._host_lm_head
         else:
             logits = paddle.matmul(h, self.w.lm_head).astype("float32").numpy()
         if self.trace:
