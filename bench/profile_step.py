@@ -18,6 +18,7 @@ Parts:
   arrivals   the scheduler today against the recommended one (bench/levers/mixed_engine.py): 8 streams decode
              while 8 prompts of 20 tokens, or one of 256, arrive at once; the streams' longest gap, the
              newcomers' first token. Not in the default parts.
+  resize     growing the cache's capacity with 1, 8 and 32 streams in it (a stall for every stream).
   bandwidth  the practical memory bound: a 2-thread numpy matrix-vector product over 1 GiB.
 
 Every figure is a median over --reps rounds; the machine is shared, so the load average is printed with them.
@@ -69,7 +70,7 @@ def median_ms(ts: list[float]) -> float:
 
 def make_cache(cfg: ModelConfig, slots: int, length: int, max_context: int = 2048) -> SlotKVCache:
     cache = SlotKVCache(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, max_context, "float32")
-    cache.ensure(length + 1, 0)
+    cache.ensure(length + 1, slots)  # every slot allocated
     return cache
 
 
@@ -432,6 +433,38 @@ def part_arrivals(model: LoadedModel, reps: int) -> dict[str, Any]:
     return {k: {m: float(np.median([r[m] for r in v])) for m in v[0]} for k, v in out.items()}
 
 
+def part_resize(cfg: ModelConfig, reps: int, max_slots: int = 32) -> dict[str, Any]:
+    """Growing the cache's capacity (64 -> 128 and 128 -> 256) with 1, 8 and 32 streams in it: the cache today
+    (SlotKVCache.ensure) against the first one (every one of max_slots slots, zeros + a strided copy)."""
+
+    def first(used: int, a: int, b: int) -> float:
+        shape = [cfg.num_layers, max_slots, cfg.num_kv_heads, a, cfg.head_dim]
+        old_k, old_v = paddle.zeros(shape), paddle.zeros(shape)
+        t = time.perf_counter()
+        shape[3] = b
+        k, v = paddle.zeros(shape), paddle.zeros(shape)
+        k[:, :used, :, :a] = old_k[:, :used]
+        v[:, :used, :, :a] = old_v[:, :used]
+        return time.perf_counter() - t
+
+    def now(used: int, a: int, b: int) -> float:
+        c = SlotKVCache(cfg.num_layers, max_slots, cfg.num_kv_heads, cfg.head_dim, 2048, "float32")
+        c.ensure(a, used)
+        t = time.perf_counter()
+        c.ensure(b, used)
+        return time.perf_counter() - t
+
+    out = {}
+    for used in (1, 8, 32):
+        for a, b in ((64, 128), (128, 256)):
+            ts: dict[str, list[float]] = {"first": [], "now": []}
+            for _ in range(reps):
+                ts["first"].append(first(used, a, b))
+                ts["now"].append(now(used, a, b))
+            out[f"{used} streams, {a}->{b}"] = {k: median_ms(v) for k, v in ts.items()}
+    return out
+
+
 def part_check(model: LoadedModel, dec: LlamaDecoder, decode_steps: int = 12) -> dict[str, Any]:
     """Exactness of the engine's paths against the plain forward (prefill_plain, decode_step_plain): the largest
     |logit difference| and whether greedy tokens agree, for prefill (one-shot, chunked, several prompts in one
@@ -523,7 +556,7 @@ def print_prefill(res: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=None, help="checkpoint (default: the SmolLM2-shaped random one)")
-    ap.add_argument("--parts", default="check,bandwidth,steps,breakdown,prefill,engine")
+    ap.add_argument("--parts", default="check,bandwidth,steps,breakdown,prefill,resize,engine")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--paths", default="plain,fast", help="decode paths to time in 'steps'")
     ap.add_argument("--breakdown-paths", default="fast", help="'fast' and/or 'plain'")
@@ -563,6 +596,10 @@ def main(argv: list[str] | None = None) -> int:
         if "prefill" in parts:
             results["prefill"] = part_prefill(model, dec, max(3, args.reps // 4))
             print_prefill(results["prefill"])
+    if "resize" in parts:
+        results["resize"] = part_resize(model.config, max(3, args.reps // 5))
+        for k, v in results["resize"].items():
+            print(f"cache growth {k:22}: {v['first']:7.1f} ms as first written, {v['now']:7.1f} ms now")
     if "arrivals" in parts:
         results["arrivals"] = part_arrivals(model, max(1, args.reps // 10))
         for k, v in results["arrivals"].items():

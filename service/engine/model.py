@@ -179,6 +179,10 @@ class LlamaDecoder:
         else:
             all_tokens, all_pos, slots = tokens, positions, np.arange(b)
         n = int(all_tokens.shape[0])
+        top = max(b, max((c.slot + 1 for c in chunks), default=0))
+        if top > cache.slots:
+            raise ValueError(f"the step uses slot {top - 1} but the cache has {cache.slots} allocated; call "
+                             "cache.ensure(longest, used_slots) first")
         pos = paddle.to_tensor(all_pos, dtype="int64")  # [N]
         cos = paddle.gather(self.cos, pos).unsqueeze(1) * self.qk_scale  # [N, nh + kv, d]
         sin = paddle.gather(self.sin_rolled, pos).unsqueeze(1) * self.qk_scale
