@@ -98,6 +98,12 @@ STATIC_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+class BroadcastMaskDecoder(LlamaDecoder):
+    @staticmethod
+    def _mask(allowed: np.ndarray, shape: tuple[int, ...]) -> paddle.Tensor:
+        return paddle.to_tensor(np.where(allowed, np.float32(0.0), np.float32(-1e30)))
+
+
 def paths(model: LoadedModel, dec: LlamaDecoder, which: list[str]) -> dict[str, Step]:
     """The decode paths to time: 'plain' (the first dygraph forward, op by op), 'fast' (what the engine uses), a
     VARIANTS key (a decoder of its own on the same weights) or a STATIC_VARIANTS key."""
@@ -107,6 +113,9 @@ def paths(model: LoadedModel, dec: LlamaDecoder, which: list[str]) -> dict[str, 
             out[name] = dec.decode_step
         elif name == "plain":
             out[name] = getattr(dec, "decode_step_plain", dec.decode_step)
+        elif name == "broadcast_mask":  # the masks as first written: broadcast by Paddle's add in every layer
+            other = BroadcastMaskDecoder(model.config, model.weights, 2048, "float32")
+            out[name] = other.decode_step
         elif name in STATIC_VARIANTS:
             from bench.levers.static_step import static_decode_path
 

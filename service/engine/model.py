@@ -187,15 +187,17 @@ class LlamaDecoder:
         cos = paddle.gather(self.cos, pos).unsqueeze(1) * self.qk_scale  # [N, nh + kv, d]
         sin = paddle.gather(self.sin_rolled, pos).unsqueeze(1) * self.qk_scale
         rows = cache.rows(slots, all_pos)  # [N kv] rows of each (token, kv head) in a layer's flat cache
+        # Masks at the full shape of the scores they are added to: Paddle's CPU add with broadcasting took 244 us
+        # for [32, 3, 3, 128] + [32, 1, 1, 128], a same-shape add 7 us.
         keys = np.arange(cap)[None, :]
         if b:  # each decode row sees its own slot's positions 0..pos
-            dec_mask = paddle.to_tensor(np.where(keys <= positions[:, None], 0.0, MASKED).astype(np.float32)
-                                        .reshape(b, 1, 1, cap))
+            allowed = keys <= positions[:, None]  # [B, cap]
+            dec_mask = self._mask(allowed[:, None, None, :], (b, kv, g, cap))
             k_views, v_views = self._active_views(cache, b)
         chunk_masks = []
         for c in chunks:  # causal over the slot: query j sees positions 0..start+j
-            allowed = keys <= (c.start + np.arange(len(c.tokens)))[:, None]
-            chunk_masks.append(paddle.to_tensor(np.where(allowed, 0.0, MASKED).astype(np.float32)))  # [C, cap]
+            allowed = keys <= (c.start + np.arange(len(c.tokens)))[:, None]  # [C, cap]
+            chunk_masks.append(self._mask(allowed, (kv, g, len(c.tokens), cap)))
         layers = self.w.layers
         x = F.embedding(paddle.to_tensor(all_tokens, dtype="int64"), self.w.embed)  # [N, H], the residual stream
         h = fused_rms_norm(x, layers[0].input_norm, None, eps, 1)[0]
@@ -273,6 +275,11 @@ class LlamaDecoder:
         probs = F.softmax(scores, axis=-1).reshape([kv, g * c, cap])
         out = paddle.matmul(probs, v_cache[slot])  # [kv, g C, d]
         return out.reshape([cfg.num_heads, c, d]).transpose([1, 0, 2]).reshape([c, self.q_width])
+
+    @staticmethod
+    def _mask(allowed: np.ndarray, shape: tuple[int, ...]) -> paddle.Tensor:
+        """Additive float32 mask (0 where allowed) materialized at `shape`, the scores' own."""
+        return paddle.to_tensor(np.where(np.broadcast_to(allowed, shape), np.float32(0.0), np.float32(MASKED)))
 
     def _use_threads(self) -> None:
         """Apply `threads` to MKL and OpenMP, per call: OpenMP's count is per calling thread, and it costs ~1 us."""
