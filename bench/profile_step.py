@@ -1,28 +1,37 @@
-"""Where a decode step's time goes, on SmolLM2-135M's shape (issue #13).
+"""Where a decode step's time goes, on SmolLM2-135M's shape (issue #13; results in bench/PROFILE.md).
 
-    python -m bench.profile_step                      # everything, batches 1, 8, 32
-    python -m bench.profile_step --parts steps --paths plain,fast,t2 --reps 40
-    python -m bench.profile_step --parts breakdown --batches 1,32
+    python -m bench.profile_step                      # check, bandwidth, steps, breakdown, prefill, resize, engine
+    python -m bench.profile_step --parts steps --paths orig,fast,t2 --reps 30
+    python -m bench.profile_step --parts breakdown --breakdown-paths orig,fast --batches 1,32
+    python -m bench.profile_step --parts arrivals --reps 30
+
+Paths (--paths, --breakdown-paths): 'fast' the engine's decode_step; 'orig' the decoder and cache before issue
+#13's levers, loaded from git (ORIG_REV) into this process; 'plain' decode_step_plain (that forward op by op, with
+today's lm_head and cache); 'broadcast_mask'; a VARIANTS key (threads, lm_head, gate/up options); a
+STATIC_VARIANTS key (the Paddle Inference step in bench/levers/static_step.py).
 
 Parts:
   check      exactness of the engine's paths (prefill, batched and chunked prefill, decode, decode with a prompt
              chunk in the same step) against the plain forward: max |logit difference|, greedy agreement.
   steps      decode_step alone per path and batch, interleaved round by round (A/B on the same noise): median
-             ms per step, tokens/s, GB/s of weights + KV read, share of the memory bound, GFLOP/s.
-  breakdown  the engine's step (dygraph) cut into sections by the decoder's trace hook (inputs, norms, each projection,
-             rotary, cache write, attention, lm_head), plus greedy sampling, for each batch; and the same-depth
-             skeleton model (hidden 72, vocab 256) whose step time is the per-op floor: Python and Paddle dispatch.
+             ms per step, tokens/s, GB/s of weights + KV read, share of the memory bound, GFLOP/s, and the
+             median per-round speed-up against the first path.
+  breakdown  the step cut into sections by the decoder's trace hook (inputs, norms, each projection, rotary,
+             cache write, attention, lm_head), plus greedy sampling, per path and batch, traced round by round;
+             and the same path on a same-depth skeleton model (hidden 72, vocab 256): the per-op floor.
   engine     the Engine's iteration at batch 8 and 32 in steady decode, against decode_step timed inside it: what
              the scheduler, sampling, detokenizing and delivery add.
-  prefill    one prompt of 20 and of 256 tokens, and several 20-token prompts one by one vs batched.
+  prefill    prompts of 20 and 256 tokens, 8 x 20 one call each and in one step, and a decode step of 8 rows
+             with a prompt chunk of 16-256 tokens inside it against the two apart.
+  resize     growing the cache's capacity with 1, 8 and 32 streams in it (a stall for every stream).
   arrivals   the scheduler today against the recommended one (bench/levers/mixed_engine.py): 8 streams decode
              while 8 prompts of 20 tokens, or one of 256, arrive at once; the streams' longest gap, the
              newcomers' first token. Not in the default parts.
-  resize     growing the cache's capacity with 1, 8 and 32 streams in it (a stall for every stream).
   bandwidth  the practical memory bound: a 2-thread numpy matrix-vector product over 1 GiB.
 
 Every figure is a median over --reps rounds; the machine is shared, so the load average is printed with them.
-The model is a random-weight checkpoint with SmolLM2's shapes (bench/smollm2_shape.py), built on first use.
+The model is a random-weight checkpoint with SmolLM2's shapes (bench/smollm2_shape.py), built on first use;
+--model-dir takes any other (e.g. the real SmolLM2 dequantized to float32).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ with open("/proc/cpuinfo") as _f:
         os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -98,6 +108,60 @@ STATIC_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+# The decoder and cache before issue #13's levers: this branch's base (29d6c87) plus the trace hook, nothing else.
+ORIG_REV = "57d17f4"
+
+
+def original_modules(rev: str = ORIG_REV) -> dict[str, Any]:
+    """service/engine/{kv_cache,model}.py as of `rev`, loaded from git into this process as orig_kv_cache and
+    orig_model (loaded once)."""
+    import importlib.util
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    if "orig_model" in sys.modules:
+        return {"kv_cache": sys.modules["orig_kv_cache"], "model": sys.modules["orig_model"]}
+    root = Path(__file__).resolve().parent.parent
+    tmp = Path(tempfile.mkdtemp(prefix="tokenstream-orig-"))
+    mods = {}
+    for name in ("kv_cache", "model"):
+        src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:service/engine/{name}.py"], check=True,
+                             capture_output=True, text=True).stdout
+        src = src.replace("from service.engine.kv_cache import", "from orig_kv_cache import")
+        (tmp / f"orig_{name}.py").write_text(src)
+    sys.path.insert(0, str(tmp))
+    for name in ("kv_cache", "model"):
+        spec = importlib.util.spec_from_file_location(f"orig_{name}", tmp / f"orig_{name}.py")
+        assert spec is not None
+        assert spec.loader is not None
+        mods[name] = importlib.util.module_from_spec(spec)
+        sys.modules[f"orig_{name}"] = mods[name]
+        spec.loader.exec_module(mods[name])
+    return mods
+
+
+def original_path(model: LoadedModel, rev: str = ORIG_REV, dec: Any = None) -> Step:
+    """The decode step as of `rev` with its own SlotKVCache of that revision (same slots and capacity as the
+    cache it is handed); weights shared. For A/B against the code as it was."""
+    mods = original_modules(rev)
+    cfg = model.config
+    dec = dec or mods["model"].LlamaDecoder(cfg, model.weights, 2048, "float32")
+    own: dict[tuple[int, int], Any] = {}
+
+    def step(cache: SlotKVCache, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        key = (cache.slots, cache.capacity)
+        if key not in own:
+            c = mods["kv_cache"].SlotKVCache(cfg.num_layers, cache.slots, cfg.num_kv_heads, cfg.head_dim, 2048,
+                                             "float32")
+            c.resize(cache.capacity, 0)
+            own[key] = c
+        return dec.decode_step(own[key], tokens, positions)
+
+    return step
+
+
 class BroadcastMaskDecoder(LlamaDecoder):
     @staticmethod
     def _mask(allowed: np.ndarray, shape: tuple[int, ...]) -> paddle.Tensor:
@@ -105,14 +169,17 @@ class BroadcastMaskDecoder(LlamaDecoder):
 
 
 def paths(model: LoadedModel, dec: LlamaDecoder, which: list[str]) -> dict[str, Step]:
-    """The decode paths to time: 'plain' (the first dygraph forward, op by op), 'fast' (what the engine uses), a
-    VARIANTS key (a decoder of its own on the same weights) or a STATIC_VARIANTS key."""
+    """The decode paths to time: 'orig' (the decoder as of ORIG_REV, from git), 'plain' (decode_step_plain: that
+    forward op by op, with today's lm_head), 'fast' (what the engine uses), 'broadcast_mask', a VARIANTS key (a
+    decoder of its own on the same weights) or a STATIC_VARIANTS key."""
     out: dict[str, Step] = {}
     for name in which:
         if name == "fast":
             out[name] = dec.decode_step
         elif name == "plain":
             out[name] = getattr(dec, "decode_step_plain", dec.decode_step)
+        elif name == "orig":
+            out[name] = original_path(model, ORIG_REV)
         elif name == "broadcast_mask":  # the masks as first written: broadcast by Paddle's add in every layer
             other = BroadcastMaskDecoder(model.config, model.weights, 2048, "float32")
             out[name] = other.decode_step
@@ -218,7 +285,7 @@ def part_steps(model: LoadedModel, dec: LlamaDecoder, batches: list[int], length
             "ms_p10": float(np.percentile(ts, 10)) * 1e3, "ms_p90": float(np.percentile(ts, 90)) * 1e3,
             "tok_s": b / s, "GBps": nbytes / s / 1e9, "bound_ms": nbytes / bound_gbps / 1e6,
             "of_bound": nbytes / bound_gbps / 1e9 / s, "GFLOPs": step_flops(model, b, length) / s / 1e9,
-            "ms_min": min(ts) * 1e3,
+            "ms_min": min(ts) * 1e3, "ms_all": [t * 1e3 for t in ts],
             # CPU time of the calling thread: less sensitive to the host's load, blind to other threads' work
             "thread_cpu_ms_p50": median_ms(cpu[(name, b)]),
             # paired with the first path's time in the same round: robust to the host's load drifting
@@ -240,48 +307,60 @@ class Marks:
         self.last = now
 
 
-def traced(dec: LlamaDecoder, fn: Callable[[], Any], reps: int) -> dict[str, float]:
-    """Median ms per step of each traced section (summed over layers), plus 'total' and 'untraced'."""
-    per: dict[str, list[float]] = {}
-    totals: list[float] = []
-    for _ in range(reps):
-        mark = Marks()
-        dec.trace = mark
-        try:
-            t0 = mark.last = time.perf_counter()
-            logits = fn()
-            mark("untraced")  # the step's return after its last section
-            logits.argmax(-1)
-            mark("sampling")
-            totals.append(time.perf_counter() - t0)
-        finally:
-            dec.trace = None
-        for k, v in mark.acc.items():
-            per.setdefault(k, []).append(v)
-    out = {k: median_ms(v) for k, v in per.items()}
-    out["total"] = median_ms(totals)
-    return out
+def traced_once(dec: Any, fn: Callable[[], Any], per: dict[str, list[float]]) -> None:
+    """One step of `fn` with `dec`'s trace hook on: each section's time (summed over layers) appended to `per`,
+    with 'untraced' (after the last section), 'sampling' (greedy argmax) and 'total'."""
+    mark = Marks()
+    dec.trace = mark
+    try:
+        t0 = mark.last = time.perf_counter()
+        logits = fn()
+        mark("untraced")
+        logits.argmax(-1)
+        mark("sampling")
+        total = time.perf_counter() - t0
+    finally:
+        dec.trace = None
+    for k, v in mark.acc.items():
+        per.setdefault(k, []).append(v)
+    per.setdefault("total", []).append(total)
 
 
-def part_breakdown(model: LoadedModel, dec: LlamaDecoder, batches: list[int], length: int,
-                   reps: int, path: str = "fast") -> dict[str, Any]:
-    """Sections of `path` ('fast': the engine's decode_step, 'plain': decode_step_plain) and of the skeleton."""
+def part_breakdown(model: LoadedModel, dec: LlamaDecoder, batches: list[int], length: int, reps: int,
+                   paths: list[str]) -> dict[str, Any]:
+    """Sections of each path ('fast': the engine's decode_step, 'plain': decode_step_plain, 'orig': the decoder
+    as of ORIG_REV), and of the same path on the skeleton model (the floor), traced round by round."""
     cfg = model.config
     cache = make_cache(cfg, max(batches), length)
     small_cfg, small = skeleton(cfg)
     small_cache = make_cache(small_cfg, max(batches), length)
-    eager = dec.decode_step_plain if path == "plain" else dec.decode_step
-    small_eager = small.decode_step_plain if path == "plain" else small.decode_step
-    out: dict[str, Any] = {}
+    runs: dict[str, tuple[Any, Step, Any, Step]] = {}  # path -> (decoder, step, skeleton decoder, its step)
+    for path in paths:
+        if path == "orig":
+            orig = original_modules()["model"].LlamaDecoder
+            d, sd = orig(cfg, model.weights, 2048, "float32"), orig(small_cfg, small.w, 2048, "float32")
+            small_model = LoadedModel(small_cfg.architecture, model.path, small_cfg, small.w, model.tokenizer, {})
+            runs[path] = (d, original_path(model, dec=d), sd, original_path(small_model, dec=sd))
+        elif path == "plain":
+            runs[path] = (dec, dec.decode_step_plain, small, small.decode_step_plain)
+        else:
+            runs[path] = (dec, dec.decode_step, small, small.decode_step)
+    out: dict[str, Any] = {p: {} for p in paths}
     for b in batches:
         tok, pos = inputs(cfg, b, length)
         stok, spos = inputs(small_cfg, b, length)
-        for _ in range(2):
-            eager(cache, tok, pos)
-            small_eager(small_cache, stok, spos)
-        sections = traced(dec, lambda tok=tok, pos=pos: eager(cache, tok, pos), reps)
-        floor = traced(small, lambda stok=stok, spos=spos: small_eager(small_cache, stok, spos), reps)
-        out[str(b)] = {"sections": sections, "floor": floor}
+        per: dict[str, tuple[dict[str, list[float]], dict[str, list[float]]]] = {p: ({}, {}) for p in paths}
+        for _, step, _, small_step in runs.values():
+            for _ in range(2):
+                step(cache, tok, pos)
+                small_step(small_cache, stok, spos)
+        for _ in range(reps):
+            for p, (d, step, sd, small_step) in runs.items():
+                traced_once(d, functools.partial(step, cache, tok, pos), per[p][0])
+                traced_once(sd, functools.partial(small_step, small_cache, stok, spos), per[p][1])
+        for p in paths:
+            out[p][str(b)] = {"sections": {k: median_ms(v) for k, v in per[p][0].items()},
+                              "floor": {k: median_ms(v) for k, v in per[p][1].items()}}
     return out
 
 
@@ -598,10 +677,11 @@ def main(argv: list[str] | None = None) -> int:
             results["steps"] = part_steps(model, dec, batches, args.length, args.reps, args.paths.split(","), bound)
             print_steps(results["steps"])
         if "breakdown" in parts:
-            for path in args.breakdown_paths.split(","):
-                results[f"breakdown_{path}"] = part_breakdown(model, dec, batches, args.length, args.reps, path)
+            bd = part_breakdown(model, dec, batches, args.length, args.reps, args.breakdown_paths.split(","))
+            for path, res in bd.items():
+                results[f"breakdown_{path}"] = res
                 print(f"breakdown of '{path}', ms per step (median; 'floor': the same ops on the skeleton model)")
-                print_breakdown(results[f"breakdown_{path}"])
+                print_breakdown(res)
         if "prefill" in parts:
             results["prefill"] = part_prefill(model, dec, max(3, args.reps // 4))
             print_prefill(results["prefill"])

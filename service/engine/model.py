@@ -15,14 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import paddle
 import paddle.nn.functional as F
+from paddle.incubate.nn.functional import fused_rms_norm
 
 from service.engine.kv_cache import SlotKVCache
 from service.engine.model_config import DType, ModelConfig
-
-try:
-    from paddle.incubate.nn.functional import fused_rms_norm
-except ImportError:  # pragma: no cover - older Paddle
-    fused_rms_norm = None
 
 log = logging.getLogger("tokenstream.model")
 
@@ -432,8 +428,6 @@ _NO_TOKENS = np.zeros(0, dtype=np.int64)
 @functools.cache
 def _fused_rms_norm_works() -> bool:
     """Whether this Paddle build has a working fused_rms_norm here (checked once against the plain formula)."""
-    if fused_rms_norm is None:
-        return False
     try:
         rng = np.random.default_rng(0)
         x, r = (paddle.to_tensor(rng.standard_normal((3, 40)).astype(np.float32)) for _ in range(2))
