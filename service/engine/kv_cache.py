@@ -1,4 +1,11 @@
-"""Slot KV cache: per layer [max_slots, kv_heads, cap, head_dim], active slots packed in 0..B-1.
+"""Slot KV cache: per layer [slots, kv_heads, cap, head_dim], active slots packed in 0..B-1.
+
+All layers live in one tensor per K and V, [layers, slots, kv_heads, cap, head_dim]; each layer's cache is a
+view of it, so moving a slot or growing the cache is one copy for all layers.
+
+Both `cap` and the number of allocated slots grow in buckets: a reallocation costs its size (zeroing fresh pages:
+~0.1 s per 190 MB on this host, under load), and a bucket of slots just above those in use keeps it in
+proportion to the streams running, not to max_slots.
 
 Attention runs over the cache's whole capacity with a mask, so its cost follows `cap`, not the true lengths.
 `cap` therefore grows in buckets (64, 128, ..., max_context) just above the longest sequence, and shrinks
@@ -12,6 +19,11 @@ import numpy as np
 import paddle
 
 from service.engine.model_config import DType
+
+
+def slots_for(used: int, max_slots: int, min_bucket: int = 4) -> int:
+    """Allocated slots for `used` ones: the smallest power of two from min_bucket that holds them, or max_slots."""
+    return min(capacity_for(used, max_slots, min_bucket), max_slots)
 
 
 def capacity_for(length: int, max_context: int, min_bucket: int = 64) -> int:
@@ -33,6 +45,10 @@ class SlotKVCache:
         self.max_context = max_context
         self.dtype = dtype
         self.capacity = 0
+        self.slots = 0  # allocated slots, <= max_slots
+        self.generation = 0  # bumped whenever the storage is reallocated: views taken before are stale
+        self._k_all = paddle.zeros([0], dtype=dtype)
+        self._v_all = paddle.zeros([0], dtype=dtype)
         self._k: list[paddle.Tensor] = []
         self._v: list[paddle.Tensor] = []
         self._flat_k: list[paddle.Tensor] = []
@@ -42,34 +58,54 @@ class SlotKVCache:
     @property
     def nbytes(self) -> int:
         itemsize = 2 if self.dtype in ("float16", "bfloat16") else 4
-        return 2 * self.num_layers * self.max_slots * self.kv_heads * self.capacity * self.head_dim * itemsize
+        return 2 * self.num_layers * self.slots * self.kv_heads * self.capacity * self.head_dim * itemsize
 
-    def resize(self, capacity: int, used_slots: int) -> None:
-        """Reallocate at `capacity`, keeping the first `used_slots` slots' contents (up to the smaller capacity)."""
-        if capacity == self.capacity:
+    def resize(self, capacity: int, used_slots: int, slots: int | None = None) -> None:
+        """Reallocate at `capacity` and `slots` (default: a bucket above used_slots), keeping the contents of the
+        slots that stay (up to the smaller capacity); `used_slots` only chooses the default."""
+        slots = slots or slots_for(max(used_slots, 1), self.max_slots)
+        if capacity == self.capacity and slots == self.slots:
             return
-        keep = min(capacity, self.capacity)
-        shape = [self.max_slots, self.kv_heads, capacity, self.head_dim]
-        new_k, new_v = [], []
-        for i in range(self.num_layers):
-            k = paddle.zeros(shape, dtype=self.dtype)
-            v = paddle.zeros(shape, dtype=self.dtype)
-            if used_slots and keep:
-                k[:used_slots, :, :keep] = self._k[i][:used_slots, :, :keep]
-                v[:used_slots, :, :keep] = self._v[i][:used_slots, :, :keep]
-            new_k.append(k)
-            new_v.append(v)
-        self._k, self._v = new_k, new_v
-        # reshape returns a view, so scatter_ on it writes into the cache itself.
-        self._flat_k = [k.reshape([-1, self.head_dim]) for k in self._k]
-        self._flat_v = [v.reshape([-1, self.head_dim]) for v in self._v]
+        if not self.capacity:
+            k = paddle.zeros([self.num_layers, slots, self.kv_heads, capacity, self.head_dim], dtype=self.dtype)
+            v = paddle.zeros_like(k)
+        else:
+            k, v = self._reshaped(self._k_all, slots, capacity), self._reshaped(self._v_all, slots, capacity)
+        self._k_all, self._v_all = k, v
+        # Indexing and reshape return views, so writes through them (setitem, scatter_) land in the cache itself.
+        self._k = [k[i] for i in range(self.num_layers)]
+        self._v = [v[i] for i in range(self.num_layers)]
+        self._flat_k = [t.reshape([-1, self.head_dim]) for t in self._k]
+        self._flat_v = [t.reshape([-1, self.head_dim]) for t in self._v]
         self.capacity = capacity
+        self.slots = slots
+        self.generation += 1
+
+    def _reshaped(self, t: paddle.Tensor, slots: int, capacity: int) -> paddle.Tensor:
+        """A new storage holding t's first min(slots) slots and min(capacity) positions, zeros elsewhere. Growing
+        is a concat with zeros: 2x faster than zeros + a strided copy for 32 slots x 30 layers (357 vs 712 ms)."""
+        keep_s, keep_c = min(slots, self.slots), min(capacity, self.capacity)
+        t = t[:, :keep_s, :, :keep_c]  # a view
+        shape = [self.num_layers, slots, self.kv_heads, capacity, self.head_dim]
+        if slots > keep_s:
+            t = paddle.concat([t, paddle.zeros([*shape[:1], slots - keep_s, *shape[2:3], keep_c, shape[4]],
+                                               dtype=self.dtype)], axis=1)
+        if capacity > keep_c:
+            t = paddle.concat([t, paddle.zeros([*shape[:3], capacity - keep_c, shape[4]], dtype=self.dtype)], axis=3)
+        if slots == keep_s and capacity == keep_c:
+            t = t.clone()  # a compact copy, so that the old storage is freed
+        return t
 
     def ensure(self, longest: int, used_slots: int) -> None:
-        """Grow to hold `longest` positions; shrink when the longest sequence fits a bucket a quarter the size."""
+        """Grow to hold `longest` positions and `used_slots` slots; shrink when the longest sequence fits a bucket a
+        quarter the size, or the slots in use a quarter of those allocated."""
         want = capacity_for(longest, self.max_context)
-        if want > self.capacity or want * 4 <= self.capacity:
-            self.resize(want if want > self.capacity else want * 2, used_slots)
+        slots = slots_for(max(used_slots, 1), self.max_slots)
+        cap_ok = self.capacity >= want and want * 4 > self.capacity
+        slots_ok = self.slots >= slots and slots * 4 > self.slots
+        if not (cap_ok and slots_ok):
+            cap = self.capacity if cap_ok else (want if want > self.capacity else want * 2)
+            self.resize(cap, used_slots, self.slots if slots_ok else (slots if slots > self.slots else slots * 2))
 
     def layer(self, i: int) -> tuple[paddle.Tensor, paddle.Tensor]:
         return self._k[i], self._v[i]
@@ -79,19 +115,28 @@ class SlotKVCache:
 
     def flat_rows(self, positions: np.ndarray) -> paddle.Tensor:
         """Row index of (slot, head, position) for slots 0..B-1 in the flattened cache: [B kv] int64."""
-        b = positions.shape[0]
-        slot_head = np.arange(b * self.kv_heads, dtype=np.int64).reshape(b, self.kv_heads)
-        rows = slot_head * self.capacity + positions.astype(np.int64)[:, None]
-        return paddle.to_tensor(rows.reshape(-1))
+        return paddle.to_tensor(self.flat_rows_np(positions))
 
     def write_rows(self, i: int, rows: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor) -> None:
         self._flat_k[i].scatter_(rows, k)  # in place: 0.006 ms whatever B, where out-of-place copies the cache
         self._flat_v[i].scatter_(rows, v)
 
+    def flat_rows_np(self, positions: np.ndarray) -> np.ndarray:
+        return self.rows_np(np.arange(positions.shape[0]), positions)
+
+    def rows_np(self, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Row of (slot, head, position) in a layer's flattened cache for N (slot, position) pairs: [N kv], in the
+        order of an [N, kv, d] block of new K/V rows."""
+        heads = np.arange(self.kv_heads, dtype=np.int64)
+        slot_head = slots.astype(np.int64)[:, None] * self.kv_heads + heads[None, :]
+        return (slot_head * self.capacity + positions.astype(np.int64)[:, None]).reshape(-1)
+
+    def rows(self, slots: np.ndarray, positions: np.ndarray) -> paddle.Tensor:
+        return paddle.to_tensor(self.rows_np(slots, positions))
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy slot `src`'s first `length` positions into slot `dst` (to keep active slots packed)."""
         if src == dst or length <= 0:
             return
-        for i in range(self.num_layers):
-            self._k[i][dst, :, :length] = self._k[i][src, :, :length]
-            self._v[i][dst, :, :length] = self._v[i][src, :, :length]
+        self._k_all[:, dst, :, :length] = self._k_all[:, src, :, :length]
+        self._v_all[:, dst, :, :length] = self._v_all[:, src, :, :length]

@@ -6,17 +6,33 @@ g = nh // kv queries per key/value head, d head_dim, cap the cache's current cap
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
+from paddle.incubate.nn.functional import fused_rms_norm
 
 from service.engine.kv_cache import SlotKVCache
 from service.engine.model_config import DType, ModelConfig
 
+log = logging.getLogger("tokenstream.model")
+
 MASKED = -1e30  # additive mask; -inf can turn a fully masked row into NaN
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt tokens [C] for positions start..start+C-1 of `slot`, run inside a step (LlamaDecoder.step)."""
+
+    slot: int
+    tokens: np.ndarray
+    start: int
+    want_logits: bool
 
 
 @dataclass
@@ -28,6 +44,11 @@ class LayerWeights:
     post_norm: paddle.Tensor  # [H]
     gate_up: paddle.Tensor  # [H, 2 I], fused for swiglu
     down: paddle.Tensor  # [I, H]
+    # gate_up's halves [H, I] as their own tensors, made by the decoder: MKL runs [B, H] x [H, 2I] as one matmul
+    # 1.1-1.2x slower than as two [H, I] ones at 8-32 rows (equal at one row). A loader that kept gate_proj and
+    # up_proj apart would spare this copy.
+    gate: paddle.Tensor | None = None
+    up: paddle.Tensor | None = None
 
 
 @dataclass
@@ -65,7 +86,10 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
 class LlamaDecoder:
     """Llama, Qwen2, Mistral and ERNIE-4.5 dense share this forward: RMSNorm, RoPE, GQA and SwiGLU."""
 
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, max_context: int, dtype: DType) -> None:
+    def __init__(
+        self, cfg: ModelConfig, weights: ModelWeights, max_context: int, dtype: DType, fused: bool = True,
+        threads: int | None = None, lm_head: str = "auto", split_gate_up: bool = True,
+    ) -> None:
         self.cfg = cfg
         self.w = weights
         self.dtype = dtype
@@ -77,15 +101,212 @@ class LlamaDecoder:
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.q_width = cfg.num_heads * cfg.head_dim
         self.kv_width = cfg.num_kv_heads * cfg.head_dim
-        # On CPU the lm_head runs in numpy's BLAS, on the same memory (a DLPack view, no copy): for this
-        # [B, H] x [H, V] shape Paddle's CPU matmul measured 1.7-2.8x slower at B >= 8 and equal at B = 1.
+        # The lm_head on CPU (bench/PROFILE.md): for 1-3 rows numpy's BLAS on the [H, V] copy, through a DLPack
+        # view of Paddle's memory (Paddle's NN matmul ties with it, its NT one is 2x slower); from 4 rows, with
+        # tied embeddings, Paddle's matmul against the embedding [V, H] itself (x @ E^T), which beat numpy by
+        # 1.2-1.5x at 4-8 rows and 1.1x at 32, and Paddle's NN matmul by 1.4-1.7x. lm_head: "auto" picks so;
+        # "numpy", "paddle" (NN on the copy) and "paddle_nt" force one.
         on_cpu = weights.lm_head.place.is_cpu_place() and weights.lm_head.dtype == paddle.float32
-        self._host_lm_head = np.from_dlpack(weights.lm_head) if on_cpu else None  # [H, V]
+        host = on_cpu and lm_head in ("auto", "numpy")
+        self._host_lm_head = np.from_dlpack(weights.lm_head) if host else None  # [H, V]
+        nt = lm_head == "paddle_nt" or (lm_head == "auto" and on_cpu)
+        self._lm_head_nt_from = (1 if lm_head == "paddle_nt" else 4) if nt and cfg.tie_word_embeddings else 1 << 30
+        # Paddle runs its CPU matmuls on one thread unless told otherwise (FLAGS_paddle_num_threads = 1).
+        self.threads = threads
+        # Profiling hook (bench/profile_step.py): called with a section's name when that section ends.
+        self.trace: Callable[[str], None] | None = None
+        # RoPE as a roll by d/2 (rotate-half with the sign folded into sin), and 1/sqrt(d) folded into the query
+        # rows of cos and sin: q and k rotate in one go and q comes out scaled.
+        half = cfg.head_dim // 2
+        self.sin_rolled = paddle.concat([-self.sin[:, :half], self.sin[:, half:]], axis=-1)  # [T, d]
+        qk_scale = np.array([self.scale] * cfg.num_heads + [1.0] * cfg.num_kv_heads, dtype=np.float32)
+        self.qk_scale = paddle.to_tensor(qk_scale.reshape(1, -1, 1)).astype(dtype)  # [1, nh + kv, 1]
+        self._views: tuple[object, ...] = ()  # (cache, generation, B) of the views below
+        self._view_lists: tuple[list[paddle.Tensor], list[paddle.Tensor]] = ([], [])
+        self.fused = fused and dtype == "float32" and _fused_rms_norm_works()
+        self.split_gate_up = self.fused and split_gate_up
+        if self.split_gate_up:
+            for layer in weights.layers:
+                if layer.gate is None or layer.up is None:
+                    inter = layer.gate_up.shape[1] // 2
+                    layer.gate, layer.up = layer.gate_up[:, :inter].contiguous(), layer.gate_up[:, inter:].contiguous()
+
+    # -- the engine's entry points ---------------------------------------------------------------
+
+    def prefill(
+        self, cache: SlotKVCache, slot: int, tokens: np.ndarray, start: int, want_logits: bool
+    ) -> np.ndarray | None:
+        """Run prompt tokens [C] at positions start..start+C-1 of `slot`; logits [V] of the last one if asked."""
+        if not self.fused:
+            return self.prefill_plain(cache, slot, tokens, start, want_logits)
+        _, chunk_logits = self.step(cache, _NO_TOKENS, _NO_TOKENS, [PrefillChunk(slot, tokens, start, want_logits)])
+        return chunk_logits[0]
+
+    def decode_step(self, cache: SlotKVCache, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One token for each of the B packed slots 0..B-1; returns logits [B, V] float32 on the host."""
+        if not self.fused:
+            self._use_threads()
+            return self.decode_step_plain(cache, tokens, positions)
+        logits, _ = self.step(cache, tokens, positions)
+        assert logits is not None
+        return logits
+
+    def step(
+        self, cache: SlotKVCache, tokens: np.ndarray, positions: np.ndarray, chunks: Sequence[PrefillChunk] = ()
+    ) -> tuple[np.ndarray | None, list[np.ndarray | None]]:
+        """One forward over B decode rows (slots 0..B-1, one token each at `positions`) and any prompt chunks (each
+        in its own slot, outside 0..B-1), sharing every weight read: one matmul per projection for all rows.
+
+        Returns (logits [B, V] of the decode rows or None when B = 0, per chunk its last position's logits [V] if
+        it asked for them, else None). The cache must hold every position written (cache.capacity).
+        """
+        self._use_threads()
+        cfg = self.cfg
+        b = int(tokens.shape[0])
+        nh, kv, g, d = cfg.num_heads, cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+        eps = cfg.rms_norm_eps
+        tr = self.trace
+        cap = cache.capacity
+        # Rows: the B decode tokens, then each chunk's tokens. Their slots and positions, for RoPE and the cache.
+        if chunks:
+            all_tokens = np.concatenate([tokens, *(c.tokens for c in chunks)]).astype(np.int64)
+            all_pos = np.concatenate([positions, *(np.arange(c.start, c.start + len(c.tokens)) for c in chunks)])
+            slots = np.concatenate([np.arange(b), *(np.full(len(c.tokens), c.slot) for c in chunks)])
+        else:
+            all_tokens, all_pos, slots = tokens, positions, np.arange(b)
+        n = int(all_tokens.shape[0])
+        top = max(b, max((c.slot + 1 for c in chunks), default=0))
+        if top > cache.slots:
+            raise ValueError(f"the step uses slot {top - 1} but the cache has {cache.slots} allocated; call "
+                             "cache.ensure(longest, used_slots) first")
+        pos = paddle.to_tensor(all_pos, dtype="int64")  # [N]
+        cos = paddle.gather(self.cos, pos).unsqueeze(1) * self.qk_scale  # [N, nh + kv, d]
+        sin = paddle.gather(self.sin_rolled, pos).unsqueeze(1) * self.qk_scale
+        rows = cache.rows(slots, all_pos)  # [N kv] rows of each (token, kv head) in a layer's flat cache
+        # Masks at the full shape of the scores they are added to: Paddle's CPU add with broadcasting took 244 us
+        # for [32, 3, 3, 128] + [32, 1, 1, 128], a same-shape add 7 us.
+        keys = np.arange(cap)[None, :]
+        if b:  # each decode row sees its own slot's positions 0..pos
+            allowed = keys <= positions[:, None]  # [B, cap]
+            dec_mask = self._mask(allowed[:, None, None, :], (b, kv, g, cap))
+            k_views, v_views = self._active_views(cache, b)
+        chunk_masks = []
+        for c in chunks:  # causal over the slot: query j sees positions 0..start+j
+            allowed = keys <= (c.start + np.arange(len(c.tokens)))[:, None]  # [C, cap]
+            chunk_masks.append(self._mask(allowed, (kv, g, len(c.tokens), cap)))
+        layers = self.w.layers
+        x = F.embedding(paddle.to_tensor(all_tokens, dtype="int64"), self.w.embed)  # [N, H], the residual stream
+        h = fused_rms_norm(x, layers[0].input_norm, None, eps, 1)[0]
+        if tr:
+            tr("inputs")
+        for i, layer in enumerate(layers):
+            qkv = paddle.matmul(h, layer.qkv)  # [N, (nh + 2 kv) d]
+            if layer.qkv_bias is not None:
+                qkv = qkv + layer.qkv_bias
+            qk, v = paddle.split(qkv, [self.q_width + self.kv_width, self.kv_width], axis=-1)
+            if tr:
+                tr("qkv")
+            qk = qk.reshape([n, nh + kv, d])
+            qk = qk * cos + paddle.roll(qk, d // 2, axis=-1) * sin
+            q, k = paddle.split(qk, [nh, kv], axis=1)  # [N, nh, d] (scaled), [N, kv, d]
+            if tr:
+                tr("rotary")
+            cache.write_rows(i, rows, k.reshape([n * kv, d]), v.reshape([n * kv, d]))  # in place
+            if tr:
+                tr("cache_write")
+            outs = []
+            if b:
+                qd = q[:b] if chunks else q
+                scores = paddle.matmul(qd.reshape([b, kv, g, d]), k_views[i], transpose_y=True) + dec_mask
+                outs.append(paddle.matmul(F.softmax(scores, axis=-1), v_views[i]).reshape([b, self.q_width]))
+            r = b
+            for c, mask in zip(chunks, chunk_masks, strict=True):
+                outs.append(self._chunk_attention(cache, i, c.slot, q[r:r + len(c.tokens)], mask))
+                r += len(c.tokens)
+            out = outs[0] if len(outs) == 1 else paddle.concat(outs, axis=0)  # [N, nh d]
+            if tr:
+                tr("attention")
+            # fused_rms_norm adds the residual first: h = norm(x + y) w, x = x + y, in one op.
+            h, x = fused_rms_norm(paddle.matmul(out, layer.o), layer.post_norm, None, eps, 1, residual=x)
+            if tr:
+                tr("o_proj")
+            if self.split_gate_up:
+                gu = F.swiglu(paddle.matmul(h, layer.gate), paddle.matmul(h, layer.up))  # silu(gate) * up
+            else:
+                gu = F.swiglu(paddle.matmul(h, layer.gate_up))
+            if tr:
+                tr("gate_up")
+            norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.norm
+            h, x = fused_rms_norm(paddle.matmul(gu, layer.down), norm, None, eps, 1, residual=x)
+            if tr:
+                tr("down")
+        # The lm_head only for the rows that need logits: all decode rows, the last row of chunks that ask.
+        wanted = list(range(b))
+        ends = np.cumsum([b] + [len(c.tokens) for c in chunks])[1:] - 1
+        wanted += [int(e) for e, c in zip(ends, chunks, strict=True) if c.want_logits]
+        if not wanted:
+            return None, [None] * len(chunks)
+        if len(wanted) < n:
+            h = paddle.gather(h, paddle.to_tensor(np.array(wanted, dtype=np.int64)))
+        logits = self._head(h)
+        chunk_logits: list[np.ndarray | None] = []
+        j = b
+        for c in chunks:
+            chunk_logits.append(logits[j] if c.want_logits else None)
+            j += int(c.want_logits)
+        return (logits[:b] if b else None), chunk_logits
 
     # -- building blocks -------------------------------------------------------------------------
 
+    def _chunk_attention(
+        self, cache: SlotKVCache, i: int, slot: int, q: paddle.Tensor, mask: paddle.Tensor
+    ) -> paddle.Tensor:
+        """Attention of a chunk's C queries [C, nh, d] (pre-scaled) over its slot's cache: [C, nh d]."""
+        cfg = self.cfg
+        c = int(q.shape[0])
+        kv, g, d, cap = cfg.num_kv_heads, cfg.group_size, cfg.head_dim, cache.capacity
+        k_cache, v_cache = cache.layer(i)  # [slots, kv, cap, d]
+        qg = q.transpose([1, 0, 2]).reshape([kv, g * c, d])  # [kv, g C, d]; no repeat_kv copy
+        scores = paddle.matmul(qg, k_cache[slot], transpose_y=True).reshape([kv, g, c, cap]) + mask
+        probs = F.softmax(scores, axis=-1).reshape([kv, g * c, cap])
+        out = paddle.matmul(probs, v_cache[slot])  # [kv, g C, d]
+        return out.reshape([cfg.num_heads, c, d]).transpose([1, 0, 2]).reshape([c, self.q_width])
+
+    @staticmethod
+    def _mask(allowed: np.ndarray, shape: tuple[int, ...]) -> paddle.Tensor:
+        """Additive float32 mask (0 where allowed) materialized at `shape`, the scores' own."""
+        return paddle.to_tensor(np.where(np.broadcast_to(allowed, shape), np.float32(0.0), np.float32(MASKED)))
+
+    def _use_threads(self) -> None:
+        """Apply `threads` to MKL and OpenMP, per call: OpenMP's count is per calling thread, and it costs ~1 us."""
+        if self.threads is not None:
+            paddle.base.core.set_num_threads(self.threads)
+
+    def _active_views(self, cache: SlotKVCache, b: int) -> tuple[list[paddle.Tensor], list[paddle.Tensor]]:
+        """Each layer's K and V views of slots 0..B-1, made once per (cache storage, B): slicing is an op too."""
+        key = (cache, cache.generation, b)
+        if key != self._views:
+            views = [cache.active(i, b) for i in range(self.cfg.num_layers)]
+            self._view_lists = ([k for k, _ in views], [v for _, v in views])
+            self._views = key
+        return self._view_lists
+
+    def _head(self, h: paddle.Tensor) -> np.ndarray:
+        """logits [N, V] float32 on the host from final-normed hidden states [N, H]."""
+        if int(h.shape[0]) >= self._lm_head_nt_from:
+            logits = paddle.matmul(h, self.w.embed, transpose_y=True).numpy()
+        elif self._host_lm_head is not None:
+            logits = np.from_dlpack(h.contiguous()) @ self._host_lm_head
+        else:
+            logits = paddle.matmul(h, self.w.lm_head).astype("float32").numpy()
+        if self.trace:
+            self.trace("lm_head")
+        return logits
+
+    # -- the plain forward: half precision, and the reference ------------------------------------
+
     def _rms(self, x: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
-        # The fused CPU kernels are missing or crash on some CPUs; four plain ops are exact and cheap.
+        # Four plain ops, exact in any dtype (the fused kernel is float32-only on CPU).
         xf = x.astype("float32")
         xf = xf * paddle.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
         return xf.astype(x.dtype) * w
@@ -109,16 +330,14 @@ class LlamaDecoder:
 
     def _logits(self, x: paddle.Tensor) -> np.ndarray:
         h = self._rms(x, self.w.norm)
-        if self._host_lm_head is not None:
-            return np.from_dlpack(h.contiguous()) @ self._host_lm_head  # [N, V] float32
-        return paddle.matmul(h, self.w.lm_head).astype("float32").numpy()  # [N, V], copied to the host
+        if self.trace:
+            self.trace("norm")
+        return self._head(h)
 
-    # -- prefill ---------------------------------------------------------------------------------
-
-    def prefill(
+    def prefill_plain(
         self, cache: SlotKVCache, slot: int, tokens: np.ndarray, start: int, want_logits: bool
     ) -> np.ndarray | None:
-        """Run prompt tokens [C] at positions start..start+C-1 of `slot`; logits [V] of the last one if asked."""
+        """prefill op by op as first written: the reference for `step`, and the path for half precision."""
         cfg = self.cfg
         c = int(tokens.shape[0])
         end = start + c
@@ -152,14 +371,14 @@ class LlamaDecoder:
             return None
         return self._logits(x[-1:])[0]  # lm_head on the last position only: [V]
 
-    # -- decode ----------------------------------------------------------------------------------
-
-    def decode_step(self, cache: SlotKVCache, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """One token for each of the B packed slots 0..B-1; returns logits [B, V] float32 on the host."""
+    def decode_step_plain(self, cache: SlotKVCache, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """decode_step op by op as first written (~48 ops per layer): the reference for `step`, and the path for
+        half precision."""
         cfg = self.cfg
         b = int(tokens.shape[0])
         kv, g, d = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
         cap = cache.capacity
+        tr = self.trace
         pos = paddle.to_tensor(positions, dtype="int64")  # [B]
         cos = paddle.gather(self.cos, pos).unsqueeze(1)  # [B, 1, d]
         sin = paddle.gather(self.sin, pos).unsqueeze(1)
@@ -167,17 +386,56 @@ class LlamaDecoder:
         mask = paddle.to_tensor(mask_np).astype(self.dtype).reshape([b, 1, 1, cap])  # each slot sees its own length
         rows = cache.flat_rows(positions)  # [B kv] rows of the flattened [slots kv cap, d] cache
         x = F.embedding(paddle.to_tensor(tokens, dtype="int64"), self.w.embed)  # [B, H]
+        if tr:
+            tr("inputs")
         for i, layer in enumerate(self.w.layers):
             h = self._rms(x, layer.input_norm)
+            if tr:
+                tr("norm")
             q, k, v = self._qkv(layer, h)
+            if tr:
+                tr("qkv")
             q = self._rotate(q.reshape([b, cfg.num_heads, d]), cos, sin)  # [B, nh, d]
             k = self._rotate(k.reshape([b, kv, d]), cos, sin)  # [B, kv, d]
+            if tr:
+                tr("rotary")
             cache.write_rows(i, rows, k.reshape([b * kv, d]), v.reshape([b * kv, d]))  # in place, one row each
+            if tr:
+                tr("cache_write")
             k_cache, v_cache = cache.active(i, b)  # [B, kv, cap, d], views
             qg = q.reshape([b, kv, g, d])  # queries grouped under their kv head: no repeat_kv
             scores = paddle.matmul(qg, k_cache, transpose_y=True) * self.scale + mask  # [B, kv, g, cap]
             probs = F.softmax(scores.astype("float32"), axis=-1).astype(self.dtype)
             out = paddle.matmul(probs, v_cache).reshape([b, self.q_width])  # [B, nh d]
+            if tr:
+                tr("attention")
             x = x + paddle.matmul(out, layer.o)
-            x = self._mlp(layer, x)
+            if tr:
+                tr("o_proj")
+            h = self._rms(x, layer.post_norm)
+            if tr:
+                tr("norm")
+            gu = F.swiglu(paddle.matmul(h, layer.gate_up))
+            if tr:
+                tr("gate_up")
+            x = x + paddle.matmul(gu, layer.down)
+            if tr:
+                tr("down")
         return self._logits(x)  # [B, V]
+
+
+_NO_TOKENS = np.zeros(0, dtype=np.int64)
+@functools.cache
+def _fused_rms_norm_works() -> bool:
+    """Whether this Paddle build has a working fused_rms_norm here (checked once against the plain formula)."""
+    try:
+        rng = np.random.default_rng(0)
+        x, r = (paddle.to_tensor(rng.standard_normal((3, 40)).astype(np.float32)) for _ in range(2))
+        w = paddle.to_tensor(rng.uniform(0.5, 1.5, 40).astype(np.float32))
+        out, res = fused_rms_norm(x, w, None, 1e-6, 1, residual=r)
+        s = (x + r).numpy()
+        want = s / np.sqrt((s * s).mean(-1, keepdims=True) + 1e-6) * w.numpy()
+        return bool(np.abs(out.numpy() - want).max() < 1e-5 and np.abs(res.numpy() - s).max() < 1e-6)
+    except Exception:  # not registered for this device or build
+        log.info("fused_rms_norm unavailable; using the plain RMSNorm", exc_info=True)
+        return False
