@@ -4,9 +4,10 @@
 
 Against a server subprocess on 127.0.0.1 (random-qwen2, 32 slots, queue 64), run from the checkout at --repo
 (default: this one; point it at a worktree of an older commit for a before/after comparison):
-  1. the flood: caller A (one bearer token) opens 150 streams (2,000 new tokens, logprobs with top_n 10, 60 s
-     deadline) on one channel and never reads them; caller B (another token) sends a 16-token request 3 s into the
-     flood and again 15 s into it. B's client-side TTFT, or its error, is recorded, and A's outcomes;
+  1. the flood: caller A (one bearer token) opens 150 streams (2,000 new tokens, logprobs with top_n 10, 180 s
+     deadline) on one channel and does not read them; caller B (another token) sends a 16-token request 3 s into
+     the flood and again 15 s into it. B's client-side TTFT, or its error, is recorded. Once the server has no
+     stream left running or queued (its metrics say), A reads what its streams left: how each one ended;
   2. the burst: 96 streams that do read (64 tokens each) at once, then idle.
 The server's RSS is sampled throughout: before, peak and after each phase.
 """
@@ -58,11 +59,35 @@ class Sampler:
         return [r for _, r, p in self.samples if p == phase]
 
 
+def metrics(port: int) -> dict[str, float]:
+    import urllib.request
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+async def until_idle(metrics_port: int, limit_s: float) -> float:
+    """Seconds until the server has nothing running or queued (polled: a measurement harness, not a test)."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit_s:
+        m = metrics(metrics_port)
+        if m.get("tokenstream_active_slots", 1) == 0 and m.get("tokenstream_queue_depth", 1) == 0:
+            break
+        await asyncio.sleep(1.0)
+    return time.monotonic() - start
+
+
 def start_server(repo: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": f"{repo / 'generated'}:{repo}", "TOKENSTREAM_AUTH_TOKENS": TOKENS,
            "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "service", "--port", str(port), "--model-dir", "random-qwen2", "--max-slots", "32",
-           "--max-queue", "64", "--max-context", "2048", "--max-new-tokens-limit", "2000"]
+           "--max-queue", "64", "--max-context", "2048", "--max-new-tokens-limit", "2000",
+           "--metrics-port", str(port + 1)]
     return subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -95,31 +120,40 @@ async def timed(stub: Any, pb: Any, prompt: str, n: int, who: str, timeout: floa
     return {"ttft_s": ttft, "error": "no final message"}
 
 
-async def flood_phase(target: str, pb: Any, pb_grpc: Any) -> dict[str, Any]:
+async def flood_phase(target: str, metrics_port: int, pb: Any, pb_grpc: Any) -> dict[str, Any]:
     options = [("grpc.http2.bdp_probe", 0)]
     async with grpc.aio.insecure_channel(target, options=options) as flood_ch, \
             grpc.aio.insecure_channel(target) as ch:
         flood = pb_grpc.GenerationServiceStub(flood_ch)
         req = pb.GenerateRequest(prompt="flood", stopping=pb.StoppingCriteria(max_new_tokens=2000),
                                  response=pb.ResponseOptions(logprobs=True, top_n=10))
-        calls = [flood.Generate(req, metadata=bearer("a"), timeout=60) for _ in range(150)]
+        calls = [flood.Generate(req, metadata=bearer("a"), timeout=180) for _ in range(150)]
         stub = pb_grpc.GenerationServiceStub(ch)
         started = time.monotonic()
         b = []
         for at in (3.0, 15.0):  # B arrives at these times into the flood
             await asyncio.sleep(max(0.0, started + at - time.monotonic()))
             b.append({"at_s": at, **await timed(stub, pb, "caller b", 16, "b")})
-        outcomes: Counter[str] = Counter()
-        for call in calls:  # now read what A left: each stream's end
-            try:
-                last = None
-                async for msg in call:
-                    last = msg
-                outcomes["slow reader" if last is not None and "stopped reading" in last.error_message else
-                         pb.FinishReason.Name(last.finish_reason) if last is not None else "none"] += 1
-            except grpc.aio.AioRpcError as err:
-                outcomes[err.code().name] += 1
-    return {"b": b, "a_outcomes": dict(outcomes)}
+        idle_after_s = await until_idle(metrics_port, 175)
+        # Now read what A left, every stream at once: they share one connection, whose window a stream read
+        # alone would wait on behind the others' unread data.
+        outcomes = Counter(await asyncio.gather(*(_outcome(call, pb) for call in calls)))
+    counters = {k: v for k, v in metrics(metrics_port).items()
+                if k in ("tokenstream_slow_readers_total", "tokenstream_preemptions_total", "tokenstream_displaced_total")}
+    return {"b": b, "a_outcomes": dict(outcomes), "server_idle_after_s": round(idle_after_s + 15, 1),
+            "server_counters": counters}
+
+
+async def _outcome(call: Any, pb: Any) -> str:
+    last = None
+    try:
+        async for msg in call:
+            last = msg
+    except grpc.aio.AioRpcError as err:
+        return err.code().name
+    if last is None:
+        return "none"
+    return "slow reader" if "stopped reading" in last.error_message else pb.FinishReason.Name(last.finish_reason)
 
 
 async def burst_phase(target: str, pb: Any, pb_grpc: Any) -> dict[str, Any]:
@@ -144,7 +178,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         sampler.start()
         await asyncio.sleep(2)  # an idle baseline
         sampler.phase = "flood"
-        flood = await flood_phase(target, pb, pb_grpc)
+        flood = await flood_phase(target, port + 1, pb, pb_grpc)
         sampler.phase = "after flood"
         await asyncio.sleep(5)
         sampler.phase = "burst"

@@ -448,8 +448,11 @@ def _flat(model: LoadedModel) -> list[np.ndarray]:
     w = model.weights
     out = [w.embed.numpy(), w.norm.numpy(), w.lm_head.numpy()]
     for layer in w.layers:
-        out += [layer.input_norm.numpy(), layer.qkv.numpy(), layer.o.numpy(), layer.post_norm.numpy(),
-                layer.gate_up.numpy(), layer.down.numpy()]
+        # A decoder built on these weights may have split gate_up into gate and up (and dropped it).
+        gate_up = (layer.gate_up.numpy() if layer.gate_up is not None
+                   else np.concatenate([layer.gate.numpy(), layer.up.numpy()], axis=1))  # type: ignore[union-attr]
+        out += [layer.input_norm.numpy(), layer.qkv.numpy(), layer.o.numpy(), layer.post_norm.numpy(), gate_up,
+                layer.down.numpy()]
     return out
 
 

@@ -42,11 +42,10 @@ class LayerWeights:
     qkv_bias: paddle.Tensor | None  # [(nh + 2 kv) d]
     o: paddle.Tensor  # [nh d, H]
     post_norm: paddle.Tensor  # [H]
-    gate_up: paddle.Tensor  # [H, 2 I], fused for swiglu
+    gate_up: paddle.Tensor | None  # [H, 2 I], fused for swiglu; None once the decoder has split it
     down: paddle.Tensor  # [I, H]
-    # gate_up's halves [H, I] as their own tensors, made by the decoder: MKL runs [B, H] x [H, 2I] as one matmul
-    # 1.1-1.2x slower than as two [H, I] ones at 8-32 rows (equal at one row). A loader that kept gate_proj and
-    # up_proj apart would spare this copy.
+    # gate_up's halves [H, I] as their own tensors, made by the decoder (which then drops gate_up): MKL runs
+    # [B, H] x [H, 2I] as one matmul 1.1-1.2x slower than as two [H, I] ones at 8-32 rows (equal at one row).
     gate: paddle.Tensor | None = None
     up: paddle.Tensor | None = None
 
@@ -128,8 +127,10 @@ class LlamaDecoder:
         if self.split_gate_up:
             for layer in weights.layers:
                 if layer.gate is None or layer.up is None:
+                    assert layer.gate_up is not None
                     inter = layer.gate_up.shape[1] // 2
                     layer.gate, layer.up = layer.gate_up[:, :inter].contiguous(), layer.gate_up[:, inter:].contiguous()
+                    layer.gate_up = None  # the split path never reads it: keep one copy of the weights
 
     # -- the engine's entry points ---------------------------------------------------------------
 
@@ -160,6 +161,10 @@ class LlamaDecoder:
         Returns (logits [B, V] of the decode rows or None when B = 0, per chunk its last position's logits [V] if
         it asked for them, else None). The cache must hold every position written (cache.capacity).
         """
+        if not self.fused:  # no fused kernels for this dtype/CPU: the same results, one call per part
+            self._use_threads()
+            per_chunk = [self.prefill_plain(cache, c.slot, c.tokens, c.start, c.want_logits) for c in chunks]
+            return (self.decode_step_plain(cache, tokens, positions) if len(tokens) else None), per_chunk
         self._use_threads()
         cfg = self.cfg
         b = int(tokens.shape[0])

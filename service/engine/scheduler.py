@@ -2,9 +2,10 @@
 
 One thread owns the model. Requests arrive through a thread-safe inbox; each loop iteration
   1. admits new requests and ends cancelled, expired or unread ones, freeing their slots at once;
-  2. prefills waiting prompts, at most `max_prefill_tokens` per iteration (long prompts in chunks), so a
-     new prompt delays running streams by one bounded chunk;
-  3. runs one batched decode step over every active slot;
+  2. plans this iteration's prompt chunks: waiting prompts get the next slots, long prompts go in chunks, and
+     the prompt tokens are bounded by a time budget (a step may take prefill_stall_steps decode steps longer);
+  3. runs one step: every active slot's next token and those prompt chunks, sharing each weight read; a prompt
+     that completes takes its first token from the same step;
   4. hands each stream its chunks, one `call_soon_threadsafe` per event loop per iteration (delivery.py).
 Per-token decisions (stops, finish reasons, text release) are the sequence's own (sequence.py).
 """
@@ -30,7 +31,7 @@ from service.engine.fairness import FairQueue, displacement_victims, fair_share,
 from service.engine.hooks import EngineHooks
 from service.engine.kv_cache import SlotKVCache
 from service.engine.loader import LoadedModel
-from service.engine.model import LlamaDecoder
+from service.engine.model import LlamaDecoder, PrefillChunk
 from service.engine.progress import Progress
 from service.engine.sampling import apply_penalties, log_softmax, sample_row, top_alternatives
 from service.engine.sequence import Sequence, verdict
@@ -40,6 +41,7 @@ from service.engine.types import Chunk, ErrorKind, Finish, GenerationRequest, To
 log = logging.getLogger("tokenstream.engine")
 
 IDLE_POLL_S = 0.5  # how long an idle engine waits on its inbox before looking again
+MIN_PREFILL_CHUNK = 16  # prompt tokens a step carries at least, however slow prompt tokens have been
 
 
 class Engine:
@@ -76,8 +78,10 @@ class Engine:
         self._stopping = False
         self._cancel_all = False
         self._stepped = threading.Condition()
-        self._prefill_s_per_token = 0.0  # moving averages, for deadline-aware admission
-        self._step_s = 0.0
+        # Moving averages: for deadline-aware admission, and for the prompt tokens a step may carry.
+        self._prefill_s_per_token = 0.0  # a prompt token's share of a step with prompt chunks
+        self._extra_s_per_token = 0.0  # what a prompt token adds to a decode step
+        self._step_s = 0.0  # a plain decode step
         self._decode_token = model.tokenizer.decode
         self.info = ModelInfo(
             name=model.name, architecture=model.config.architecture, vocab_size=model.config.vocab_size,
@@ -242,10 +246,10 @@ class Engine:
             self._hooks.before_iteration()
         self._reap()
         self._preempt()
-        self._prefill()
-        self._outbox.publish()  # first tokens go out now, not after the decode step below
-        if self._active and (self._hooks is None or self._hooks.allow_decode()):
-            self._decode()
+        plan = self._plan_prefill()
+        decode = bool(self._active) and (self._hooks is None or self._hooks.allow_decode())
+        if plan or decode:
+            self._step(plan, decode)
         busy = bool(self._active or len(self._waiting) or self._prefilling)
         if self._busy and not busy:
             _return_heap()  # the burst is over: give its freed memory back
@@ -301,68 +305,99 @@ class Engine:
     def _everyone(self) -> list[Sequence]:
         return [*self._waiting, *self._running()]
 
-    def _ensure_capacity(self, extra_for: Sequence | None = None, extra: int = 0) -> None:
-        longest = max((s.cache_len + 1 for s in self._active), default=1)
-        if self._prefilling is not None:
-            longest = max(longest, self._prefilling.prefilled + (extra if extra_for is self._prefilling else 0))
-        used = len(self._active) + (self._prefilling is not None)
-        self.cache.ensure(min(longest, self.config.max_context), used)
+    def _prefill_budget(self) -> int:
+        """Prompt tokens this iteration: all of max_prefill_tokens when nothing decodes; otherwise what keeps a step
+        within prefill_stall_steps decode steps of extra time, from the measured cost of a prompt token in a step."""
+        cap = self.config.max_prefill_tokens
+        per_token = self._extra_s_per_token or self._prefill_s_per_token
+        if not self._active or self._step_s == 0.0 or per_token == 0.0:
+            return cap
+        tokens = int(self.config.prefill_stall_steps * self._step_s / per_token)
+        return max(min(MIN_PREFILL_CHUNK, cap), min(cap, tokens))
 
-    def _prefill(self) -> None:
-        budget = self.config.max_prefill_tokens
-        while budget > 0:
-            if self._prefilling is None:
-                if len(self._active) >= self.config.max_slots:
-                    return
-                seq = self._waiting.pop_next(holders(self._active))
-                if seq is None:
-                    return
-                seq.slot = len(self._active)
-                if not seq.prefill_start_ns:
-                    seq.prefill_start_ns = seq.handle.marks.prefill_start_ns = time.time_ns()
-                seq.context = seq.context_ids()  # the prompt; after a preemption, the tokens so far too
-                self._prefilling = seq
-            seq = self._prefilling
-            context = seq.context
-            n = min(budget, len(context) - seq.prefilled)
-            done = seq.prefilled + n == len(context)
-            started = time.perf_counter()
-            try:
-                if self._hooks is not None:
-                    self._hooks.before_prefill(seq.req.request_id)
-                self._ensure_capacity(seq, n)
-                # logits: [V] of the prompt's last position, once the whole prompt is in the cache (a resumed
-                # sequence knows its next token already)
-                logits = self.decoder.prefill(self.cache, seq.slot, context[seq.prefilled : seq.prefilled + n],
-                                              seq.prefilled, want_logits=done and not seq.generated)
-            except Exception as exc:
-                if not _is_out_of_memory(exc):
-                    raise
-                self._finish(seq, Finish.ERROR, f"out of memory in prefill: {exc}", ErrorKind.OUT_OF_MEMORY)
-                self._release_done()
-                continue
-            self._prefill_s_per_token = _ema(self._prefill_s_per_token, (time.perf_counter() - started) / n)
-            seq.prefilled += n
+    def _plan_prefill(self) -> list[tuple[Sequence, int, bool]]:
+        """This iteration's prompt chunks: (sequence, tokens, whether that completes it). An unfinished prompt goes
+        on first; then waiting prompts, each in the next slot, while the budget lasts. Only the last may stay
+        unfinished (it becomes _prefilling, at slot len(_active) once the others have joined): slots stay packed."""
+        budget = self._prefill_budget()
+        plan: list[tuple[Sequence, int, bool]] = []
+        if (going := self._prefilling) is not None:
+            n = min(budget, len(going.context) - going.prefilled)
+            plan.append((going, n, going.prefilled + n == len(going.context)))
             budget -= n
-            if done:
-                self._prefilling = None
-                self._active.append(seq)
-                if not seq.generated:
-                    assert logits is not None
-                    self._sample_rows([seq], logits[None, :])
-                self._release_done()
+        while budget > 0 and (not plan or plan[-1][2]) and len(self._active) + len(plan) < self.config.max_slots:
+            seq = self._waiting.pop_next(holders([*self._active, *(p[0] for p in plan)]))
+            if seq is None:
+                break
+            seq.slot = len(self._active) + len(plan)
+            if not seq.prefill_start_ns:
+                seq.prefill_start_ns = seq.handle.marks.prefill_start_ns = time.time_ns()
+            seq.context = seq.context_ids()  # the prompt; after a preemption, the tokens so far too
+            n = min(budget, len(seq.context))
+            plan.append((seq, n, n == len(seq.context)))
+            budget -= n
+        if self._hooks is not None:
+            for seq, _, _ in list(plan):
+                try:
+                    self._hooks.before_prefill(seq.req.request_id)
+                except MemoryError as exc:  # an injected out-of-memory: this prompt only
+                    plan = plan[: [p[0] for p in plan].index(seq)]
+                    self._oom(seq, exc)
+                    break
+        if plan and not plan[-1][2]:
+            self._prefilling = plan[-1][0]
+        return plan
 
-    def _decode(self) -> None:
-        rows = self._active
+    def _step(self, plan: list[tuple[Sequence, int, bool]], decode: bool) -> None:
+        """One forward: a token for every active row (when decoding), and this iteration's prompt chunks, sharing
+        every weight read. Finished prompts join the active rows and take their first token from this step."""
+        rows = list(self._active) if decode else []
         tokens = np.fromiter((s.last_token for s in rows), dtype=np.int64, count=len(rows))  # [B]
         positions = np.fromiter((s.cache_len for s in rows), dtype=np.int64, count=len(rows))  # [B]
-        self._ensure_capacity()
+        longest = max([s.cache_len + 1 for s in self._active] + [seq.prefilled + n for seq, n, _ in plan] + [1])
+        self.cache.ensure(min(longest, self.config.max_context), len(self._active) + len(plan))
+        # A resumed sequence (after a preemption) knows its next token: it wants no logits.
+        chunks = [PrefillChunk(seq.slot, seq.context[seq.prefilled : seq.prefilled + n], seq.prefilled,
+                               done and not seq.generated) for seq, n, done in plan]
         started = time.perf_counter()
-        logits = self.decoder.decode_step(self.cache, tokens, positions)  # [B, V]
-        self._sample_rows(list(rows), logits)
-        self._step_s = _ema(self._step_s, time.perf_counter() - started)
-        self._steps += 1
-        self._batch_sizes[len(rows)] += 1
+        try:
+            logits, chunk_logits = self.decoder.step(self.cache, tokens, positions, chunks)  # [B, V], [V] each
+        except Exception as exc:
+            if not (plan and _is_out_of_memory(exc)):
+                raise
+            for seq, _, _ in plan:  # the prompts are what a step cannot fit; the rows retry at the next one
+                self._oom(seq, exc)
+            return
+        spent = time.perf_counter() - started
+        prompt_tokens = sum(n for _, n, _ in plan)
+        if rows and not plan:
+            self._step_s = _ema(self._step_s, spent)
+        elif rows:
+            self._extra_s_per_token = _ema(self._extra_s_per_token, max(spent - self._step_s, 0.0) / prompt_tokens)
+        if prompt_tokens:
+            self._prefill_s_per_token = _ema(self._prefill_s_per_token, spent / prompt_tokens)
+        started_now: list[tuple[Sequence, np.ndarray]] = []
+        for (seq, n, done), out in zip(plan, chunk_logits, strict=True):
+            seq.prefilled += n
+            if done:
+                if seq is self._prefilling:
+                    self._prefilling = None
+                self._active.append(seq)  # in slot order: seq.slot == its index
+                if out is not None:
+                    started_now.append((seq, out))
+        if rows:
+            assert logits is not None
+            self._steps += 1
+            self._batch_sizes[len(rows)] += 1
+            self._sample_rows(rows, logits)
+        if started_now:
+            self._sample_rows([s for s, _ in started_now], np.stack([o for _, o in started_now]))
+        self._release_done()
+
+    def _oom(self, seq: Sequence, exc: BaseException) -> None:
+        if seq is self._prefilling:
+            self._prefilling = None
+        self._finish(seq, Finish.ERROR, f"out of memory in prefill: {exc}", ErrorKind.OUT_OF_MEMORY)
         self._release_done()
 
     def _sample_rows(self, rows: list[Sequence], logits: np.ndarray) -> None:
