@@ -14,6 +14,7 @@ import logging
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -489,6 +490,13 @@ def test_http_requests_get_spans_metrics_and_log_lines(model_dir: Path, caplog: 
     assert lines["http-req-1"]["front"] == "http" and lines["http-req-1"]["completion_tokens"] == 3
     assert lines["http-req-1"]["trace_id"] == trace_id
     assert lines["http-req-2"]["code"] == "INVALID_ARGUMENT"
+
+
+def test_connections_send_each_frame_at_once(http_server: ServerThread) -> None:
+    """asyncio sets TCP_NODELAY only on connections accepted from a socket that names IPPROTO_TCP; without it,
+    Nagle's algorithm held each SSE frame after the headers for the client's delayed ACK (40 ms more TTFT)."""
+    assert http_server.running.http is not None
+    assert http_server.running.http.listener.proto == socket.IPPROTO_TCP
 
 
 def test_the_page_is_one_self_contained_file(http_server: ServerThread) -> None:
