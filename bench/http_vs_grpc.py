@@ -38,12 +38,14 @@ async def grpc_request(stub: Any, prompt: str, n: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     first = None
     tokens = 0
+    decode_ms = 0.0
     async for msg in stub.Generate(req, timeout=600):
         if msg.tokens and first is None:
             first = time.perf_counter()
         tokens += len(msg.tokens)
+        decode_ms = msg.timings.decode_ms or decode_ms
     return {"start": t0, "end": time.perf_counter(), "ttft_s": None if first is None else first - t0,
-            "tokens": tokens}
+            "tokens": tokens, "server_decode_ms": decode_ms}
 
 
 async def http_request(http: httpx.AsyncClient, prompt: str, n: int) -> dict[str, Any]:
@@ -52,6 +54,7 @@ async def http_request(http: httpx.AsyncClient, prompt: str, n: int) -> dict[str
     t0 = time.perf_counter()
     first = None
     tokens = 0
+    decode_ms = 0.0
     async with http.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -62,8 +65,10 @@ async def http_request(http: httpx.AsyncClient, prompt: str, n: int) -> dict[str
                 first = time.perf_counter()
             if obj.get("usage"):
                 tokens = obj["usage"]["completion_tokens"]
+            if obj["choices"] and "tokenstream" in obj["choices"][0]:
+                decode_ms = obj["choices"][0]["tokenstream"]["timings"]["decode_ms"]
     return {"start": t0, "end": time.perf_counter(), "ttft_s": None if first is None else first - t0,
-            "tokens": tokens}
+            "tokens": tokens, "server_decode_ms": decode_ms}
 
 
 async def cell(front: str, streams: int, n: int, stub: Any, http: httpx.AsyncClient) -> dict[str, Any]:
@@ -76,8 +81,12 @@ async def cell(front: str, streams: int, n: int, stub: Any, http: httpx.AsyncCli
     start, end = min(r["start"] for r in results), max(r["end"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     ttfts = [r["ttft_s"] * 1e3 for r in results if r["ttft_s"] is not None]
+    # The engine's own decode rate per stream (server timings): whether a front slows the engine down, or only
+    # what reaches the client.
+    decode = [(r["tokens"] - 1) / (r["server_decode_ms"] / 1e3) for r in results if r["server_decode_ms"] > 0]
     return {"tokens": tokens, "per_request_tokens": [r["tokens"] for r in results],
-            "tokens_per_s": tokens / (end - start), "ttft_ms_p50": median(ttfts), "ttft_ms": ttfts}
+            "tokens_per_s": tokens / (end - start), "ttft_ms_p50": median(ttfts), "ttft_ms": ttfts,
+            "server_decode_tokens_per_s_p50": median(decode)}
 
 
 async def measure(grpc_target: str, http_base: str, streams: list[int], rounds: int, n: int) -> dict[str, Any]:
@@ -103,6 +112,7 @@ async def measure(grpc_target: str, http_base: str, streams: list[int], rounds: 
             runs = cells[f"{front}@{s}"]
             row[front] = {"tokens_per_s": median([x["tokens_per_s"] for x in runs]),
                           "ttft_ms_p50": median([x["ttft_ms_p50"] for x in runs]),
+                          "server_decode_tokens_per_s": median([x["server_decode_tokens_per_s_p50"] for x in runs]),
                           "tokens_per_round": runs[0]["tokens"]}
         row["http_over_grpc_tokens_per_s"] = row["http"]["tokens_per_s"] / row["grpc"]["tokens_per_s"]
         row["http_over_grpc_ttft"] = row["http"]["ttft_ms_p50"] / row["grpc"]["ttft_ms_p50"]
@@ -153,13 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nHTTP/SSE vs gRPC, {args.model_dir} model, {args.new_tokens} tokens, greedy, medians of {args.rounds} "
           f"alternated rounds (load average at start {load[0]:.2f}, end {result['loadavg_end'][0]:.2f})")
     print(f"{'streams':>7} | {'gRPC tok/s':>10} {'HTTP tok/s':>10} {'ratio':>6} | "
-          f"{'gRPC TTFT':>9} {'HTTP TTFT':>9} {'ratio':>6}")
+          f"{'gRPC TTFT':>9} {'HTTP TTFT':>9} {'ratio':>6} | engine decode tok/s per stream gRPC / HTTP")
     for s, row in result["summary"].items():
         g, h = row["grpc"], row["http"]
         warn = "" if row["same_tokens_on_both_fronts"] else "  (token counts differ!)"
         print(f"{s:>7} | {g['tokens_per_s']:10.1f} {h['tokens_per_s']:10.1f} "
               f"{row['http_over_grpc_tokens_per_s']:6.3f} | {g['ttft_ms_p50']:7.1f}ms {h['ttft_ms_p50']:7.1f}ms "
-              f"{row['http_over_grpc_ttft']:6.3f}{warn}")
+              f"{row['http_over_grpc_ttft']:6.3f} | {g['server_decode_tokens_per_s']:.1f} / "
+              f"{h['server_decode_tokens_per_s']:.1f}{warn}")
     print(f"JSON: {out}")
     return 0
 

@@ -344,8 +344,9 @@ async def start_http(config: Config, generations: Generations, tokens: tuple[byt
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((config.host, max(config.http_port, 0)))
     tls = http_tls_options(config)
-    server = _Uvicorn(uvicorn.Config(front.app, log_config=None, access_log=False, lifespan="off", ws="none",
-                                     server_header=False, proxy_headers=False, **tls))
+    # h11 named rather than "auto", which would switch to httptools wherever that happens to be installed.
+    server = _Uvicorn(uvicorn.Config(front.app, http="h11", log_config=None, access_log=False, lifespan="off",
+                                     ws="none", server_header=False, proxy_headers=False, **tls))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     listening = asyncio.create_task(server.listening.wait())
     await asyncio.wait([task, listening], return_when=asyncio.FIRST_COMPLETED)
