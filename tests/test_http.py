@@ -341,6 +341,24 @@ def test_overload_is_429_with_retry_after(model_dir: Path) -> None:
         srv.close()
 
 
+def test_a_client_that_stops_reading_is_ended_with_a_clear_reason(model_dir: Path) -> None:
+    """The engine's slow-reader ending applies to HTTP too: once the socket and uvicorn's write buffer are full,
+    the front stops taking chunks, and the engine ends the stream when its backlog passes max_backlog."""
+    srv = started(base_config(model_dir, http_port=-1, max_context=4096, max_backlog=8))
+    try:
+        call = RawCall(srv.running.http_port, "/v1/chat/completions", receive_buffer=4096, body={
+            "messages": CHAT, "max_tokens": 2048, "temperature": 0, "stream": True, "logprobs": True,
+            "top_logprobs": 10})  # about 3 kB a token: far more than the socket buffers hold
+        assert srv.engine.wait_until(lambda s: s.active == 0 and s.steps > 20, 120)
+        payloads = list(call.payloads())
+        call.close()
+    finally:
+        srv.close()
+    assert payloads[-1] == DONE and "stopped reading" in payloads[-2]["error"]["message"]
+    assert payloads[-2]["error"]["type"] == "server_error"
+    assert 1 < len(payloads) - 2 < 2048  # it was ended early, after what the buffers held
+
+
 def test_503_while_the_model_loads(model_dir: Path) -> None:
     release = threading.Event()
 

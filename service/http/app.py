@@ -46,6 +46,7 @@ server_log = logging.getLogger("tokenstream.server")
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
+SEND_BUFFER_BYTES = 256 * 1024
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # a caller's x-request-id is kept when it is short, visible ASCII
 
 
@@ -342,6 +343,10 @@ async def start_http(config: Config, generations: Generations, tokens: tuple[byt
     # Nagle holds each SSE frame written after the headers until the client's delayed ACK (+40 ms TTFT, measured).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Connections inherit a bounded kernel send buffer (instead of autotuning up to 4 MB), so a client that stops
+    # reading stops the front's writes after about as much as gRPC's HTTP/2 window, and the engine's slow-reader
+    # ending (max_backlog) applies on both fronts. Token streams need far less than this per connection.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
     sock.bind((config.host, max(config.http_port, 0)))
     tls = http_tls_options(config)
     # h11 named rather than "auto", which would switch to httptools wherever that happens to be installed.

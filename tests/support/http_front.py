@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -30,8 +31,15 @@ def sse_payloads(lines: Iterable[str]) -> Iterator[Any]:
 class RawCall:
     """One request on its own connection (http.client), so a test decides exactly when the client goes away."""
 
-    def __init__(self, port: int, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    def __init__(self, port: int, path: str, body: dict[str, Any], headers: dict[str, str] | None = None,
+                 receive_buffer: int = 0) -> None:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        if receive_buffer:  # a small TCP window, as a client that reads slowly would advertise
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            sock.settimeout(60)
+            sock.connect(("127.0.0.1", port))
+            self.conn.sock = sock
         self.conn.request("POST", path, json.dumps(body).encode(),
                           {"content-type": "application/json", **(headers or {})})
         self._response: http.client.HTTPResponse | None = None
