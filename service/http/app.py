@@ -1,8 +1,8 @@
 """The HTTP front: OpenAI-compatible /v1 endpoints (JSON and SSE) and the chat page, served by uvicorn on the
 gRPC server's own event loop, onto the same engine.
 
-Like the gRPC servicer it only translates: headers into a CallInfo, JSON into a GenerateRequest (translate.py),
-chunks back into OpenAI objects, exceptions into HTTP errors (errors.to_http). A request's life, with its
+Like the gRPC servicer it only translates: headers into a CallInfo, JSON into a GenerateRequest (requests.py),
+chunks back into OpenAI objects (responses.py), exceptions into HTTP errors (errors.to_http). A request's life, with its
 admission, span, metrics and log line, is service/generation.py, shared with gRPC.
 """
 
@@ -37,7 +37,8 @@ from service.config import Config
 from service.engine.types import Chunk, Finish
 from service.errors import FieldViolation, InvalidRequestError, UnauthenticatedError, code_name, to_http
 from service.generation import CallInfo, Generations
-from service.http.translate import Parsed, Responder, engine_error, model_card, parse_chat, parse_completion
+from service.http.requests import Parsed, parse_chat, parse_completion
+from service.http.responses import Responder, engine_error, model_card
 from service.security import authorized, http_tls_options
 from service.servicer import recommended_sampling
 
