@@ -8,7 +8,9 @@ client of both: grpc.aio for `Generate`, httpx for `POST /v1/completions` with `
 prompt, greedy, the same max tokens. Each round runs every (streams, front) cell once, the two fronts back to back
 in alternating order, so that drift in the machine's load falls on both alike. Reported: per cell the median over
 rounds of the aggregate tokens/s (all tokens / (last end - first start)) and of the TTFT p50 within the round
-(client side: from the call to the first message or SSE chunk that carries text), and HTTP / gRPC ratios.
+(client side: from the call to the first message or SSE chunk that carries text), and HTTP / gRPC ratios; beside
+them, the engine's own decode rate per stream (server timings) and this client's CPU per token, since on a small
+machine the client's CPU is taken from the engine.
 """
 
 from __future__ import annotations
@@ -74,10 +76,12 @@ async def http_request(http: httpx.AsyncClient, prompt: str, n: int) -> dict[str
 async def cell(front: str, streams: int, n: int, stub: Any, http: httpx.AsyncClient) -> dict[str, Any]:
     """`streams` requests started together on one front; aggregate tokens/s and the TTFT p50 of the cell."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(streams)]
+    cpu0 = time.process_time()  # this client process's CPU, all threads (gRPC's C-core ones included)
     if front == "grpc":
         results = await asyncio.gather(*(grpc_request(stub, p, n) for p in prompts))
     else:
         results = await asyncio.gather(*(http_request(http, p, n) for p in prompts))
+    cpu_s = time.process_time() - cpu0
     start, end = min(r["start"] for r in results), max(r["end"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     ttfts = [r["ttft_s"] * 1e3 for r in results if r["ttft_s"] is not None]
@@ -86,7 +90,7 @@ async def cell(front: str, streams: int, n: int, stub: Any, http: httpx.AsyncCli
     decode = [(r["tokens"] - 1) / (r["server_decode_ms"] / 1e3) for r in results if r["server_decode_ms"] > 0]
     return {"tokens": tokens, "per_request_tokens": [r["tokens"] for r in results],
             "tokens_per_s": tokens / (end - start), "ttft_ms_p50": median(ttfts), "ttft_ms": ttfts,
-            "server_decode_tokens_per_s_p50": median(decode)}
+            "server_decode_tokens_per_s_p50": median(decode), "client_cpu_ms_per_token": cpu_s * 1e3 / tokens}
 
 
 async def measure(grpc_target: str, http_base: str, streams: list[int], rounds: int, n: int) -> dict[str, Any]:
@@ -113,6 +117,7 @@ async def measure(grpc_target: str, http_base: str, streams: list[int], rounds: 
             row[front] = {"tokens_per_s": median([x["tokens_per_s"] for x in runs]),
                           "ttft_ms_p50": median([x["ttft_ms_p50"] for x in runs]),
                           "server_decode_tokens_per_s": median([x["server_decode_tokens_per_s_p50"] for x in runs]),
+                          "client_cpu_ms_per_token": median([x["client_cpu_ms_per_token"] for x in runs]),
                           "tokens_per_round": runs[0]["tokens"]}
         row["http_over_grpc_tokens_per_s"] = row["http"]["tokens_per_s"] / row["grpc"]["tokens_per_s"]
         row["http_over_grpc_ttft"] = row["http"]["ttft_ms_p50"] / row["grpc"]["ttft_ms_p50"]
@@ -163,14 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nHTTP/SSE vs gRPC, {args.model_dir} model, {args.new_tokens} tokens, greedy, medians of {args.rounds} "
           f"alternated rounds (load average at start {load[0]:.2f}, end {result['loadavg_end'][0]:.2f})")
     print(f"{'streams':>7} | {'gRPC tok/s':>10} {'HTTP tok/s':>10} {'ratio':>6} | "
-          f"{'gRPC TTFT':>9} {'HTTP TTFT':>9} {'ratio':>6} | engine decode tok/s per stream gRPC / HTTP")
+          f"{'gRPC TTFT':>9} {'HTTP TTFT':>9} {'ratio':>6} | engine tok/s per stream, gRPC / HTTP | "
+          "client CPU ms/token, gRPC / HTTP")
     for s, row in result["summary"].items():
         g, h = row["grpc"], row["http"]
         warn = "" if row["same_tokens_on_both_fronts"] else "  (token counts differ!)"
         print(f"{s:>7} | {g['tokens_per_s']:10.1f} {h['tokens_per_s']:10.1f} "
               f"{row['http_over_grpc_tokens_per_s']:6.3f} | {g['ttft_ms_p50']:7.1f}ms {h['ttft_ms_p50']:7.1f}ms "
-              f"{row['http_over_grpc_ttft']:6.3f} | {g['server_decode_tokens_per_s']:.1f} / "
-              f"{h['server_decode_tokens_per_s']:.1f}{warn}")
+              f"{row['http_over_grpc_ttft']:6.3f} | {g['server_decode_tokens_per_s']:14.1f} / "
+              f"{h['server_decode_tokens_per_s']:.1f} | {g['client_cpu_ms_per_token']:10.3f} / "
+              f"{h['client_cpu_ms_per_token']:.3f}{warn}")
     print(f"JSON: {out}")
     return 0
 
