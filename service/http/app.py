@@ -35,7 +35,14 @@ from starlette.types import Receive, Scope, Send
 from service.callers import bearer_token, identify
 from service.config import Config
 from service.engine.types import Chunk, Finish
-from service.errors import FieldViolation, InvalidRequestError, UnauthenticatedError, code_name, to_http
+from service.errors import (
+    FieldViolation,
+    InvalidRequestError,
+    ModelNotFoundError,
+    UnauthenticatedError,
+    code_name,
+    to_http,
+)
 from service.generation import CallInfo, Generations
 from service.http.requests import Parsed, parse_chat, parse_completion
 from service.http.responses import Responder, engine_error, model_card
@@ -113,14 +120,14 @@ class HttpFront:
         return JSONResponse({"object": "list", "data": [model_card(info.name, info.max_context, self.created)]})
 
     async def model(self, request: Request) -> Response:
+        asked = request.path_params["model"]
         try:
             self._authorize(request)
             info = self.state.ready_engine().info
+            if asked != info.name:
+                raise ModelNotFoundError([FieldViolation("model", f"{asked!r} is not served here")])
         except Exception as exc:  # noqa: BLE001 -- mapped in errors.py
             return _error_response(exc)
-        if request.path_params["model"] != info.name:
-            return JSONResponse({"error": {"message": f"model {request.path_params['model']!r} is not served here",
-                                           "type": "not_found_error", "param": "model", "code": "not_found"}}, 404)
         return JSONResponse(model_card(info.name, info.max_context, self.created))
 
     async def chat(self, request: Request) -> Response:
@@ -183,9 +190,10 @@ class HttpFront:
 
     async def _http_exception(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        kind, code = {404: ("not_found_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed")}.get(
+            exc.status_code, ("invalid_request_error", "invalid_argument"))
         body = {"error": {"message": f"{exc.detail}: {request.method} {request.url.path}", "type": kind,
-                          "param": None, "code": str(exc.status_code)}}
+                          "param": None, "code": code}}
         return JSONResponse(body, exc.status_code, headers=exc.headers)
 
     async def _internal(self, request: Request, exc: Exception) -> Response:
