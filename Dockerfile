@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 #
-# tokenstream: gRPC token-streaming server.
+# tokenstream: gRPC token-streaming server, with an OpenAI-compatible HTTP front.
 #
 #   CPU (default, last stage):  docker build -t tokenstream:cpu .
 #   GPU:                        docker build --target gpu -t tokenstream:gpu .
@@ -115,13 +115,15 @@ ENV PATH=/opt/venv/bin:$PATH \
     TOKENSTREAM_HOST=0.0.0.0 \
     TOKENSTREAM_PORT=50051 \
     TOKENSTREAM_METRICS_PORT=9464 \
+    TOKENSTREAM_HTTP_PORT=8000 \
     TOKENSTREAM_MODEL_CACHE=/opt/tokenstream/models \
     TOKENSTREAM_MODEL_DIR=default \
     TOKENSTREAM_DEVICE=gpu \
     TOKENSTREAM_DTYPE=float16
 WORKDIR /home/tokenstream
 USER 10001:10001
-EXPOSE 50051 9464
+# gRPC, the OpenAI-compatible HTTP API with its chat page, Prometheus metrics.
+EXPOSE 50051 8000 9464
 # gRPC health protocol, service "" (liveness), with grpcio-health-checking (a
 # project dependency) instead of a downloaded grpc_health_probe binary.
 # start-period covers a slow model load; plaintext only (with TLS on, probe
@@ -198,13 +200,15 @@ ENV PATH=/opt/tokenstream/app/bin:/opt/venv/bin:$PATH \
     TOKENSTREAM_HOST=0.0.0.0 \
     TOKENSTREAM_PORT=50051 \
     TOKENSTREAM_METRICS_PORT=9464 \
+    TOKENSTREAM_HTTP_PORT=8000 \
     TOKENSTREAM_MODEL_CACHE=/opt/tokenstream/models \
     TOKENSTREAM_MODEL_DIR=default \
     TOKENSTREAM_DEVICE=cpu \
     TOKENSTREAM_DTYPE=float32
 WORKDIR /home/tokenstream
 USER 10001:10001
-EXPOSE 50051 9464
+# gRPC, the OpenAI-compatible HTTP API with its chat page, Prometheus metrics.
+EXPOSE 50051 8000 9464
 # See the gpu stage: gRPC health check of service "" with grpcio-health-checking.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
   CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as hg; ch = grpc.insecure_channel('127.0.0.1:' + os.environ.get('TOKENSTREAM_PORT', '50051')); r = hg.HealthStub(ch).Check(h.HealthCheckRequest(service=''), timeout=3); sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)"]

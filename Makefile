@@ -27,9 +27,12 @@ $(NODE_MODULES): clients/node/package-lock.json
 
 install: $(STAMP)
 
-# Serves the default model on 127.0.0.1:50051 (built on first use). Flags: make serve ARGS="--port 50052".
+# Serves the default model on 127.0.0.1:50051 (gRPC) and 127.0.0.1:$(HTTP_PORT) (the OpenAI-compatible HTTP API
+# and the chat page). Flags: make serve ARGS="--port 50052"; HTTP_PORT=0 turns the HTTP front off.
+HTTP_PORT ?= 8000
 serve: $(VENV)/.runtime
-	$(PY) -m service $(ARGS)
+	@if [ "$(HTTP_PORT)" != 0 ]; then echo "Chat page: http://127.0.0.1:$(HTTP_PORT)/  (OpenAI API: http://127.0.0.1:$(HTTP_PORT)/v1)"; fi
+	$(PY) -m service --http-port $(HTTP_PORT) $(ARGS)
 
 test: $(STAMP) $(NODE_MODULES)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -138,8 +138,8 @@ async def flood_phase(target: str, metrics_port: int, pb: Any, pb_grpc: Any) -> 
         # Now read what A left, every stream at once: they share one connection, whose window a stream read
         # alone would wait on behind the others' unread data.
         outcomes = Counter(await asyncio.gather(*(_outcome(call, pb) for call in calls)))
-    counters = {k: v for k, v in metrics(metrics_port).items()
-                if k in ("tokenstream_slow_readers_total", "tokenstream_preemptions_total", "tokenstream_displaced_total")}
+    wanted = ("tokenstream_slow_readers_total", "tokenstream_preemptions_total", "tokenstream_displaced_total")
+    counters = {k: v for k, v in metrics(metrics_port).items() if k in wanted}
     return {"b": b, "a_outcomes": dict(outcomes), "server_idle_after_s": round(idle_after_s + 15, 1),
             "server_counters": counters}
 

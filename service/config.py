@@ -41,6 +41,7 @@ class Config:
     # Operations
     grace_s: float = 20.0  # drain time for in-flight streams after SIGTERM
     metrics_port: int = 0  # Prometheus exposition; 0 turns it off, -1 picks a free port
+    http_port: int = 0  # the OpenAI-compatible HTTP front and its chat page at /; 0 turns it off, -1 picks a free port
     watchdog_s: float = 30.0  # liveness fails when no engine iteration for this long while work is queued
     log_text: bool = False  # log prompts and outputs (off: privacy)
     # Callers: who a call comes from (service/callers.py), and optional per-caller limits (0: off)

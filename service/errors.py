@@ -1,8 +1,10 @@
-"""Every error the service returns is mapped to a gRPC status here, and only here."""
+"""Every error the service returns is mapped here, and only here: to a gRPC status, and from that status to an
+HTTP status and OpenAI error object for the HTTP front, so the two fronts cannot disagree."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -47,16 +49,26 @@ class UnauthenticatedError(RuntimeError):
     """A bearer token is required and was missing or wrong."""
 
 
+class ModelNotFoundError(InvalidRequestError):
+    """The request names a model this server does not serve (the HTTP front's `model`)."""
+
+
 def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
     delay = duration_pb2.Duration()
     delay.FromMilliseconds(int(seconds * 1000))
     return error_details_pb2.RetryInfo(retry_delay=delay)
 
 
-def to_status(exc: BaseException) -> grpc.Status:
-    """The status for an exception. Unknown exceptions become INTERNAL with their type only."""
+def rich_status(exc: BaseException) -> status_pb2.Status:
+    """The google.rpc.Status for an exception. Unknown exceptions become INTERNAL with their type only."""
     details: list = []
-    if isinstance(exc, InvalidRequestError):
+    if isinstance(exc, ModelNotFoundError):
+        code, message = code_pb2.NOT_FOUND, str(exc)
+        details.append(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in exc.violations
+        ]))
+    elif isinstance(exc, InvalidRequestError):
         code, message = code_pb2.INVALID_ARGUMENT, str(exc)
         details.append(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
@@ -89,7 +101,12 @@ def to_status(exc: BaseException) -> grpc.Status:
     status = status_pb2.Status(code=code, message=message)
     for detail in details:
         status.details.add().Pack(detail)
-    return rpc_status.to_status(status)
+    return status
+
+
+def to_status(exc: BaseException) -> grpc.Status:
+    """The gRPC status for an exception, with its details (BadRequest, RetryInfo) in the trailing metadata."""
+    return rpc_status.to_status(rich_status(exc))
 
 
 def code_name(exc: BaseException) -> str:
@@ -101,3 +118,65 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoRetu
     status = to_status(exc)
     await context.abort(status.code, status.details, status.trailing_metadata)
     raise AssertionError("unreachable: abort raises")
+
+
+# --- the HTTP front: every HTTP error is derived from the exception's gRPC status above ------------------------------
+
+# google.rpc.Code's documented HTTP mapping (CANCELLED is 499, "client closed request").
+HTTP_STATUS = {
+    code_pb2.INVALID_ARGUMENT: 400, code_pb2.FAILED_PRECONDITION: 400, code_pb2.OUT_OF_RANGE: 400,
+    code_pb2.UNAUTHENTICATED: 401, code_pb2.PERMISSION_DENIED: 403, code_pb2.NOT_FOUND: 404,
+    code_pb2.ALREADY_EXISTS: 409, code_pb2.ABORTED: 409, code_pb2.RESOURCE_EXHAUSTED: 429, code_pb2.CANCELLED: 499,
+    code_pb2.UNIMPLEMENTED: 501, code_pb2.UNAVAILABLE: 503, code_pb2.DEADLINE_EXCEEDED: 504,
+}
+# The OpenAI error object's `type` for each HTTP status; anything else is a server_error.
+OPENAI_ERROR_TYPE = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    409: "conflict_error", 429: "rate_limit_error", 503: "service_unavailable_error", 504: "timeout_error",
+}
+
+
+def http_status(code: str) -> int:
+    """The HTTP status for a canonical status name ("OK", "INVALID_ARGUMENT", ...)."""
+    value = code_pb2.Code.Value(code)
+    return 200 if value == code_pb2.OK else HTTP_STATUS.get(value, 500)
+
+
+@dataclass(frozen=True)
+class HttpError:
+    """An HTTP error response: status, OpenAI error object and headers (Retry-After from the same RetryInfo)."""
+
+    status: int
+    body: dict[str, dict[str, str | None]]
+    headers: dict[str, str]
+
+
+def to_http(exc: BaseException, spell: Callable[[str], str | None] = lambda field: field) -> HttpError:
+    """The HTTP error for an exception. `spell` writes a violated field the way the HTTP API spells it
+    ("stopping.stop_sequences[1]" -> "stop[1]"); the OpenAI object's `param` is the first one's top-level
+    parameter ("messages[0].role" -> "messages"), and the message names every violation."""
+    status = rich_status(exc)
+    code = code_pb2.Code.Name(status.code)
+    http_status = HTTP_STATUS.get(status.code, 500)
+    params: list[str | None] = []
+    descriptions: list[str] = []
+    headers: dict[str, str] = {}
+    for detail in status.details:
+        bad, retry = error_details_pb2.BadRequest(), error_details_pb2.RetryInfo()
+        if detail.Unpack(bad):
+            for v in bad.field_violations:
+                spelled = spell(v.field)
+                params.append(spelled.split("[", 1)[0] if spelled else None)
+                descriptions.append(f"{spelled}: {v.description}" if spelled else v.description)
+        elif detail.Unpack(retry):
+            seconds = retry.retry_delay.ToMilliseconds() / 1000.0
+            headers["Retry-After"] = str(max(1, math.ceil(seconds)))  # whole seconds, as RFC 9110 has it
+            headers["retry-after-ms"] = str(retry.retry_delay.ToMilliseconds())  # the OpenAI SDKs read this too
+    if status.code == code_pb2.UNAUTHENTICATED:
+        headers["WWW-Authenticate"] = "Bearer"
+    message = "; ".join(descriptions) if descriptions else status.message
+    error: dict[str, str | None] = {
+        "message": message, "type": OPENAI_ERROR_TYPE.get(http_status, "server_error"),
+        "param": params[0] if params else None, "code": code.lower(),
+    }
+    return HttpError(http_status, {"error": error}, headers)

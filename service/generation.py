@@ -22,7 +22,7 @@ from service.callers import Caller
 from service.config import Config
 from service.engine.api import EngineClient, EngineStream, QueueFullError
 from service.engine.types import Chunk, ErrorKind, Finish, GenerationRequest, Timings
-from service.errors import EngineOutOfMemoryError, NotReadyError, ShuttingDownError, code_name
+from service.errors import EngineOutOfMemoryError, NotReadyError, ShuttingDownError, code_name, http_status
 from service.logs import request_fields
 from service.metrics import Metrics
 from service.validation import validate_generate
@@ -86,11 +86,8 @@ class Generations:
         leaves still gets its usage and child spans before the span ends, whichever front it came through.
         """
         config = self.state.config
-        span = self.tracer.start_span(call.span_name, context=propagate.extract(call.carrier),
-                                      kind=trace.SpanKind.SERVER, attributes=call.span_attributes)
-        ctx = span.get_span_context()
-        trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else ""
-        fields: dict[str, object] = {"request_id": call.request_id, "trace_id": trace_id or None}
+        span, fields = self._begin(call)
+        trace_id = str(fields["trace_id"] or "")
         request_fields.set(fields)  # for log lines in this task; the final one names them itself
         engine_req: GenerationRequest | None = None
         stream: EngineStream | None = None
@@ -155,6 +152,22 @@ class Generations:
         finally:
             conclude()
 
+    def reject(self, call: CallInfo, exc: BaseException) -> None:
+        """A request a front refused before run() (its own checks: JSON shape, a parameter only it has): the same
+        span, metric and log line as a request that run() refuses."""
+        span, fields = self._begin(call)
+        code = code_name(exc)
+        self._end(span, code, call)
+        self.metrics.observe(None, code, call.front, call.caller.cls)
+        self._log(call, {**fields, "error": str(exc)}, code, None, None, None)
+
+    def _begin(self, call: CallInfo) -> tuple[trace.Span, dict[str, object]]:
+        """The request's server span (joined to the caller's traceparent), and its request id and trace id."""
+        span = self.tracer.start_span(call.span_name, context=propagate.extract(call.carrier),
+                                      kind=trace.SpanKind.SERVER, attributes=call.span_attributes)
+        ctx = span.get_span_context()
+        return span, {"request_id": call.request_id, "trace_id": format(ctx.trace_id, "032x") if ctx.is_valid else None}
+
     def _record(self, span: trace.Span, chunk: Chunk) -> None:
         span.set_attribute("gen_ai.usage.input_tokens", chunk.prompt_tokens)
         span.set_attribute("gen_ai.usage.output_tokens", chunk.completion_tokens)
@@ -177,6 +190,8 @@ class Generations:
     def _end(span: trace.Span, code: str, call: CallInfo) -> None:
         if call.front == "grpc":
             span.set_attribute("rpc.grpc.status_code", code_pb2.Code.Value(code))
+        else:
+            span.set_attribute("http.response.status_code", http_status(code))
         if code not in ("OK", "CANCELLED"):
             span.set_status(trace.Status(trace.StatusCode.ERROR, code))
         span.end()

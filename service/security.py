@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,18 @@ def server_credentials(config: Config) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
+def http_tls_options(config: Config) -> dict[str, Any]:
+    """The same TLS (and mTLS, with a client CA) for the HTTP front, as uvicorn's settings; {} without TLS."""
+    if not (config.tls_cert or config.tls_key):
+        return {}
+    if not (config.tls_cert and config.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    options: dict[str, Any] = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key}
+    if config.tls_client_ca:
+        options.update(ssl_ca_certs=config.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return options
+
+
 def load_tokens(config: Config) -> tuple[bytes, ...]:
     """Accepted bearer tokens: one per line in --auth-tokens-file, and/or comma-separated in --auth-tokens."""
     tokens: list[str] = []
@@ -34,6 +47,17 @@ def load_tokens(config: Config) -> tuple[bytes, ...]:
         tokens += Path(config.auth_tokens_file).read_text().splitlines()
     tokens += config.auth_tokens.split(",")
     return tuple(t.strip().encode() for t in tokens if t.strip())
+
+
+def authorized(tokens: Sequence[bytes], authorization: str) -> bool:
+    """Whether an `authorization` header or metadata value is `Bearer <one of the tokens>` (every front)."""
+    scheme, _, presented = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    candidate = presented.strip().encode()
+    # Compare against every token, always, in constant time: no early exit that leaks which one matched.
+    matches = [hmac.compare_digest(candidate, token) for token in tokens]
+    return any(matches)
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
@@ -45,14 +69,7 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _authorized(self, metadata: Sequence[tuple[str, Any]] | None) -> bool:
         header = next((v for k, v in metadata or () if k == "authorization"), "")
-        header = header.decode() if isinstance(header, bytes) else str(header)
-        scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        candidate = presented.strip().encode()
-        # Compare against every token, always, in constant time: no early exit that leaks which one matched.
-        matches = [hmac.compare_digest(candidate, token) for token in self._tokens]
-        return any(matches)
+        return authorized(self._tokens, header.decode() if isinstance(header, bytes) else str(header))
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],

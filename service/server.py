@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,6 +31,9 @@ from service.security import BearerAuthInterceptor, load_tokens, server_credenti
 from service.servicer import GenerationServicer, add_to_server
 from service.telemetry import get_tracer
 from tokenstream.v1 import generation_pb2 as pb
+
+if TYPE_CHECKING:
+    from service.http.app import HttpServer
 
 log = logging.getLogger("tokenstream.server")
 
@@ -59,6 +63,8 @@ class RunningServer:
     metrics_port: int = 0
     watchdog_task: asyncio.Task[None] | None = None
     _metrics_http: object = None
+    http: HttpServer | None = None  # the OpenAI-compatible HTTP front, when config.http_port is set
+    http_port: int = 0
 
     async def wait_ready(self) -> None:
         await self.load_task
@@ -68,7 +74,8 @@ class RunningServer:
             await self.health.set(name, status)
 
     async def drain(self, grace_s: float) -> None:
-        """Stop admitting (UNAVAILABLE), let streams finish for grace_s, then end the rest with a final message."""
+        """Stop admitting (UNAVAILABLE; 503 on HTTP), let streams of both fronts finish for grace_s, then end the
+        rest with a final message."""
         self.state.draining = True
         await self.health.enter_graceful_shutdown()
         if self.state.active_streams:
@@ -110,7 +117,10 @@ class RunningServer:
             self._metrics_http.shutdown()  # type: ignore[attr-defined]
         if not self.load_task.done():
             self.load_task.cancel()
-        await self.server.stop(grace_s)
+        if self.http is not None:
+            await asyncio.gather(self.server.stop(grace_s), self.http.stop(grace_s))
+        else:
+            await self.server.stop(grace_s)
         if self.state.engine is not None:
             await asyncio.to_thread(self.state.engine.stop)
 
@@ -150,7 +160,8 @@ async def start_server(
     for name in ("", SERVICE_NAME):
         await health.set(name, NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    add_to_server(GenerationServicer(Generations(state, tracer, metrics)), server)
+    generations = Generations(state, tracer, metrics)
+    add_to_server(GenerationServicer(generations), server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
@@ -167,7 +178,13 @@ async def start_server(
             await health.set(name, SERVING)
         log.info("serving %s on %s:%d", engine.info.name, config.host, port)
 
-    running = RunningServer(server, port, state, health, asyncio.create_task(load()), metrics)
+    http = None
+    if config.http_port != 0:  # -1 picks a free port (tests); imported only when on
+        from service.http.app import start_http
+
+        http = await start_http(config, generations, tokens)
+    running = RunningServer(server, port, state, health, asyncio.create_task(load()), metrics, http=http,
+                            http_port=http.port if http is not None else 0)
     if config.metrics_port != 0:  # -1 picks a free port (tests)
         running._metrics_http = metrics.serve(config.host, max(config.metrics_port, 0))
         running.metrics_port = int(running._metrics_http.server_port)  # type: ignore[attr-defined]
@@ -181,7 +198,11 @@ async def serve(config: Config, tracer_provider: trace.TracerProvider | None = N
     sys.setswitchinterval(config.switch_interval_ms / 1000.0)
     running = await start_server(config, tracer_provider=tracer_provider, loader=loader)
     log.info("listening on %s:%d (health NOT_SERVING until the model is warm)", config.host, running.port,
-             extra={"fields": {"event": "listening", "port": running.port, "metrics_port": running.metrics_port}})
+             extra={"fields": {"event": "listening", "port": running.port, "metrics_port": running.metrics_port,
+                               "http_port": running.http_port}})
+    if running.http is not None:
+        log.info("chat page and OpenAI-compatible API (/v1) at %s://%s:%d/", running.http.scheme, config.host,
+                 running.http_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP/SSE front and its chat page: a second translator onto service/generation.py."""

@@ -1,0 +1,142 @@
+"""Engine chunks in, OpenAI objects out: streamed chunks, the whole response, usage, the model card."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from service.engine.types import Chunk, Finish, TokenOut
+from service.http.requests import Parsed
+
+# OpenAI's finish_reason; the engine's own reason goes into the choice's "tokenstream" extension object.
+FINISH_REASON = {
+    Finish.EOS_TOKEN: "stop", Finish.STOP_SEQUENCE: "stop", Finish.MAX_TOKENS: "length",
+    Finish.CONTEXT_LENGTH: "length", Finish.TIME_LIMIT: "length", Finish.CANCELLED: "length",
+}
+
+
+def _bytes(text: str) -> list[int] | None:
+    return None if "\ufffd" in text else list(text.encode())  # a token that is part of a character has no text
+
+
+def _extension(final: Chunk) -> dict[str, Any]:
+    """The engine's own account of the ending, beside OpenAI's stop/length."""
+    assert final.finish is not None
+    ext: dict[str, Any] = {"finish_reason": final.finish.value}
+    if final.stop_sequence:
+        ext["stop_sequence"] = final.stop_sequence
+    if final.seed is not None:
+        ext["seed"] = final.seed
+    if final.timings is not None:
+        t = final.timings
+        ext["timings"] = {"queue_ms": round(t.queue_ms, 3), "time_to_first_token_ms": round(t.ttft_ms, 3),
+                          "decode_ms": round(t.decode_ms, 3), "total_ms": round(t.total_ms, 3)}
+    return ext
+
+
+def engine_error(chunk: Chunk) -> dict[str, Any]:
+    """The OpenAI error object for a stream the engine ended with an error after it had started."""
+    return {"error": {"message": chunk.error or "internal error", "type": "server_error", "param": None,
+                      "code": "internal"}}
+
+
+class Responder:
+    """Builds one request's OpenAI objects: a chunk per engine chunk when streaming, or the whole response."""
+
+    def __init__(self, parsed: Parsed, model: str, request_id: str) -> None:
+        self.p = parsed
+        self.model = model
+        self.id = ("chatcmpl-" if parsed.chat else "cmpl-") + request_id
+        self.created = int(time.time())
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self._started = False
+        self._offset = 0  # characters of text so far, for the completions logprobs' text_offset
+
+    def _usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def _count(self, chunk: Chunk) -> None:
+        if chunk.prompt_token_ids:
+            self.prompt_tokens = len(chunk.prompt_token_ids)
+        self.completion_tokens += len(chunk.tokens)
+        if chunk.finish is not None:
+            self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+
+    def _logprobs(self, tokens: Sequence[TokenOut]) -> dict[str, Any] | None:
+        if not self.p.logprobs:
+            return None
+        top_n = self.p.request.response.top_n
+        if self.p.chat:
+            return {"content": [{
+                "token": t.text, "logprob": t.logprob, "bytes": _bytes(t.text),
+                "top_logprobs": [{"token": a.text, "logprob": a.logprob, "bytes": _bytes(a.text)} for a in t.top],
+            } for t in tokens], "refusal": None}
+        offsets = []
+        for t in tokens:
+            offsets.append(self._offset)
+            self._offset += len(t.text)
+        return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+                "top_logprobs": [{a.text: a.logprob for a in t.top} for t in tokens] if top_n else None,
+                "text_offset": offsets}
+
+    def chunk(self, chunk: Chunk) -> dict[str, Any] | None:
+        """The streamed object for one engine chunk, or None when it says nothing (no text, no tokens, not last)."""
+        self._count(chunk)
+        if not chunk.text and not chunk.tokens and chunk.finish is None and self._started:
+            return None
+        finish = FINISH_REASON.get(chunk.finish) if chunk.finish is not None else None
+        choice: dict[str, Any]
+        if self.p.chat:
+            delta: dict[str, Any] = {} if self._started else {"role": "assistant"}
+            if chunk.text or not self._started:
+                delta["content"] = chunk.text
+            choice = {"index": 0, "delta": delta, "logprobs": self._logprobs(chunk.tokens), "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": chunk.text, "logprobs": self._logprobs(chunk.tokens),
+                      "finish_reason": finish}
+        if chunk.finish is not None:
+            choice["tokenstream"] = _extension(chunk)
+        self._started = True
+        obj = self._envelope("chat.completion.chunk" if self.p.chat else "text_completion", [choice])
+        if self.p.include_usage or self.p.continuous_usage:
+            obj["usage"] = self._usage() if self.p.continuous_usage else None
+        return obj
+
+    def usage_chunk(self) -> dict[str, Any]:
+        """The last streamed object when stream_options.include_usage is set: no choices, the request's usage."""
+        obj = self._envelope("chat.completion.chunk" if self.p.chat else "text_completion", [])
+        obj["usage"] = self._usage()
+        return obj
+
+    def whole(self, chunks: Sequence[Chunk]) -> dict[str, Any]:
+        """The non-streamed response from all of a request's chunks (the last one carries the finish)."""
+        for c in chunks:
+            self._count(c)
+        final = chunks[-1]
+        assert final.finish is not None
+        text = "".join(c.text for c in chunks)
+        logprobs = self._logprobs([t for c in chunks for t in c.tokens])
+        finish = FINISH_REASON.get(final.finish)
+        choice: dict[str, Any]
+        if self.p.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                      "logprobs": logprobs, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        choice["tokenstream"] = _extension(final)
+        obj = self._envelope("chat.completion" if self.p.chat else "text_completion", [choice])
+        obj["usage"] = self._usage()
+        return obj
+
+    def _envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "system_fingerprint": None, "choices": choices}
+
+
+def model_card(name: str, max_context: int, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "tokenstream",
+            "max_model_len": max_context}
+
