@@ -1,12 +1,15 @@
 """In-process measurements on the real Engine (no gRPC), in their own process.
 
-    python -m bench.inproc --model-dir DIR --out FILE.json --parts transport,steps,profile,gil [--target HOST:PORT]
+    python -m bench.inproc --model-dir DIR --out FILE.json --parts sweep,steps,profile,gil [--target HOST:PORT]
 
 Parts:
-  transport  batch 1: Engine.generate_sync in this process vs the same request over gRPC to the server
-             (this process is the gRPC client; the server is a separate process), alternated round by round.
+  sweep      at each concurrency, N streams started together on Engine.generate in this process, and the same N
+             streams over gRPC to the server (a separate process; this process is the client, its engine idle),
+             alternated round by round, with an idle check before each timing: aggregate tokens/s, TTFT, ITL,
+             and the gRPC / in-process ratio per round.
   steps      LlamaDecoder.decode_step alone at each batch size at a fixed cache length, the Engine's full
-             iteration at batch 8 (sampling, detokenizing, delivery included), and a copy bandwidth.
+             iteration at batch 8 and 32 (sampling, detokenizing, delivery included), and the memory bandwidth
+             (STREAM copy, and a two-thread GEMV that reads a 256 MB matrix the way a decode step reads weights).
   profile    cProfile of decode_step at batch 8 and 32: where a step's time goes.
   gil        an asyncio loop with a 1 ms probe task while the Engine decodes 8 streams on the same loop;
              probe lateness at sys.setswitchinterval 5 ms (Python's default) and 1 ms (the server's default).
@@ -24,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import PROMPTS, median, quiet, summary, write_json
+from bench.common import PROMPTS, StreamTimer, aggregate, median, quiet, summary, wait_idle, write_json
 
 quiet()
 
@@ -47,59 +50,71 @@ def prompt_ids(model: LoadedModel, i: int = 0) -> list[int]:
     return model.tokenizer.encode(PROMPTS[i % len(PROMPTS)])
 
 
-# -- transport -------------------------------------------------------------------------------------
+# -- sweep: in-process against gRPC ----------------------------------------------------------------
 
 
-def run_inproc(eng: Engine, ids: list[int], n: int) -> tuple[int, float]:
-    t0 = time.perf_counter()
-    tokens = 0
-    for chunk in eng.generate_sync(GenerationRequest(prompt_ids=ids, max_new_tokens=n)):
-        tokens += len(chunk.tokens)
-    return tokens, time.perf_counter() - t0
+async def inproc_request(eng: Engine, prompts: list[list[int]], index: int, n: int) -> dict[str, Any]:
+    req = GenerationRequest(prompt_ids=prompts[index % len(prompts)], max_new_tokens=n, min_new_tokens=n)
+    timer = StreamTimer(index % len(prompts))
+    async for chunk in eng.generate(req):
+        timer.tokens([t.id for t in chunk.tokens])
+    return timer.done()
 
 
-def run_grpc(stub: Any, pb: Any, n: int) -> tuple[int, float]:
-    req = pb.GenerateRequest(prompt=PROMPTS[0], stopping=pb.StoppingCriteria(max_new_tokens=n))
-    t0 = time.perf_counter()
-    tokens = 0
-    for msg in stub.Generate(req, timeout=300):
-        tokens += len(msg.tokens)
-    return tokens, time.perf_counter() - t0
+def representative(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median throughput (its TTFT/ITL go in the table), with every round's figures beside it."""
+    ordered = sorted(runs, key=lambda r: r["tokens_per_s"] or 0)
+    rep = dict(ordered[(len(ordered) - 1) // 2])
+    rep["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
+    rep["rounds_idle"] = [r["idle"] for r in runs]
+    rep["outputs"] = runs[0].get("outputs", [])
+    return rep
 
 
-def part_transport(model: LoadedModel, eng: Engine, target: str, n: int, rounds: int) -> dict[str, Any]:
+def part_sweep(model: LoadedModel, eng: Engine, target: str, batches: list[int], n: int, rounds: int,
+               ratio_rounds: int, ratio_batches: tuple[int, ...] = (1, 8)) -> dict[str, Any]:
     import grpc
 
-    from tokenstream.v1 import generation_pb2 as pb
+    from bench.load import closed_loop
     from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 
-    ids = prompt_ids(model)
-    with grpc.insecure_channel(target) as channel:
-        grpc.channel_ready_future(channel).result(timeout=30)
-        stub = pb_grpc.GenerationServiceStub(channel)
-        run_grpc(stub, pb, 4)  # warm the channel and the server
-        run_inproc(eng, ids, 4)
-        inproc, remote = [], []
-        for r in range(rounds):
-            order = (run_inproc, run_grpc) if r % 2 == 0 else (run_grpc, run_inproc)
-            for fn in order:
-                if fn is run_inproc:
-                    tok, dt = run_inproc(eng, ids, n)
-                    inproc.append(tok / dt)
-                else:
-                    tok, dt = run_grpc(stub, pb, n)
-                    remote.append(tok / dt)
-    pairs = [g / i for g, i in zip(remote, inproc, strict=True)]  # each round's two runs were back to back
-    return {"new_tokens": n, "rounds": rounds, "inproc_tokens_per_s": inproc, "grpc_tokens_per_s": remote,
-            "inproc_p50": median(inproc), "grpc_p50": median(remote), "round_ratios": pairs,
-            "grpc_over_inproc": median(pairs), "ratio_of_medians": median(remote) / median(inproc)}  # type: ignore
+    ids = [model.tokenizer.encode(p) for p in PROMPTS]  # what the server makes of the same prompt text
+
+    async def run() -> dict[str, Any]:
+        out: dict[str, Any] = {"new_tokens": n, "prompt_tokens": [len(x) for x in ids]}
+        async with grpc.aio.insecure_channel(target) as channel:
+            await asyncio.wait_for(channel.channel_ready(), 30)
+            stub = pb_grpc.GenerationServiceStub(channel)
+            await closed_loop(stub, PROMPTS, [[2]], 0, 300)  # warm the channel and the server
+            await inproc_request(eng, ids, 0, 2)
+            for b in batches:
+                runs: dict[str, list[dict[str, Any]]] = {"inproc": [], "grpc": []}
+                for k in range(ratio_rounds if b in ratio_batches else rounds):
+                    for side in (("inproc", "grpc") if k % 2 == 0 else ("grpc", "inproc")):
+                        idle = wait_idle()  # blocks the loop: nothing else runs on it now
+                        if side == "inproc":
+                            res = await asyncio.gather(*(inproc_request(eng, ids, i, n) for i in range(b)))
+                        else:
+                            res = await closed_loop(stub, PROMPTS, [[n]] * b, 0, 600)
+                        agg = aggregate(list(res), b)
+                        agg["idle"] = idle
+                        if k:
+                            agg.pop("outputs")
+                        runs[side].append(agg)
+                ratios = [g["tokens_per_s"] / i["tokens_per_s"]
+                          for i, g in zip(runs["inproc"], runs["grpc"], strict=True)]
+                out[str(b)] = {"inproc": representative(runs["inproc"]), "grpc": representative(runs["grpc"]),
+                               "round_ratios": ratios, "grpc_over_inproc": median(ratios)}
+        return out
+
+    return asyncio.run(run())
 
 
 # -- steps, bandwidth ------------------------------------------------------------------------------
 
 
 def copy_bandwidth(mb: int = 256, reps: int = 5) -> dict[str, Any]:
-    """STREAM-copy convention: 2 x bytes / time (a copy reads and writes every byte)."""
+    """The best of a STREAM copy (2 x bytes / time: a copy reads and writes every byte), a sum and a GEMV read."""
     n = mb * (1 << 20) // 4
     src = np.ones(n, dtype=np.float32)
     dst = np.empty_like(src)
@@ -137,10 +152,22 @@ def copy_bandwidth(mb: int = 256, reps: int = 5) -> dict[str, Any]:
         an @ an
         gemm_n.append(time.perf_counter() - t)
     flop = 2 * 1024**3
+    # GEMV over a 256 MB matrix: every byte read once, on all of BLAS's threads, as a batch-1 decode step reads
+    # its weights. This is the practical read bandwidth a decoder can reach; a single-thread sum is not.
+    w = src.reshape(-1, 1024)
+    v = np.ones(1024, dtype=np.float32)
+    w @ v
+    gemv = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        w @ v
+        gemv.append(time.perf_counter() - t)
+    gemv_bw = src.nbytes / min(gemv)
     return {"paddle_gemm1024_GFLOPS": flop / min(gemm_p) / 1e9, "numpy_gemm1024_GFLOPS": flop / min(gemm_n) / 1e9,
             "array_mb": mb, "numpy_copy_GBps_best": np_bw / 1e9, "numpy_copy_GBps_median": np_bw_med / 1e9,
             "paddle_copy_GBps_best": pd_bw / 1e9, "numpy_read_GBps_best": src.nbytes / min(rts) / 1e9,
-            "bound_GBps": max(np_bw, pd_bw) / 1e9}
+            "gemv_read_GBps_best": gemv_bw / 1e9,
+            "bound_GBps": max(np_bw, pd_bw, gemv_bw, src.nbytes / min(rts)) / 1e9}
 
 
 def weight_bytes(model: LoadedModel) -> dict[str, int]:
@@ -184,7 +211,8 @@ def engine_iteration(model: LoadedModel, eng: Engine, b: int, steps: int) -> dic
 
     handles = []
     for i in range(b):
-        req = GenerationRequest(prompt_ids=prompt_ids(model, i), max_new_tokens=steps * 3 + 16)
+        n = steps * 3 + 16
+        req = GenerationRequest(prompt_ids=prompt_ids(model, i), max_new_tokens=n, min_new_tokens=n)
         handles.append(eng.submit(req, lambda chunks: None))  # delivered on the engine thread, dropped
     assert eng.wait_until(lambda s: s.active == b and s.prefilling == 0 and s.waiting == 0, 120)
     eng.decoder.decode_step = timed  # type: ignore[method-assign]
@@ -341,7 +369,8 @@ async def probe_window(eng: Engine | None, model: LoadedModel, b: int, seconds: 
             lateness.append(loop.time() - target)
 
     async def stream(i: int) -> None:
-        req = GenerationRequest(prompt_ids=prompt_ids(model, i), max_new_tokens=eng.config.max_context - 64)
+        n = eng.config.max_context - 64
+        req = GenerationRequest(prompt_ids=prompt_ids(model, i), max_new_tokens=n, min_new_tokens=n)
         gen = eng.generate(req)
         try:
             async for chunk in gen:
@@ -389,12 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.inproc")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--parts", default="transport,steps,profile,gil")
+    p.add_argument("--parts", default="sweep,steps,profile,gil")
     p.add_argument("--target", default="")
     p.add_argument("--max-slots", type=int, default=32)
     p.add_argument("--max-context", type=int, default=2048)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1, help="sweep rounds per side at each batch size")
+    p.add_argument("--ratio-rounds", type=int, default=3, help="sweep rounds per side at batch 1 and 8")
     p.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8, 16, 32])
     p.add_argument("--length", type=int, default=128, help="cache length for decode-step timing")
     p.add_argument("--reps", type=int, default=5)
@@ -409,8 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for part in parts:
             t = time.perf_counter()
-            if part == "transport":
-                result["transport"] = part_transport(model, eng, args.target, args.new_tokens, args.rounds)
+            if part == "sweep":
+                result["sweep"] = part_sweep(model, eng, args.target, args.batches, args.new_tokens, args.rounds,
+                                             args.ratio_rounds)
             elif part == "steps":
                 result["steps"] = part_steps(model, eng, args.batches, args.length, args.reps, args.iter_steps)
             elif part == "profile":
