@@ -21,6 +21,8 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 
+from bench.common import quiet_run
+
 STYLE = {  # engine label (bench.run.engines) -> line style
     "tokenstream, in-process": {"color": "tab:blue", "marker": "o"},
     "tokenstream over gRPC": {"color": "tab:cyan", "marker": "s", "linestyle": "--"},
@@ -30,18 +32,35 @@ STYLE = {  # engine label (bench.run.engines) -> line style
 }
 
 
-def throughput(key: str, res: dict[str, Any], path: Path) -> Path:
+def busy(run: dict[str, Any]) -> bool:
+    """Whether the machine was busy before this timing, or others took CPU during it."""
+    return quiet_run(run) is False
+
+
+def footer(fig: Any, host: dict[str, Any], note: str = "") -> None:
+    load = host.get("loadavg_start") or [0.0]
+    fig.text(0.99, 0.01, f"{note}{host.get('cpus')} CPUs ({host.get('cpu') or 'unknown CPU'}), load average "
+             f"{load[0]:.1f} at the start of the run", ha="right", va="bottom", fontsize=6, color="gray")
+
+
+def throughput(key: str, res: dict[str, Any], path: Path, host: dict[str, Any]) -> Path:
     from bench.run import engines
 
     fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=120)
     for label, runs in engines(res).items():
-        pts = sorted((int(c), r["tokens_per_s"]) for c, r in runs.items() if r and r.get("tokens_per_s"))
+        pts = sorted((int(c), r["tokens_per_s"], busy(r)) for c, r in runs.items() if r and r.get("tokens_per_s"))
         if pts:
-            ax.plot([c for c, _ in pts], [t for _, t in pts], label=label, **STYLE.get(label, {}))
+            style = STYLE.get(label, {})
+            ax.plot([c for c, _, _ in pts], [t for _, t, _ in pts], label=label, **style)
+            hollow = [(c, t) for c, t, b in pts if b]
+            if hollow:
+                ax.plot([c for c, _ in hollow], [t for _, t in hollow], linestyle="none", marker=style.get("marker"),
+                        color=style.get("color"), markerfacecolor="white")
     for v, color in (("f32", "tab:green"), ("q4_1", "tab:olive")):
         b = (((res.get("llamacpp") or {}).get(v) or {}).get("bench")) or {}
         if b.get("tokens_per_s"):
             ax.plot([1], [b["tokens_per_s"]], marker="*", markersize=12, color=color, linestyle="none",
+                    markerfacecolor="white" if busy(b) else color,
                     label=f"llama-bench {v.upper()} tg{res['plan']['new_tokens']}")
     cs = res["plan"]["sweep"]
     ax.set_xscale("log", base=2)
@@ -52,7 +71,9 @@ def throughput(key: str, res: dict[str, Any], path: Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.set_title(f"{key}: fp32, greedy, {res['plan']['new_tokens']} new tokens per stream", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    footer(fig, host, "hollow markers: not quiet (the machine was busy before that timing, or others took CPU "
+           "during it); ")
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -64,7 +85,7 @@ def ecdf(ax: Any, values: list[float], **kw: Any) -> None:
     ax.step(xs, ys, where="post", **kw)
 
 
-def arrivals(key: str, res: dict[str, Any], path: Path) -> Path | None:
+def arrivals(key: str, res: dict[str, Any], path: Path, host: dict[str, Any]) -> Path | None:
     series = []
     a = res.get("arrivals") or {}
     if a.get("samples"):
@@ -91,10 +112,11 @@ def arrivals(key: str, res: dict[str, Any], path: Path) -> Path | None:
         ax.set_ylabel("fraction of samples")
         ax.set_ylim(0, 1.02)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     fig.suptitle(f"{key}: requests arriving at 8 streams (clients {a.get('stagger_s', 0) * 1e3:.0f} ms apart, "
                  f"~{a.get('new_tokens')} tokens +-{100 * a.get('jitter', 0):.0f}%, long prompts)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    footer(fig, host)
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -104,8 +126,9 @@ def write_charts(all_res: dict[str, Any], outdir: Path) -> list[Path]:
     outdir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for key, res in all_res["models"].items():
-        paths.append(throughput(key, res, outdir / f"throughput-{key}.png"))
-        p = arrivals(key, res, outdir / f"arrivals-{key}.png")
+        host = all_res.get("host") or {}
+        paths.append(throughput(key, res, outdir / f"throughput-{key}.png", host))
+        p = arrivals(key, res, outdir / f"arrivals-{key}.png", host)
         if p:
             paths.append(p)
     return paths

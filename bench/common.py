@@ -287,6 +287,40 @@ def idle_check(threshold: float = 0.15, max_wait_s: float = 10.0, window_s: floa
             "loadavg1": os.getloadavg()[0]}
 
 
+def _proc_jiffies(pid: int) -> int:
+    """CPU time of a process (all its threads) and of its waited-for children, in clock ticks."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+
+
+class CpuMeter:
+    """How busy the machine was during a timing, and how much of that was not the processes being measured:
+    `others` above the idle threshold means someone else took CPU while the number was taken."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = [os.getpid(), *pids]
+        self.b0, self.t0 = _cpu_times()
+        self.p0 = sum(_proc_jiffies(p) for p in self.pids)
+
+    def stop(self) -> dict[str, float]:
+        b1, t1 = _cpu_times()
+        ours = sum(_proc_jiffies(p) for p in self.pids) - self.p0
+        total = max(1, t1 - self.t0)
+        return {"busy": round((b1 - self.b0) / total, 3), "others": round(max(0, b1 - self.b0 - ours) / total, 3)}
+
+
+def quiet_run(run: dict[str, Any]) -> bool | None:
+    """False when the machine was busy before a timing (idle check) or others took CPU during it; None if unknown."""
+    idle, during = run.get("idle"), run.get("during")
+    if not idle and not during:
+        return None
+    threshold = idle_settings()["threshold"]
+    return bool((not idle or idle.get("idle")) and (not during or during["others"] <= threshold))
+
+
 IDLE_DEFAULTS = {"threshold": 0.15, "max_wait_s": 8.0}
 
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import PROMPTS, StreamTimer, aggregate, median, quiet, summary, wait_idle, write_json
+from bench.common import PROMPTS, CpuMeter, StreamTimer, aggregate, median, quiet, summary, wait_idle, write_json
 
 quiet()
 
@@ -67,12 +67,13 @@ def representative(runs: list[dict[str, Any]]) -> dict[str, Any]:
     rep = dict(ordered[(len(ordered) - 1) // 2])
     rep["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
     rep["rounds_idle"] = [r["idle"] for r in runs]
+    rep["rounds_during"] = [r["during"] for r in runs]
     rep["outputs"] = runs[0].get("outputs", [])
     return rep
 
 
 def part_sweep(model: LoadedModel, eng: Engine, target: str, batches: list[int], n: int, rounds: int,
-               ratio_rounds: int, ratio_batches: tuple[int, ...] = (1, 8)) -> dict[str, Any]:
+               ratio_rounds: int, server_pids: list[int], ratio_batches: tuple[int, ...] = (1, 8)) -> dict[str, Any]:
     import grpc
 
     from bench.load import closed_loop
@@ -92,12 +93,13 @@ def part_sweep(model: LoadedModel, eng: Engine, target: str, batches: list[int],
                 for k in range(ratio_rounds if b in ratio_batches else rounds):
                     for side in (("inproc", "grpc") if k % 2 == 0 else ("grpc", "inproc")):
                         idle = wait_idle()  # blocks the loop: nothing else runs on it now
+                        meter = CpuMeter(server_pids)
                         if side == "inproc":
                             res = await asyncio.gather(*(inproc_request(eng, ids, i, n) for i in range(b)))
                         else:
                             res = await closed_loop(stub, PROMPTS, [[n]] * b, 0, 600)
                         agg = aggregate(list(res), b)
-                        agg["idle"] = idle
+                        agg["idle"], agg["during"] = idle, meter.stop()
                         if k:
                             agg.pop("outputs")
                         runs[side].append(agg)
@@ -420,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--parts", default="sweep,steps,profile,gil")
     p.add_argument("--target", default="")
+    p.add_argument("--server-pid", type=int, nargs="*", default=[], help="counted as ours by the CPU meter")
     p.add_argument("--max-slots", type=int, default=32)
     p.add_argument("--max-context", type=int, default=2048)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -441,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             if part == "sweep":
                 result["sweep"] = part_sweep(model, eng, args.target, args.batches, args.new_tokens, args.rounds,
-                                             args.ratio_rounds)
+                                             args.ratio_rounds, args.server_pid)
             elif part == "steps":
                 result["steps"] = part_steps(model, eng, args.batches, args.length, args.reps, args.iter_steps)
             elif part == "profile":

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from bench.common import StreamTimer, aggregate, arrival_plan, prompt_set, summary, wait_idle, write_json
+from bench.common import CpuMeter, StreamTimer, aggregate, arrival_plan, prompt_set, summary, wait_idle, write_json
 from tokenstream.v1 import generation_pb2 as pb
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 
@@ -81,10 +81,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             return {"kind": "sequence", "lengths": per_length}
         plan = arrival_plan(args.concurrency, args.requests, args.new_tokens, args.jitter, args.seed)
         idle = wait_idle()
+        meter = CpuMeter(args.server_pid)
         results = await closed_loop(stub, prompts, plan, args.stagger_s, args.timeout, args.exact)
+        during = meter.stop()
         agg = aggregate(results, args.concurrency, samples=args.kind == "arrivals")
         agg.update(kind=args.kind, concurrency=args.concurrency, new_tokens=args.new_tokens, prompts=args.prompts,
                    requests_per_worker=args.requests, stagger_s=args.stagger_s, jitter=args.jitter, idle=idle,
+                   during=during,
                    server_ttft_ms=summary([r["server_ttft_ms"] for r in results]))
         finishes: dict[str, int] = {}
         for r in results:
@@ -103,6 +106,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.load")
     p.add_argument("--target", required=True)
+    p.add_argument("--server-pid", type=int, nargs="*", default=[], help="counted as ours by the CPU meter")
     p.add_argument("--out", required=True)
     p.add_argument("--kind", choices=["closed", "arrivals", "sequence"], default="closed")
     p.add_argument("--concurrency", type=int, default=1)

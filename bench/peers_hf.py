@@ -23,7 +23,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from bench.common import encode_prompts, quiet, summary, wait_idle, write_json  # noqa: E402
+from bench.common import CpuMeter, encode_prompts, quiet, summary, wait_idle, write_json  # noqa: E402
 
 quiet()
 
@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     for b in args.batches:
         run(b, 2)  # warm this shape
         idle = wait_idle()
+        meter = CpuMeter([])
         r = run(b, args.new_tokens)
-        r["idle"] = idle
+        r["idle"], r["during"] = idle, meter.stop()
         result["batches"][str(b)] = r
         write_json(args.out, result)  # partial results survive a later failure
     return 0

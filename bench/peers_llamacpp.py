@@ -25,11 +25,13 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
     REPO,
+    CpuMeter,
     StreamTimer,
     aggregate,
     arrival_plan,
@@ -116,7 +118,9 @@ def llama_bench(bin_dir: Path, gguf: Path, n: int, threads: int, reps: int) -> d
     cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(n), "-t", str(threads),
            "-r", str(reps), "-o", "json"]
     idle = wait_idle()
+    meter = CpuMeter([])  # llama-bench is a waited-for child: its CPU time lands in ours
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    during = meter.stop()
     if done.returncode != 0:
         raise RuntimeError(f"llama-bench failed ({done.returncode}): {done.stderr[-2000:]}")
     rows = [r for r in json.loads(done.stdout) if r.get("n_gen") == n and r.get("n_prompt") == 0]
@@ -125,7 +129,7 @@ def llama_bench(bin_dir: Path, gguf: Path, n: int, threads: int, reps: int) -> d
     return {"cmd": " ".join(cmd[1:]), "tokens_per_s": r["avg_ts"], "stddev_tokens_per_s": r["stddev_ts"],
             "samples_tokens_per_s": r.get("samples_ts"), "ms_per_token": 1e3 / r["avg_ts"],
             "threads": r.get("n_threads"), "build": r.get("build_commit"), "cpu": r.get("cpu_info"),
-            "type": r.get("model_type"), "idle": idle}
+            "type": r.get("model_type"), "idle": idle, "during": during}
 
 
 class LlamaServer:
@@ -239,11 +243,14 @@ def run_clients(port: int, prompts: list[list[int]], plan: list[list[int]], stag
 
 
 def variant(bin_dir: Path, name: str, gguf: Path, args: argparse.Namespace, short: list[list[int]],
-            long: list[list[int]], texts: list[str], logdir: Path) -> dict[str, Any]:
+            long: list[list[int]], texts: list[str], logdir: Path, save: Callable[[dict[str, Any]], None]
+            ) -> dict[str, Any]:
+    """One GGUF: llama-bench, then llama-server at each concurrency; `save` gets the partial result after each."""
     res: dict[str, Any] = {"gguf": str(gguf), "size_bytes": gguf.stat().st_size}
     if args.bench_reps:
         res["bench"] = llama_bench(bin_dir, gguf, args.new_tokens, args.threads, args.bench_reps)
         log(f"  llama-bench {name}: {res['bench']['tokens_per_s']:.1f} tok/s")
+        save(res)
     res["server"] = {}
     log_path = logdir / f"llama-server-{name}.log"
     for c in args.concurrency:
@@ -258,19 +265,22 @@ def variant(bin_dir: Path, name: str, gguf: Path, args: argparse.Namespace, shor
                                    "same_ids": sum(a == b for a, b in zip(theirs, ours, strict=True))}
             stream(server.port, short[0], 0, 4)  # warm-up
             idle = wait_idle()
+            meter = CpuMeter([server.proc.pid])
             agg = aggregate(run_clients(server.port, short, [[args.new_tokens]] * c, 0), c)
-            agg["idle"] = idle
+            agg["idle"], agg["during"] = idle, meter.stop()
             res["server"][str(c)] = agg
             log(f"  llama-server {name} -np {c}: {agg['tokens_per_s']:.1f} tok/s")
             if c == 8 and args.arrivals_requests:
                 plan = arrival_plan(8, args.arrivals_requests, args.new_tokens, args.jitter, args.seed)
                 idle = wait_idle()
+                meter = CpuMeter([server.proc.pid])
                 agg = aggregate(run_clients(server.port, long, plan, args.stagger_s), 8, samples=True)
-                agg.update(idle=idle, stagger_s=args.stagger_s, jitter=args.jitter, concurrency=8,
+                agg.update(idle=idle, during=meter.stop(), stagger_s=args.stagger_s, jitter=args.jitter, concurrency=8,
                            requests_per_worker=args.arrivals_requests, new_tokens=args.new_tokens, prompts="long")
                 res["arrivals"] = agg
         finally:
             server.stop()
+        save(res)
     return res
 
 
@@ -308,8 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in [v for v in args.variants.split(",") if v]:
         if name not in files:
             raise SystemExit(f"--variants: unknown variant {name!r}; known: {', '.join(files)}")
-        result[name] = variant(bin_dir, name, files[name], args, short, long, texts, logdir)
-        write_json(args.out, result)  # partial results survive a later failure
+        def save(partial: dict[str, Any], name: str = name) -> None:
+            result[name] = partial
+            write_json(args.out, result)  # partial results survive a later failure or timeout
+
+        variant(bin_dir, name, files[name], args, short, long, texts, logdir, save)
     return 0
 
 

@@ -31,6 +31,7 @@ from bench.common import (
     median,
     param_counts,
     peer_model_dir,
+    quiet_run,
     rss_bytes,
     write_json,
 )
@@ -133,7 +134,7 @@ def run_py(module: str, args: list[str], out: Path, logdir: Path, timeout: float
 
 
 def load_phase(server: Server, out: Path, logdir: Path, timeout: float, **kw: Any) -> dict[str, Any] | None:
-    args = ["--target", server.target]
+    args = ["--target", server.target, "--server-pid", str(server.pid)]
     for k, v in kw.items():
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
@@ -195,7 +196,8 @@ def bench_model(key: str, quick: bool, peers: set[str], raw: Path, budget_end: f
 
         # The sweep (in-process and gRPC, alternated), the decode-step bound, the GIL probe: one process.
         res["inproc"] = run_py("bench.inproc", [
-            "--model-dir", str(mdir), "--target", server.target, "--parts", plan["inproc_parts"],
+            "--model-dir", str(mdir), "--target", server.target, "--server-pid", str(server.pid),
+            "--parts", plan["inproc_parts"],
             "--new-tokens", str(n), "--rounds", str(plan["rounds"]), "--ratio-rounds", str(plan["ratio_rounds"]),
             "--length", str(plan["step_length"]), "--iter-steps", str(plan["iter_steps"]),
             "--reps", str(plan["reps"]), "--gil-seconds", str(plan["gil_seconds"]),
@@ -316,8 +318,7 @@ def tps(run: dict[str, Any] | None) -> float | None:
 
 
 def busy_mark(run: dict[str, Any] | None) -> str:
-    idle = (run or {}).get("idle") or {}
-    return "~" if idle and not idle.get("idle") else ""
+    return "~" if quiet_run(run or {}) is False else ""
 
 
 def describe(key: str) -> str:
@@ -387,7 +388,8 @@ def report(all_res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
 
         # Every engine at every concurrency.
         cs = [str(c) for c in res["plan"]["sweep"]]
-        w("aggregate tok/s by concurrent streams (~ = the idle check before that timing found the machine busy):")
+        w("aggregate tok/s by concurrent streams (~ = not quiet: the machine was busy before that timing, or other "
+          "processes took CPU during it):")
         w(f"  {'engine':<32}" + "".join(f"{c:>12}" for c in cs))
         for label, runs in eng.items():
             w(f"  {label:<32}" + "".join(f"{cell(runs.get(c)):>12}" for c in cs))
@@ -558,12 +560,16 @@ def report(all_res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
             starved = min(p99s) > 5.0
             w(f"  verdict at the server's 5 ms setting: {'loop STARVED' if starved else 'no starvation'} "
               f"(p99 lateness {'>' if starved else '<='} 5 ms)")
-        idles = [r["idle"] for runs in eng.values() for r in runs.values() if r.get("idle")]
-        if idles:
-            busy = sorted(i["busy"] for i in idles)
-            w(f"idle checks: {sum(1 for i in idles if i['idle'])}/{len(idles)} timings started idle (< "
-              f"{100 * all_res.get('idle', IDLE_DEFAULTS)['threshold']:.0f}% of all CPUs busy over 1 s); busy before "
-              f"a timing: median {100 * busy[len(busy) // 2]:.0f}%, max {100 * busy[-1]:.0f}%")
+        timed = [r for runs in eng.values() for r in runs.values() if r.get("idle")]
+        timed += [x for x in (lcf.get("bench"), lcq.get("bench"), a) if x and x.get("idle")]
+        if timed:
+            busy = sorted(r["idle"]["busy"] for r in timed)
+            others = sorted(r["during"]["others"] for r in timed if r.get("during"))
+            w(f"quiet timings: {sum(1 for r in timed if quiet_run(r))}/{len(timed)} (idle before: < "
+              f"{100 * all_res.get('idle', IDLE_DEFAULTS)['threshold']:.0f}% of all CPUs busy over 1 s, and other "
+              f"processes below that during); busy before: median {100 * busy[len(busy) // 2]:.0f}%, max "
+              f"{100 * busy[-1]:.0f}%" + (f"; others during: median {100 * others[len(others) // 2]:.0f}%, max "
+                                           f"{100 * others[-1]:.0f}%" if others else ""))
         w("")
     w("Targets: " + ", ".join(f"{t['model']}:{t['target']}={t['result']}" for t in targets))
     return "\n".join(lines), targets
@@ -586,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.report:
         all_res = json.loads(Path(args.report).read_text())
+        idle = all_res.get("idle") or IDLE_DEFAULTS
+        os.environ["TOKENSTREAM_BENCH_IDLE"] = f"{idle['threshold']},{idle['max_wait_s']}"
         print(report(all_res)[0])
         if args.charts:
             print(charts(all_res, Path(args.charts)))
