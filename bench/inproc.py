@@ -1,12 +1,15 @@
 """In-process measurements on the real Engine (no gRPC), in their own process.
 
-    python -m bench.inproc --model-dir DIR --out FILE.json --parts transport,steps,profile,gil [--target HOST:PORT]
+    python -m bench.inproc --model-dir DIR --out FILE.json --parts sweep,steps,profile,gil [--target HOST:PORT]
 
 Parts:
-  transport  batch 1: Engine.generate_sync in this process vs the same request over gRPC to the server
-             (this process is the gRPC client; the server is a separate process), alternated round by round.
+  sweep      at each concurrency, N streams started together on Engine.generate in this process, and the same N
+             streams over gRPC to the server (a separate process; this process is the client, its engine idle),
+             alternated round by round, with an idle check before each timing: aggregate tokens/s, TTFT, ITL,
+             and the gRPC / in-process ratio per round.
   steps      LlamaDecoder.decode_step alone at each batch size at a fixed cache length, the Engine's full
-             iteration at batch 8 (sampling, detokenizing, delivery included), and a copy bandwidth.
+             iteration at batch 8 and 32 (sampling, detokenizing, delivery included), and the memory bandwidth
+             (STREAM copy, and a two-thread GEMV that reads a 256 MB matrix the way a decode step reads weights).
   profile    cProfile of decode_step at batch 8 and 32: where a step's time goes.
   gil        an asyncio loop with a 1 ms probe task while the Engine decodes 8 streams on the same loop;
              probe lateness at sys.setswitchinterval 5 ms (Python's default) and 1 ms (the server's default).
@@ -24,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import PROMPTS, median, quiet, summary, write_json
+from bench.common import PROMPTS, CpuMeter, aggregate, median, quiet, summary, wait_idle, write_json
 
 quiet()
 
@@ -36,6 +39,7 @@ from service.engine.kv_cache import SlotKVCache  # noqa: E402
 from service.engine.loader import LoadedModel, load_model  # noqa: E402
 from service.engine.scheduler import Engine  # noqa: E402
 from service.engine.types import GenerationRequest  # noqa: E402
+from tests.support.load import StreamTimer  # noqa: E402
 
 
 def make_engine(model: LoadedModel, max_slots: int, max_context: int) -> Engine:
@@ -48,59 +52,73 @@ def prompt_ids(model: LoadedModel, i: int = 0) -> list[int]:
     return model.tokenizer.encode(PROMPTS[i % len(PROMPTS)])
 
 
-# -- transport -------------------------------------------------------------------------------------
+# -- sweep: in-process against gRPC ----------------------------------------------------------------
 
 
-def run_inproc(eng: Engine, ids: list[int], n: int) -> tuple[int, float]:
-    t0 = time.perf_counter()
-    tokens = 0
-    for chunk in eng.generate_sync(GenerationRequest(prompt_ids=ids, max_new_tokens=n)):
-        tokens += len(chunk.tokens)
-    return tokens, time.perf_counter() - t0
+async def inproc_request(eng: Engine, prompts: list[list[int]], index: int, n: int) -> dict[str, Any]:
+    req = GenerationRequest(prompt_ids=prompts[index % len(prompts)], max_new_tokens=n, min_new_tokens=n)
+    timer = StreamTimer(index % len(prompts))
+    async for chunk in eng.generate(req):
+        timer.tokens([t.id for t in chunk.tokens])
+    return timer.done()
 
 
-def run_grpc(stub: Any, pb: Any, n: int) -> tuple[int, float]:
-    req = pb.GenerateRequest(prompt=PROMPTS[0], stopping=pb.StoppingCriteria(max_new_tokens=n))
-    t0 = time.perf_counter()
-    tokens = 0
-    for msg in stub.Generate(req, timeout=300):
-        tokens += len(msg.tokens)
-    return tokens, time.perf_counter() - t0
+def representative(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median throughput (its TTFT/ITL go in the table), with every round's figures beside it."""
+    ordered = sorted(runs, key=lambda r: r["tokens_per_s"] or 0)
+    rep = dict(ordered[(len(ordered) - 1) // 2])
+    rep["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
+    rep["rounds_idle"] = [r["idle"] for r in runs]
+    rep["rounds_during"] = [r["during"] for r in runs]
+    rep["outputs"] = runs[0].get("outputs", [])
+    return rep
 
 
-def part_transport(model: LoadedModel, eng: Engine, target: str, n: int, rounds: int) -> dict[str, Any]:
+def part_sweep(model: LoadedModel, eng: Engine, target: str, batches: list[int], n: int, rounds: int,
+               ratio_rounds: int, server_pids: list[int], ratio_batches: tuple[int, ...] = (1, 8)) -> dict[str, Any]:
     import grpc
 
-    from tokenstream.v1 import generation_pb2 as pb
+    from bench.load import closed_loop
     from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 
-    ids = prompt_ids(model)
-    with grpc.insecure_channel(target) as channel:
-        grpc.channel_ready_future(channel).result(timeout=30)
-        stub = pb_grpc.GenerationServiceStub(channel)
-        run_grpc(stub, pb, 4)  # warm the channel and the server
-        run_inproc(eng, ids, 4)
-        inproc, remote = [], []
-        for r in range(rounds):
-            order = (run_inproc, run_grpc) if r % 2 == 0 else (run_grpc, run_inproc)
-            for fn in order:
-                if fn is run_inproc:
-                    tok, dt = run_inproc(eng, ids, n)
-                    inproc.append(tok / dt)
-                else:
-                    tok, dt = run_grpc(stub, pb, n)
-                    remote.append(tok / dt)
-    pairs = [g / i for g, i in zip(remote, inproc, strict=True)]  # each round's two runs were back to back
-    return {"new_tokens": n, "rounds": rounds, "inproc_tokens_per_s": inproc, "grpc_tokens_per_s": remote,
-            "inproc_p50": median(inproc), "grpc_p50": median(remote), "round_ratios": pairs,
-            "grpc_over_inproc": median(pairs), "ratio_of_medians": median(remote) / median(inproc)}  # type: ignore
+    ids = [model.tokenizer.encode(p) for p in PROMPTS]  # what the server makes of the same prompt text
+
+    async def run() -> dict[str, Any]:
+        out: dict[str, Any] = {"new_tokens": n, "prompt_tokens": [len(x) for x in ids]}
+        async with grpc.aio.insecure_channel(target) as channel:
+            await asyncio.wait_for(channel.channel_ready(), 30)
+            stub = pb_grpc.GenerationServiceStub(channel)
+            await closed_loop(stub, PROMPTS, [[2]], 0, 300)  # warm the channel and the server
+            await inproc_request(eng, ids, 0, 2)
+            for b in batches:
+                runs: dict[str, list[dict[str, Any]]] = {"inproc": [], "grpc": []}
+                for k in range(ratio_rounds if b in ratio_batches else rounds):
+                    for side in (("inproc", "grpc") if k % 2 == 0 else ("grpc", "inproc")):
+                        idle = wait_idle()  # blocks the loop: nothing else runs on it now
+                        meter = CpuMeter(server_pids)
+                        if side == "inproc":
+                            res = await asyncio.gather(*(inproc_request(eng, ids, i, n) for i in range(b)))
+                        else:
+                            res = await closed_loop(stub, PROMPTS, [[n]] * b, 0, 600)
+                        agg = aggregate(list(res), b)
+                        agg["idle"], agg["during"] = idle, meter.stop()
+                        if k:
+                            agg.pop("outputs")
+                        runs[side].append(agg)
+                ratios = [g["tokens_per_s"] / i["tokens_per_s"]
+                          for i, g in zip(runs["inproc"], runs["grpc"], strict=True)]
+                out[str(b)] = {"inproc": representative(runs["inproc"]), "grpc": representative(runs["grpc"]),
+                               "round_ratios": ratios, "grpc_over_inproc": median(ratios)}
+        return out
+
+    return asyncio.run(run())
 
 
 # -- steps, bandwidth ------------------------------------------------------------------------------
 
 
 def copy_bandwidth(mb: int = 256, reps: int = 5) -> dict[str, Any]:
-    """STREAM-copy convention: 2 x bytes / time (a copy reads and writes every byte)."""
+    """The best of a STREAM copy (2 x bytes / time: a copy reads and writes every byte), a sum and a GEMV read."""
     n = mb * (1 << 20) // 4
     src = np.ones(n, dtype=np.float32)
     dst = np.empty_like(src)
@@ -138,17 +156,30 @@ def copy_bandwidth(mb: int = 256, reps: int = 5) -> dict[str, Any]:
         an @ an
         gemm_n.append(time.perf_counter() - t)
     flop = 2 * 1024**3
+    # GEMV over a 256 MB matrix: every byte read once, on all of BLAS's threads, as a batch-1 decode step reads
+    # its weights. This is the practical read bandwidth a decoder can reach; a single-thread sum is not.
+    w = src.reshape(-1, 1024)
+    v = np.ones(1024, dtype=np.float32)
+    w @ v
+    gemv = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        w @ v
+        gemv.append(time.perf_counter() - t)
+    gemv_bw = src.nbytes / min(gemv)
     return {"paddle_gemm1024_GFLOPS": flop / min(gemm_p) / 1e9, "numpy_gemm1024_GFLOPS": flop / min(gemm_n) / 1e9,
             "array_mb": mb, "numpy_copy_GBps_best": np_bw / 1e9, "numpy_copy_GBps_median": np_bw_med / 1e9,
             "paddle_copy_GBps_best": pd_bw / 1e9, "numpy_read_GBps_best": src.nbytes / min(rts) / 1e9,
-            "bound_GBps": max(np_bw, pd_bw) / 1e9}
+            "gemv_read_GBps_best": gemv_bw / 1e9,
+            "bound_GBps": max(np_bw, pd_bw, gemv_bw, src.nbytes / min(rts)) / 1e9}
 
 
 def weight_bytes(model: LoadedModel) -> dict[str, int]:
     w = model.weights
     layers = 0
     for layer in w.layers:
-        for t in (layer.input_norm, layer.qkv, layer.qkv_bias, layer.o, layer.post_norm, layer.gate_up, layer.down):
+        for t in (layer.input_norm, layer.qkv, layer.qkv_bias, layer.o, layer.post_norm, layer.gate_up, layer.gate,
+                  layer.up, layer.down):
             if t is not None:
                 layers += int(np.prod(t.shape)) * 4
     return {"layers": layers, "lm_head": int(np.prod(w.lm_head.shape)) * 4, "norm": int(np.prod(w.norm.shape)) * 4}
@@ -170,9 +201,10 @@ def time_steps(decoder: Any, cache: SlotKVCache, b: int, length: int, reps: int,
 def engine_iteration(model: LoadedModel, eng: Engine, b: int, steps: int) -> dict[str, Any]:
     """Seconds per Engine iteration at batch b in steady decode, and the share spent outside the model's forward.
 
-    decode_step is wrapped with a timer for the window, so model time and iteration time come from the same steps.
+    The decoder's step is wrapped with a timer for the window, so model time and iteration time come from the same
+    steps.
     """
-    inner = eng.decoder.decode_step
+    inner = eng.decoder.step
     spent = [0.0, 0]
 
     def timed(*a: Any, **k: Any) -> Any:
@@ -185,10 +217,11 @@ def engine_iteration(model: LoadedModel, eng: Engine, b: int, steps: int) -> dic
 
     handles = []
     for i in range(b):
-        req = GenerationRequest(prompt_ids=prompt_ids(model, i), max_new_tokens=steps * 3 + 16)
+        n = steps * 3 + 16
+        req = GenerationRequest(prompt_ids=prompt_ids(model, i), max_new_tokens=n, min_new_tokens=n)
         handles.append(eng.submit(req, lambda chunks: None))  # delivered on the engine thread, dropped
     assert eng.wait_until(lambda s: s.active == b and s.prefilling == 0 and s.waiting == 0, 120)
-    eng.decoder.decode_step = timed  # type: ignore[method-assign]
+    eng.decoder.step = timed  # type: ignore[method-assign]
     try:
         s0 = eng.stats().steps
         t0 = time.perf_counter()
@@ -196,7 +229,7 @@ def engine_iteration(model: LoadedModel, eng: Engine, b: int, steps: int) -> dic
         t1 = time.perf_counter()
         s1 = eng.stats().steps
     finally:
-        eng.decoder.decode_step = inner  # type: ignore[method-assign]
+        eng.decoder.step = inner  # type: ignore[method-assign]
     for h in handles:
         h.cancel()
     eng.wait_until(lambda s: s.active == 0 and s.waiting == 0 and s.prefilling == 0, 60)
@@ -212,7 +245,7 @@ def part_steps(model: LoadedModel, eng: Engine, batches: list[int], length: int,
     cfg = model.config
     cache = SlotKVCache(cfg.num_layers, max(batches), cfg.num_kv_heads, cfg.head_dim, eng.config.max_context,
                         "float32")
-    cache.ensure(length + 1, 0)
+    cache.ensure(length + 1, max(batches))  # every slot allocated
     bw = copy_bandwidth()
     wb = weight_bytes(model)
     kv_per_pos = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4  # K and V, one slot, one position
@@ -254,7 +287,7 @@ def part_profile(model: LoadedModel, eng: Engine, batches: list[int], length: in
     out: dict[str, Any] = {}
     cache = SlotKVCache(cfg.num_layers, max(batches), cfg.num_kv_heads, cfg.head_dim, eng.config.max_context,
                         "float32")
-    cache.ensure(length + 1, 0)
+    cache.ensure(length + 1, max(batches))
     with paddle.no_grad():
         for b in batches:
             time_steps(eng.decoder, cache, b, length, 1)
@@ -285,7 +318,7 @@ def matmul_parts(model: LoadedModel, eng: Engine, b: int, length: int, reps: int
     w = eng.decoder.w
     x = paddle.randn([b, cfg.hidden_size], dtype="float32")
     cache = SlotKVCache(1, b, cfg.num_kv_heads, cfg.head_dim, eng.config.max_context, "float32")
-    cache.ensure(length + 1, 0)
+    cache.ensure(length + 1, b)
     k, v = cache.active(0, b)
     q = paddle.randn([b, cfg.num_kv_heads, cfg.group_size, cfg.head_dim], dtype="float32")
 
@@ -300,7 +333,10 @@ def matmul_parts(model: LoadedModel, eng: Engine, b: int, length: int, reps: int
 
     n_layers = cfg.num_layers
     lay = w.layers[0]
-    xn, lm_n, gu_n, down_n = x.numpy(), w.lm_head.numpy(), lay.gate_up.numpy(), lay.down.numpy()
+    # gate and up, whichever way the decoder holds them (it may have split gate_up and dropped it)
+    gu_n = lay.gate_up.numpy() if lay.gate_up is not None else np.concatenate([lay.gate.numpy(), lay.up.numpy()], 1)
+    xn, lm_n, down_n = x.numpy(), w.lm_head.numpy(), lay.down.numpy()
+    gate_up = paddle.to_tensor(gu_n)
     inter = down_n.shape[0]
 
     def np_mlp() -> Any:
@@ -319,7 +355,7 @@ def matmul_parts(model: LoadedModel, eng: Engine, b: int, length: int, reps: int
             "lm_head_ms": t(lambda: paddle.matmul(x, w.lm_head).numpy()),
             "qkv_o_ms_all_layers": n_layers * t(qkv_o),
             "mlp_ms_all_layers": n_layers * t(lambda: paddle.matmul(
-                paddle.nn.functional.swiglu(paddle.matmul(x, lay.gate_up)), lay.down).numpy()),
+                paddle.nn.functional.swiglu(paddle.matmul(x, gate_up)), lay.down).numpy()),
             "attention_ms_all_layers": n_layers * t(lambda: paddle.matmul(
                 paddle.nn.functional.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1), v).numpy()),
         }
@@ -342,7 +378,8 @@ async def probe_window(eng: Engine | None, model: LoadedModel, b: int, seconds: 
             lateness.append(loop.time() - target)
 
     async def stream(i: int) -> None:
-        req = GenerationRequest(prompt_ids=prompt_ids(model, i), max_new_tokens=eng.config.max_context - 64)
+        n = eng.config.max_context - 64
+        req = GenerationRequest(prompt_ids=prompt_ids(model, i), max_new_tokens=n, min_new_tokens=n)
         gen = eng.generate(req)
         try:
             async for chunk in gen:
@@ -390,12 +427,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.inproc")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--parts", default="transport,steps,profile,gil")
+    p.add_argument("--parts", default="sweep,steps,profile,gil")
     p.add_argument("--target", default="")
+    p.add_argument("--server-pid", type=int, nargs="*", default=[], help="counted as ours by the CPU meter")
     p.add_argument("--max-slots", type=int, default=32)
     p.add_argument("--max-context", type=int, default=2048)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1, help="sweep rounds per side at each batch size")
+    p.add_argument("--ratio-rounds", type=int, default=3, help="sweep rounds per side at batch 1 and 8")
     p.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8, 16, 32])
     p.add_argument("--length", type=int, default=128, help="cache length for decode-step timing")
     p.add_argument("--reps", type=int, default=5)
@@ -410,8 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for part in parts:
             t = time.perf_counter()
-            if part == "transport":
-                result["transport"] = part_transport(model, eng, args.target, args.new_tokens, args.rounds)
+            if part == "sweep":
+                result["sweep"] = part_sweep(model, eng, args.target, args.batches, args.new_tokens, args.rounds,
+                                             args.ratio_rounds, args.server_pid)
             elif part == "steps":
                 result["steps"] = part_steps(model, eng, args.batches, args.length, args.reps, args.iter_steps)
             elif part == "profile":

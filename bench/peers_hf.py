@@ -1,8 +1,12 @@
-"""Optional peer: Hugging Face transformers + PyTorch CPU, TextIteratorStreamer, one request at a time.
+"""Peer: Hugging Face transformers + PyTorch CPU, `generate()` on a fixed, left-padded batch.
 
-    python -m bench.peers_hf --model-dir DIR --out FILE.json --streamer 8 --new-tokens 64
+    python -m bench.peers_hf --model-dir DIR --out FILE.json --batches 1 4 8 16 32 --new-tokens 128
 
-The checkpoint is HF Llama layout already, so LlamaForCausalLM.from_pretrained(dir) loads the same weights.
+The model directory is the one our engine loads (HF Llama layout), so the weights are the same. Prompts are the
+token ids of bench.common.PROMPTS by that directory's tokenizer.json, cycled over the batch; greedy, with
+min_new_tokens = max_new_tokens so every row generates exactly that many tokens. torch uses every core.
+Timing comes from a logits processor that stamps each decoding step: TTFT is the first step (prefill included),
+the inter-token latency each later step's gap (one token per row per step).
 """
 
 from __future__ import annotations
@@ -14,12 +18,12 @@ import sys
 sys.modules.setdefault("torchcodec", None)  # type: ignore[arg-type]
 
 import argparse  # noqa: E402
-import threading  # noqa: E402
+import os  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from bench.common import PROMPTS, quiet, summary, timed_streamer, write_json  # noqa: E402
+from bench.common import CpuMeter, encode_prompts, quiet, summary, wait_idle, write_json  # noqa: E402
 
 quiet()
 
@@ -28,64 +32,66 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.peers_hf")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--streamer", type=int, default=8)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8, 16, 32])
+    p.add_argument("--new-tokens", type=int, default=128)
     args = p.parse_args(argv)
 
     import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM, TextIteratorStreamer
+    import transformers
+    from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    torch.set_num_threads(os.cpu_count() or 1)
     t = time.perf_counter()
     model = LlamaForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     model.eval()
-    tok = AutoTokenizer.from_pretrained(args.model_dir)
     load_s = time.perf_counter() - t
-    from tokenizers import Tokenizer
+    prompts = encode_prompts(Path(args.model_dir))
+    pad = model.generation_config.pad_token_id
+    pad = model.generation_config.eos_token_id if pad is None else pad
+    pad = pad[0] if isinstance(pad, list) else pad
 
-    ours = Tokenizer.from_file(str(Path(args.model_dir) / "tokenizer.json"))
-    eos = tok.eos_token_id
+    class StepClock(LogitsProcessor):
+        """Stamps the time each step's logits are ready; changes nothing."""
 
-    TimedStreamer = timed_streamer(TextIteratorStreamer)  # noqa: N806
+        def __init__(self) -> None:
+            self.times: list[float] = []
 
-    def one(ids: list[int], n: int) -> dict[str, Any]:
-        streamer = TimedStreamer(tok, skip_prompt=True, timeout=600)
-        input_ids = torch.tensor([ids], dtype=torch.long)
-        res: dict[str, Any] = {}
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            self.times.append(time.perf_counter())
+            return scores
 
-        def run() -> None:
-            with torch.no_grad():
-                out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                     max_new_tokens=n, do_sample=False, streamer=streamer, pad_token_id=eos)
-            res["tokens"] = int(out.shape[-1] - input_ids.shape[-1])
-
+    def run(b: int, n: int) -> dict[str, Any]:
+        rows = [prompts[i % len(prompts)] for i in range(b)]
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)  # left-padded
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        clock = StepClock()
         t0 = time.perf_counter()
-        th = threading.Thread(target=run)
-        th.start()
-        first = None
-        for piece in streamer:
-            if first is None and piece:
-                first = time.perf_counter() - t0
-        th.join()
-        token_ttft = streamer.put_times[1] - t0 if len(streamer.put_times) > 1 else None  # put #0: the prompt
-        return {"tokens": res.get("tokens", 0), "wall_s": time.perf_counter() - t0, "ttft_s": token_ttft,
-                "first_text_s": first}
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=pad, logits_processor=LogitsProcessorList([clock]))
+        wall = time.perf_counter() - t0
+        new = out[:, width:].tolist()
+        tokens = sum(len(r) for r in new)
+        gaps = [(b2 - a) * 1e3 for a, b2 in zip(clock.times, clock.times[1:], strict=False)]
+        return {"batch": b, "new_tokens": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+                "ttft_ms": summary([(clock.times[0] - t0) * 1e3] if clock.times else []),
+                "itl_ms": summary(gaps), "step_ms_p50": summary(gaps)["p50"],
+                "outputs": [{"prompt": i % len(prompts), "ids": r} for i, r in enumerate(new)]}
 
-    one(ours.encode(PROMPTS[0], add_special_tokens=False).ids, 2)  # warm-up
-    runs = []
-    t0 = time.perf_counter()
-    for i in range(args.streamer):
-        runs.append(one(ours.encode(PROMPTS[i % len(PROMPTS)], add_special_tokens=False).ids, args.new_tokens))
-    wall = time.perf_counter() - t0
-    tokens = sum(r["tokens"] for r in runs)
-    write_json(args.out, {
-        "load_s": load_s, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "streamer": {"requests": args.streamer, "new_tokens": args.new_tokens, "tokens": tokens, "wall_s": wall,
-                     "tokens_per_s": tokens / wall,
-                     "ttft_ms": summary([r["ttft_s"] * 1e3 for r in runs if r["ttft_s"] is not None]),
-                     "runs": runs},
-    })
+    result: dict[str, Any] = {"load_s": load_s, "torch": torch.__version__.split("+")[0],
+                              "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
+                              "prompt_tokens": [len(x) for x in prompts], "batches": {}}
+    for b in args.batches:
+        run(b, 2)  # warm this shape
+        idle = wait_idle()
+        meter = CpuMeter([])
+        r = run(b, args.new_tokens)
+        r["idle"], r["during"] = idle, meter.stop()
+        result["batches"][str(b)] = r
+        write_json(args.out, result)  # partial results survive a later failure
     return 0
 
 

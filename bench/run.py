@@ -1,8 +1,10 @@
-"""Benchmark entry point: `python -m bench.run [--quick] [--peers hf] [--models tiny,base]` (or `make bench`).
+"""Benchmark entry point: `python -m bench.run [--quick] [--peers llamacpp,hf] [--models smollm2,tiny,base]`
+(or `make bench PEERS=llamacpp,hf`).
 
-Runs every measurement of issue #3 in separate processes (server, load generator, in-process engine, peers),
-prints one table of medians and side-by-side ratios, and writes bench/results/<stamp>-<mode>.json
-(raw per-phase JSON next to it in bench/results/<stamp>-<mode>/). Targets are reported PASS/MISS, never asserted.
+Runs every measurement in separate processes (our server, the in-process engine with its gRPC client, the load
+generator, each peer), prints one table of medians and side-by-side ratios with PASS/MISS per target, writes
+bench/results/<stamp>-<mode>.json (raw per-phase JSON and logs in bench/results/<stamp>-<mode>/) and the charts
+in bench/charts/. Targets are reported, never asserted. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -16,31 +18,54 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import MODELS, REPO, RESULTS, bench_env, free_port, log, median, param_counts, rss_bytes, write_json
+from bench.common import (
+    DEFAULT_MODEL,
+    IDLE_DEFAULTS,
+    MODELS,
+    REPO,
+    RESULTS,
+    bench_env,
+    engine_model_path,
+    free_port,
+    log,
+    median,
+    param_counts,
+    peer_model_dir,
+    quiet_run,
+    rss_bytes,
+    write_json,
+)
 
 PY = sys.executable
+PEERS = ("llamacpp", "hf", "paddle")
+MIN_PHASE_S = 120.0  # a phase that starts past the budget still gets this long
 
 
 # -- plans -----------------------------------------------------------------------------------------
 
 def plan_for(model: str, quick: bool) -> dict[str, Any]:
+    common = {"arrivals_stagger_s": 0.2, "arrivals_jitter": 0.25, "max_slots": 32}
+    if model == "smollm2":
+        if quick:
+            return {**common, "sweep": [1, 8, 32], "new_tokens": 64, "rounds": 1, "ratio_rounds": 1,
+                    "arrivals_requests": 2, "inproc_parts": "sweep,steps", "step_length": 128, "reps": 3,
+                    "iter_steps": 6, "gil_seconds": 0, "llamacpp_variants": "f32", "bench_reps": 2,
+                    "rss_requests": 0, "naive": [], "streamer_requests": 0}
+        return {**common, "sweep": [1, 4, 8, 16, 32], "new_tokens": 128, "rounds": 1, "ratio_rounds": 3,
+                "arrivals_requests": 3, "inproc_parts": "sweep,steps,gil", "step_length": 128, "reps": 5,
+                "iter_steps": 10, "gil_seconds": 2.0, "llamacpp_variants": "f32,q4_1", "bench_reps": 5,
+                "rss_requests": 0, "naive": [], "streamer_requests": 0}
     if model == "tiny":
-        return {
-            "sweep": [1, 4, 8, 16, 32], "new_tokens": 32 if quick else 64,
-            "arrivals_requests": 3,
-            "naive": [64] if quick else [64, 128, 256], "seq_rounds": 2 if quick else 1,
-            "transport_rounds": 5, "transport_tokens": 32, "streamer_requests": 8,
-            "rss_requests": 1000, "rss_warmup": 96, "rss_new_tokens": 2,
-            "step_length": 128, "reps": 4 if quick else 6, "iter_steps": 12, "gil_seconds": 1.5 if quick else 2.0,
-            "inproc_parts": "transport,steps,profile,gil",
-        }
-    return {  # base: ~10x the work per token of tiny, so fewer tokens and repetitions
-        "sweep": [1, 4, 8, 16, 32], "new_tokens": 32, "arrivals_requests": 2,
-        "naive": [32], "seq_rounds": 2, "transport_rounds": 5, "transport_tokens": 16, "streamer_requests": 8,
-        "rss_requests": 0, "rss_warmup": 0, "rss_new_tokens": 2,
-        "step_length": 64, "reps": 3, "iter_steps": 5, "gil_seconds": 2.0,
-        "inproc_parts": "transport,steps,profile,gil",
-    }
+        return {**common, "sweep": [1, 4, 8, 16, 32], "new_tokens": 32 if quick else 64, "rounds": 1,
+                "ratio_rounds": 3 if quick else 5, "arrivals_requests": 3,
+                "naive": [64] if quick else [64, 128, 256], "seq_rounds": 2 if quick else 1, "streamer_requests": 8,
+                "rss_requests": 1000, "rss_warmup": 96, "rss_new_tokens": 2,
+                "step_length": 128, "reps": 4 if quick else 6, "iter_steps": 12, "gil_seconds": 1.5 if quick else 2.0,
+                "inproc_parts": "sweep,steps,profile,gil"}
+    return {**common, "sweep": [1, 4, 8, 16, 32], "new_tokens": 32, "rounds": 1, "ratio_rounds": 3,
+            "arrivals_requests": 2, "naive": [32], "seq_rounds": 2, "streamer_requests": 8,
+            "rss_requests": 0, "step_length": 64, "reps": 3, "iter_steps": 5, "gil_seconds": 2.0,
+            "inproc_parts": "sweep,steps,profile,gil"}
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -109,7 +134,7 @@ def run_py(module: str, args: list[str], out: Path, logdir: Path, timeout: float
 
 
 def load_phase(server: Server, out: Path, logdir: Path, timeout: float, **kw: Any) -> dict[str, Any] | None:
-    args = ["--target", server.target]
+    args = ["--target", server.target, "--server-pid", str(server.pid)]
     for k, v in kw.items():
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
@@ -124,17 +149,32 @@ def load_phase(server: Server, out: Path, logdir: Path, timeout: float, **kw: An
 
 # -- one model -------------------------------------------------------------------------------------
 
-def bench_model(key: str, quick: bool, peers: set[str], raw: Path, budget_end: float) -> dict[str, Any]:
-    from bench.common import model_dir
+def prepare(key: str, peers: set[str]) -> dict[str, Any]:
+    """Everything built once and cached (model conversion, the llama.cpp build, its F32 GGUF): not timed."""
+    t = time.monotonic()
+    out: dict[str, Any] = {"engine_model": str(engine_model_path(key)), "peer_model_dir": str(peer_model_dir(key))}
+    if "llamacpp" in peers and MODELS[key].source == "smollm2":
+        from bench.common import smollm2_gguf
+        from bench.peers_llamacpp import build, f32_gguf
 
+        bin_dir = build()
+        out["llamacpp_bin"] = str(bin_dir)
+        out["f32_gguf"] = str(f32_gguf(bin_dir, smollm2_gguf()))
+    out["seconds"] = time.monotonic() - t
+    return out
+
+
+def bench_model(key: str, quick: bool, peers: set[str], raw: Path, budget_end: float) -> dict[str, Any]:
     plan = plan_for(key, quick)
     res: dict[str, Any] = {"model": key, "params": param_counts(key), "plan": plan}
-    t = time.monotonic()
-    mdir = model_dir(key)
-    res["model_dir"] = str(mdir)
-    res["build_s"] = time.monotonic() - t
+    res["prepare"] = prepare(key, peers)
+    log(f"[{key}] prepared in {res['prepare']['seconds']:.0f} s: {res['prepare']['engine_model']}")
+    budget_end += res["prepare"]["seconds"]  # building is not benchmarking
+    mdir = Path(res["prepare"]["engine_model"])
+    pdir = Path(res["prepare"]["peer_model_dir"])
     n = plan["new_tokens"]
-    left = lambda: max(30.0, budget_end - time.monotonic())  # noqa: E731
+    left = lambda: max(MIN_PHASE_S, budget_end - time.monotonic())  # noqa: E731
+    random_model = MODELS[key].source == "random"
 
     server = Server(mdir, raw, key)
     try:
@@ -154,43 +194,113 @@ def bench_model(key: str, quick: bool, peers: set[str], raw: Path, budget_end: f
                           "requests": (main or {}).get("requests"), "finishes": (main or {}).get("finishes"),
                           "requests_per_s": ((main or {}).get("requests") or 0) / ((main or {}).get("wall_s") or 1)}
 
-        res["sweep"] = {}
-        for c in plan["sweep"]:
-            r = load_phase(server, raw / f"{key}-sweep-c{c}.json", raw, left(), kind="closed", concurrency=c,
-                           requests=1, new_tokens=n, warmup=True)
-            res["sweep"][str(c)] = r
-
-        # Continuous arrivals at 8 streams: staggered starts (one request time / 8 apart), lengths +-25 %.
-        c8 = res["sweep"].get("8") or {}
-        stagger = (c8.get("wall_s") or 8.0) / 8
-        res["arrivals"] = load_phase(server, raw / f"{key}-arrivals-c8.json", raw, left(), kind="arrivals",
-                                     concurrency=8, requests=plan["arrivals_requests"], new_tokens=n,
-                                     stagger_s=round(stagger, 3), jitter=0.25, warmup=True)
-
-        lengths = sorted(set(plan["naive"]) | {n})
-        res["sequence"] = load_phase(server, raw / f"{key}-sequence.json", raw, left(), kind="sequence",
-                                     lengths=lengths, requests=plan["seq_rounds"], warmup=True)
-
+        # The sweep (in-process and gRPC, alternated), the decode-step bound, the GIL probe: one process.
         res["inproc"] = run_py("bench.inproc", [
-            "--model-dir", str(mdir), "--target", server.target, "--parts", plan["inproc_parts"],
-            "--new-tokens", str(plan["transport_tokens"]), "--rounds", str(plan["transport_rounds"]),
+            "--model-dir", str(mdir), "--target", server.target, "--server-pid", str(server.pid),
+            "--parts", plan["inproc_parts"],
+            "--new-tokens", str(n), "--rounds", str(plan["rounds"]), "--ratio-rounds", str(plan["ratio_rounds"]),
             "--length", str(plan["step_length"]), "--iter-steps", str(plan["iter_steps"]),
             "--reps", str(plan["reps"]), "--gil-seconds", str(plan["gil_seconds"]),
-            "--batches", *map(str, plan["sweep"]),
+            "--max-slots", str(plan["max_slots"]), "--batches", *map(str, plan["sweep"]),
         ], raw / f"{key}-inproc.json", raw, left())
+
+        # Requests arriving at 8 streams: long prompts, starts stagger_s apart, lengths +-jitter, closed loop.
+        res["arrivals"] = load_phase(server, raw / f"{key}-arrivals-c8.json", raw, left(), kind="arrivals",
+                                     concurrency=8, requests=plan["arrivals_requests"], new_tokens=n,
+                                     prompts="long", stagger_s=plan["arrivals_stagger_s"],
+                                     jitter=plan["arrivals_jitter"], warmup=True)
+
+        if random_model and plan["naive"]:
+            lengths = sorted(set(plan["naive"]) | {n})
+            res["sequence"] = load_phase(server, raw / f"{key}-sequence.json", raw, left(), kind="sequence",
+                                         lengths=lengths, requests=plan["seq_rounds"], warmup=True)
         res["rss_end"] = rss_bytes(server.pid)
     finally:
         server.stop()
 
-    res["paddleformers"] = run_py("bench.peers_paddle", [
-        "--model-dir", str(mdir), "--naive", *map(str, plan["naive"]),
-        "--streamer", str(plan["streamer_requests"]), "--new-tokens", str(n),
-    ], raw / f"{key}-paddleformers.json", raw, left())
     if "hf" in peers:
         res["hf"] = run_py("bench.peers_hf", [
-            "--model-dir", str(mdir), "--streamer", str(plan["streamer_requests"]), "--new-tokens", str(n),
+            "--model-dir", str(pdir), "--new-tokens", str(n), "--batches", *map(str, plan["sweep"]),
         ], raw / f"{key}-hf.json", raw, left())
+    if "llamacpp" in peers:
+        if random_model:
+            log(f"[{key}] llama.cpp peer: skipped (it runs the SmolLM2 GGUF only)")
+        else:
+            res["llamacpp"] = run_py("bench.peers_llamacpp", [
+                "--model-dir", str(pdir), "--variants", plan["llamacpp_variants"], "--new-tokens", str(n),
+                "--concurrency", *map(str, plan["sweep"]), "--bench-reps", str(plan["bench_reps"]),
+                "--arrivals-requests", str(plan["arrivals_requests"]),
+                "--stagger-s", str(plan["arrivals_stagger_s"]), "--jitter", str(plan["arrivals_jitter"]),
+            ], raw / f"{key}-llamacpp.json", raw, left())
+    if random_model or "paddle" in peers:
+        if not random_model:
+            log(f"[{key}] paddleformers peer: skipped (its Qwen2 tokenizer path fits the random models only)")
+        else:
+            res["paddleformers"] = run_py("bench.peers_paddle", [
+                "--model-dir", str(pdir), "--naive", *map(str, plan["naive"]),
+                "--streamer", str(plan["streamer_requests"]), "--new-tokens", str(n),
+            ], raw / f"{key}-paddleformers.json", raw, left())
+    res["agreement"] = agreement(res)
     return res
+
+
+# -- derived figures -------------------------------------------------------------------------------
+
+def engines(res: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every engine's closed-loop run at each concurrency: {engine: {"8": run}} with tokens_per_s, ttft_ms,
+    itl_ms, idle and outputs. The keys are the labels used in the tables and charts."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    sweep = ((res.get("inproc") or {}).get("sweep")) or {}
+    for side, label in (("inproc", "tokenstream, in-process"), ("grpc", "tokenstream over gRPC")):
+        runs = {c: v[side] for c, v in sweep.items() if isinstance(v, dict) and side in v}
+        if runs:
+            out[label] = runs
+    hf = ((res.get("hf") or {}).get("batches")) or {}
+    if hf:
+        out["transformers generate()"] = hf
+    lc = res.get("llamacpp") or {}
+    for v, label in (("f32", "llama.cpp F32 (llama-server)"), ("q4_1", "llama.cpp Q4_1 (llama-server)")):
+        runs = ((lc.get(v) or {}).get("server")) or {}
+        if runs:
+            out[label] = runs
+    return out
+
+
+def agreement(res: dict[str, Any]) -> dict[str, Any]:
+    """Greedy token agreement: every engine's outputs against ours in-process at the same prompt.
+
+    The reference for prompt i is our in-process engine's stream for it at 8 streams (or the smallest batch that
+    has it); greedy output does not depend on the batch in our engine, which the in-process rows check too.
+    """
+    eng = engines(res)
+    ours = eng.get("tokenstream, in-process") or {}
+    ref: dict[int, tuple[str, list[int]]] = {}  # prompt -> (concurrency it came from, ids)
+    for c in sorted(ours, key=lambda c: (c != "8", int(c))):
+        for o in ours[c].get("outputs") or []:
+            ref.setdefault(o["prompt"], (c, o["ids"]))
+    out: dict[str, Any] = {"reference": "tokenstream, in-process at 8 streams (prompts not in it: smallest batch)"}
+    if not ref:
+        return out
+    for label, runs in eng.items():
+        streams = same = 0
+        first_diff: int | None = None
+        for c, run in runs.items():
+            for o in run.get("outputs") or []:
+                rc, r = ref.get(o["prompt"], ("", None))
+                if r is None or (label == "tokenstream, in-process" and c == rc):
+                    continue  # our in-process rows check batch invariance: other batch sizes only
+                streams += 1
+                if o["ids"] == r:
+                    same += 1
+                else:
+                    k = next((i for i, (a, b) in enumerate(zip(o["ids"], r, strict=False)) if a != b),
+                             min(len(o["ids"]), len(r)))
+                    first_diff = k if first_diff is None else min(first_diff, k)
+                    out.setdefault("diverged", []).append({"engine": label, "streams": c, "prompt": o["prompt"],
+                                                            "at": k})
+        out[label] = {"streams": streams, "identical": same, "first_divergence": first_diff}
+    out["tokenstream, in-process"]["note"] = "other batch sizes than the reference"
+    return out
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -203,6 +313,22 @@ def f(x: Any, fmt: str = ".1f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def tps(run: dict[str, Any] | None) -> float | None:
+    return None if not run else run.get("tokens_per_s")
+
+
+def busy_mark(run: dict[str, Any] | None) -> str:
+    return "~" if quiet_run(run or {}) is False else ""
+
+
+def describe(key: str) -> str:
+    m = MODELS[key]
+    p = param_counts(key)
+    return (f"{key}: {m.description}; Llama {m.num_layers} layers, hidden {m.hidden_size}, heads "
+            f"{m.num_heads}/{m.num_kv_heads}, vocabulary {m.vocab_size}, {p['total'] / 1e6:.1f}M params "
+            f"({p['layers'] / 1e6:.1f}M in layers + {p['embedding_tied'] / 1e6:.1f}M tied embedding), fp32")
+
+
 def report(all_res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     lines: list[str] = []
     targets: list[dict[str, Any]] = []
@@ -212,43 +338,148 @@ def report(all_res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         targets.append({"model": model, "target": name, "value": value, "goal": goal, "result": verdict(ok)})
         return verdict(ok)
 
+    def check(model: str, name: str, value: float | None, goal: str, ok: Any) -> str:
+        return target(model, name, value, goal, None if value is None else bool(ok(value)))
+
     for key, res in all_res["models"].items():
-        p = res["params"]
-        m = MODELS[key]
-        w(f"== {key}: Llama {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_heads}/{m.num_kv_heads}, "
-          f"{p['total'] / 1e6:.1f}M params ({p['layers'] / 1e6:.1f}M in layers + {p['embedding_tied'] / 1e6:.1f}M "
-          f"tied Qwen2 embedding), fp32, random weights ==")
         n = res["plan"]["new_tokens"]
-        w(f"gRPC, server + separate load-generator process, greedy, {n} new tokens per request, all streams start "
-          "together:")
-        w(f"  {'streams':>7} {'agg tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}  (ms)")
-        for c, r in (res.get("sweep") or {}).items():
-            if not r:
-                w(f"  {c:>7} failed")
+        eng = engines(res)
+        ours, grpc_ = eng.get("tokenstream, in-process") or {}, eng.get("tokenstream over gRPC") or {}
+        hf = eng.get("transformers generate()") or {}
+        lc = res.get("llamacpp") or {}
+        lcf, lcq = lc.get("f32") or {}, lc.get("q4_1") or {}
+        inproc = res.get("inproc") or {}
+        prompt_tokens = ((inproc.get("sweep") or {}).get("prompt_tokens")) or []
+        w(f"== {describe(key)} ==")
+        w(f"greedy, {min(prompt_tokens, default=0)}-{max(prompt_tokens, default=0)}-token prompts, {n} new tokens "
+          "per stream (end-of-sequence suppressed), every engine on the same weights and prompt ids; "
+          "N streams started together, aggregate tok/s = all tokens / wall time.")
+        w("")
+
+        def cell(run: dict[str, Any] | None, step_ms: float | None = None) -> str:
+            if not run or tps(run) is None:
+                return "-"
+            s = f"{tps(run):.1f}{busy_mark(run)}"
+            return s + (f" ({step_ms:.1f} ms/step)" if step_ms else "")
+
+        def step(run: dict[str, Any] | None) -> float | None:
+            return ((run or {}).get("itl_ms") or {}).get("p50")
+
+        rows = [("tokenstream engine, in-process", ours), ("tokenstream server over gRPC (client in another process)",
+                                                               grpc_)]
+        if hf:
+            h = res.get("hf") or {}
+            rows.append((f"transformers {h.get('transformers', '')} + torch {h.get('torch', '')} CPU, `generate()` "
+                         "(fixed batch, left-padded)", hf))
+        w("| engine | batch 1 tok/s | 8 streams, aggregate tok/s | 32 streams, aggregate tok/s |")
+        w("|---|---|---|---|")
+        for label, runs in rows:
+            w(f"| {label} | {cell(runs.get('1'), step(runs.get('1')))} | {cell(runs.get('8'), step(runs.get('8')))}"
+              f" | {cell(runs.get('32'), step(runs.get('32')))} |")
+        for v, label in ((lcf, "llama.cpp F32 (`llama-bench` at batch 1; `llama-server -np N` for streams)"),
+                         (lcq, "llama.cpp with the shipped Q4_1 weights")):
+            if not v:
                 continue
-            w(f"  {c:>7} {f(r['tokens_per_s']):>10} {f(r['ttft_ms']['p50']):>9} {f(r['ttft_ms']['p99']):>9} "
-              f"{f(r['itl_ms']['p50']):>8} {f(r['itl_ms']['p99']):>8}")
+            b = v.get("bench") or {}
+            srv = v.get("server") or {}
+            b1 = f"{b['tokens_per_s']:.1f}{busy_mark(b)} ({b['ms_per_token']:.1f} ms)" if b else cell(srv.get("1"))
+            w(f"| {label} | {b1} | {cell(srv.get('8'))} | {cell(srv.get('32'))} |")
+        w("")
+
+        # Every engine at every concurrency.
+        cs = [str(c) for c in res["plan"]["sweep"]]
+        w("aggregate tok/s by concurrent streams (~ = not quiet: the machine was busy before that timing, or other "
+          "processes took CPU during it):")
+        w(f"  {'engine':<32}" + "".join(f"{c:>12}" for c in cs))
+        for label, runs in eng.items():
+            w(f"  {label:<32}" + "".join(f"{cell(runs.get(c)):>12}" for c in cs))
+        for what in ("ttft_ms", "itl_ms"):
+            def pair(c: str, what: str = what, runs: dict[str, Any] = grpc_) -> str:
+                s = (runs.get(c) or {}).get(what) or {}
+                return f"{f(s.get('p50'), '.0f')}/{f(s.get('p99'), '.0f')}"
+            label = f"(ours over gRPC) {what[:-3].upper()} p50/p99 ms"
+            w(f"  {label:<32}" + "".join(f"{pair(c):>12}" for c in cs))
+        w("")
+
+        # Targets against the peers.
+        b1 = tps(ours.get("1"))
+        lb = (lcf.get("bench") or {}).get("tokens_per_s")
+        if lb:
+            r = b1 / lb if b1 else None
+            w(f"batch 1: ours in-process {f(b1)} / llama-bench F32 {f(lb)} tok/s = {f(r, '.2f')}x  [target >= 1.0: "
+              f"{check(key, 'batch 1 vs llama.cpp F32', r, '>= 1.0', lambda x: x >= 1.0)}]")
+        steps = inproc.get("steps")
+        if steps and b1:
+            row1 = next((r for r in steps["rows"] if r["batch"] == 1), None)
+            if row1:
+                frac = b1 / row1["bound_tokens_per_s"]
+                w(f"batch 1: ours in-process {f(b1)} tok/s = {100 * frac:.0f}% of the memory bound "
+                  f"{row1['bound_tokens_per_s']:.0f} tok/s ({(row1['bytes_weights'] + row1['bytes_kv_at_length']) / 1e6:.0f}"  # noqa: E501
+                  f" MB/step at {steps['bandwidth']['bound_GBps']:.1f} GB/s)  "
+                  f"[target >= 70%: {check(key, 'batch 1 vs memory bound', frac, '>= 0.70', lambda x: x >= 0.70)}]")
+        for c in ("8", "32"):
+            theirs = tps((lcf.get("server") or {}).get(c))
+            if theirs:
+                r = tps(grpc_.get(c)) / theirs if tps(grpc_.get(c)) else None
+                w(f"{c} streams: ours over gRPC {f(tps(grpc_.get(c)))} / llama-server F32 -np {c} {f(theirs)} tok/s = "
+                  f"{f(r, '.2f')}x  [target >= 1.0: "
+                  f"{check(key, f'{c} streams vs llama-server F32', r, '>= 1.0', lambda x: x >= 1.0)}]")
+        if hf:
+            ratios = {c: tps(ours.get(c)) / tps(hf[c]) for c in cs if tps(ours.get(c)) and tps(hf.get(c))}
+            worst = min(ratios.values()) if ratios else None
+            w("ours in-process / transformers generate(): " + ", ".join(f"{c}: {r:.2f}x" for c, r in ratios.items())
+              + f"  [target >= 1.0 at every batch size: "
+              f"{check(key, 'vs transformers at every batch size', worst, '>= 1.0', lambda x: x >= 1.0)}]")
+        for c in ("1", "8"):
+            sw = (inproc.get("sweep") or {}).get(c)
+            if sw:
+                rr = sw["round_ratios"]
+                r = sw["grpc_over_inproc"]
+                w(f"gRPC / in-process at {c} stream{'s' if c != '1' else ''}: median of {len(rr)} alternated rounds "
+                  f"{r:.3f}x (rounds {min(rr):.2f}-{max(rr):.2f})  [target >= 0.97: "
+                  f"{check(key, f'gRPC/in-process at {c}', r, '>= 0.97', lambda x: x >= 0.97)}]")
         a = res.get("arrivals")
         if a:
             lt = a.get("loaded_ttft_ms") or a["ttft_ms"]
-            ratio = lt["p99"] / lt["p50"] if lt.get("p50") else None
-            w(f"  arrivals, 8 streams (closed loop, starts {a['stagger_s'] * 1e3:.0f} ms apart, lengths +-25 %): "
-              f"{a['requests']} req, {f(a['tokens_per_s'])} tok/s; TTFT under load (n={lt['n']}) p50 "
-              f"{f(lt['p50'])} p99 {f(lt['p99'])} ms = {f(ratio, '.2f')}x  [target <= 3x: "
-              f"{target(key, 'TTFT p99/p50 under arrivals', ratio, '<= 3', None if ratio is None else ratio <= 3)}]")
+            tr = lt["p99"] / lt["p50"] if lt.get("p50") else None
+            it = a["itl_ms"]
+            ir = it["p99"] / it["p50"] if it.get("p50") else None
+            w(f"arrivals, 8 streams ({a['requests']} requests of ~{a['new_tokens']} tokens +-"
+              f"{100 * a['jitter']:.0f}%, long prompts, clients started {a['stagger_s'] * 1e3:.0f} ms apart, closed "
+              f"loop): {f(a['tokens_per_s'])} tok/s{busy_mark(a)}")
+            w(f"  TTFT under load (n={lt['n']}) p50 {f(lt['p50'])} p99 {f(lt['p99'])} ms = {f(tr, '.2f')}x  "
+              f"[target <= 3x: {check(key, 'arrivals TTFT p99/p50', tr, '<= 3', lambda x: x <= 3)}]")
+            w(f"  ITL p50 {f(it['p50'])} p99 {f(it['p99'])} ms = {f(ir, '.2f')}x  "
+              f"[target <= 3x: {check(key, 'arrivals ITL p99/p50', ir, '<= 3', lambda x: x <= 3)}]")
             st = a.get("loaded_server_ttft_ms")
             if st and st.get("p50"):
-                w(f"    (server-side TTFT p50 {f(st['p50'])} p99 {f(st['p99'])} ms; ITL p50 {f(a['itl_ms']['p50'])} "
-                  f"p99 {f(a['itl_ms']['p99'])} ms)")
-        inproc = res.get("inproc") or {}
-        tr = inproc.get("transport")
-        if tr:
-            r = tr["grpc_over_inproc"]
-            rr = tr.get("round_ratios") or [r]
-            w(f"Transport, batch 1, {tr['new_tokens']} tokens, alternated x{tr['rounds']}: in-process "
-              f"{f(tr['inproc_p50'])} tok/s, gRPC {f(tr['grpc_p50'])} tok/s; median of per-round ratios {r:.3f}x "
-              f"(rounds {min(rr):.2f}-{max(rr):.2f})  "
-              f"[target >= 0.97: {target(key, 'gRPC/in-process at batch 1', r, '>= 0.97', r >= 0.97)}]")
+                w(f"  (server-side TTFT under load p50 {f(st['p50'])} p99 {f(st['p99'])} ms)")
+            for v, label in ((lcf, "llama-server F32"), (lcq, "llama-server Q4_1")):
+                la = v.get("arrivals")
+                if la:
+                    lt2 = la.get("loaded_ttft_ms") or la["ttft_ms"]
+                    w(f"  {label}, same plan: {f(la['tokens_per_s'])} tok/s{busy_mark(la)}; TTFT under load p50 "
+                      f"{f(lt2['p50'])} p99 {f(lt2['p99'])} ms; ITL p50 {f(la['itl_ms']['p50'])} p99 "
+                      f"{f(la['itl_ms']['p99'])} ms")
+        w("")
+
+        # Same greedy tokens?
+        ag = res.get("agreement") or {}
+        if ag:
+            parts = [f"{label}{' at other batch sizes' if v.get('note') else ''} {v['identical']}/{v['streams']}"
+                     + ("" if v["first_divergence"] is None else f" (first differs at token {v['first_divergence']})")
+                     for label, v in ag.items() if isinstance(v, dict)]
+            w(f"greedy token agreement with ours in-process (identical {n}-token streams / streams): "
+              + "; ".join(parts))
+        wc = lc.get("weights_check")
+        if wc:
+            w(f"weights: F32 GGUF (llama-quantize from Q4_1) vs our fp32 safetensors: {wc['identical']}/"
+              f"{wc['tensors']} tensors bit-identical, max |diff| {wc['max_abs_diff']:.3g}")
+        tk = (lcf or lcq).get("tokenize") if (lcf or lcq) else None
+        if tk:
+            w(f"tokenizer: llama.cpp's /tokenize gives our ids for {tk['same_ids']}/{tk['prompts']} prompt texts")
+
+        # Naive loop and paddleformers (random models).
         seq = (res.get("sequence") or {}).get("lengths") or {}
         pf = res.get("paddleformers") or {}
         naive = pf.get("naive") or {}
@@ -256,39 +487,37 @@ def report(all_res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
             w("Naive loop (paddleformers generate(max_new_tokens=1) per token, full re-tokenize; no KV reuse), "
               "batch 1:")
             for length, nv in naive.items():
-                ours = median((seq.get(length) or {}).get("tokens_per_s") or [])
-                ratio = ours / nv["tokens_per_s"] if ours else None
-                goal = ratio >= 20 if (ratio is not None and length == "256") else None
-                note = target(key, f"ours/naive at {length}", ratio, ">= 20 at 256", goal) if length == "256" \
-                    else "(target applies at 256)"
-                w(f"  {length:>4} tokens: ours {f(ours)} tok/s, naive {f(nv['tokens_per_s'], '.2f')} tok/s -> "
+                o = median((seq.get(length) or {}).get("tokens_per_s") or [])
+                ratio = o / nv["tokens_per_s"] if o else None
+                note = check(key, f"ours/naive at {length}", ratio, ">= 20 at 256", lambda x: x >= 20) \
+                    if length == "256" else "(target applies at 256)"
+                w(f"  {length:>4} tokens: ours {f(o)} tok/s, naive {f(nv['tokens_per_s'], '.2f')} tok/s -> "
                   f"{f(ratio)}x  {note}")
-        ours8 = ((res.get("sweep") or {}).get("8") or {}).get("tokens_per_s")
-        for label, peer in (("paddleformers generate + TextIteratorStreamer", pf.get("streamer")),
-                            ("HF transformers/PyTorch + TextIteratorStreamer", (res.get("hf") or {}).get("streamer"))):
-            if not peer:
-                continue
+        peer = pf.get("streamer")
+        ours8 = tps(grpc_.get("8"))
+        if peer:
             ratio = ours8 / peer["tokens_per_s"] if ours8 else None
-            ok = None if ratio is None else ratio >= 1.5
-            w(f"{label}, {peer['requests']} requests one after another, {peer['new_tokens']} tokens: "
-              f"{f(peer['tokens_per_s'])} tok/s (TTFT p50 {f(peer['ttft_ms']['p50'], '.0f')} ms); ours at 8 "
-              f"concurrent {f(ours8)} tok/s -> {f(ratio, '.2f')}x  "
-              f"[target >= 1.5: {target(key, 'ours@8 / ' + label.split()[0], ratio, '>= 1.5', ok)}]")
-        steps = inproc.get("steps")
+            w(f"paddleformers generate + TextIteratorStreamer, {peer['requests']} requests one after another, "
+              f"{peer['new_tokens']} tokens: {f(peer['tokens_per_s'])} tok/s (TTFT p50 "
+              f"{f(peer['ttft_ms']['p50'], '.0f')} ms); ours at 8 concurrent {f(ours8)} tok/s -> {f(ratio, '.2f')}x  "
+              f"[target >= 1.5: {check(key, 'ours@8 / paddleformers', ratio, '>= 1.5', lambda x: x >= 1.5)}]")
+
         if steps:
             bw = steps["bandwidth"]
-            w(f"Memory-bandwidth bound: copy bandwidth {bw['bound_GBps']:.1f} GB/s (best of numpy/paddle 256 MB copy, "
-              f"2x bytes/s), read-only sum {bw['numpy_read_GBps_best']:.1f} GB/s; bytes/step = weights incl. lm_head "
+            w(f"Memory-bandwidth bound: {bw['bound_GBps']:.1f} GB/s = best of a 256 MB copy (numpy "
+              f"{bw['numpy_copy_GBps_best']:.1f}, paddle {bw['paddle_copy_GBps_best']:.1f} GB/s, 2x bytes/s), a sum "
+              f"({bw['numpy_read_GBps_best']:.1f}) and a GEMV ({f(bw.get('gemv_read_GBps_best'))} GB/s) reading it; "
+              f"bytes/step = weights incl. lm_head "
               f"{steps['weight_bytes']['lm_head'] / 1e6:.0f} MB + KV at length {steps['rows'][0]['length']}. "
               f"1024^3 GEMM: paddle {bw['paddle_gemm1024_GFLOPS']:.0f}, numpy {bw['numpy_gemm1024_GFLOPS']:.0f} "
               "GFLOP/s")
-            w(f"  {'batch':>5} {'MB/step':>8} {'bound tok/s':>11} {'step ms':>8} {'engine tok/s':>12} {'% bound':>7} "
-              f"{'GFLOP/s':>7} {'served tok/s':>12} {'% bound':>7}")
+            w(f"  {'batch':>5} {'MB/step':>8} {'bound tok/s':>11} {'step ms':>8} {'step tok/s':>10} {'% bound':>7} "
+              f"{'GFLOP/s':>7} {'in-proc tok/s':>13} {'% bound':>7}")
             for row in steps["rows"]:
-                served = ((res.get("sweep") or {}).get(str(row["batch"])) or {}).get("tokens_per_s")
+                served = tps(ours.get(str(row["batch"])))
                 w(f"  {row['batch']:>5} {(row['bytes_weights'] + row['bytes_kv_at_length']) / 1e6:>8.1f} "
-                  f"{row['bound_tokens_per_s']:>11.0f} {row['step_ms_p50']:>8.1f} {row['tokens_per_s']:>12.1f} "
-                  f"{100 * row['fraction_of_bound']:>6.1f}% {row['gflops']:>7.1f} {f(served):>12} "
+                  f"{row['bound_tokens_per_s']:>11.0f} {row['step_ms_p50']:>8.1f} {row['tokens_per_s']:>10.1f} "
+                  f"{100 * row['fraction_of_bound']:>6.1f}% {row['gflops']:>7.1f} {f(served):>13} "
                   f"{f(100 * served / row['bound_tokens_per_s'] if served else None):>6}%")
             for it in steps.get("engine_iterations", []):
                 w(f"  Engine iteration at batch {it['batch']}: {it['ms_per_iteration']:.1f} ms "
@@ -313,7 +542,7 @@ def report(all_res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
             w(f"RSS of the server: {rss['before'] / 2**20:.0f} MiB after warm-up -> {rss['after'] / 2**20:.0f} MiB "
               f"after {rss['requests']} short requests ({res['plan']['rss_new_tokens']} tokens, 8 concurrent, "
               f"{rss['requests_per_s']:.0f} req/s): {100 * g:+.2f}%  "
-              f"[target < 5%: {target(key, 'RSS growth over 1000 requests', g, '< 0.05', g < 0.05)}]")
+              f"[target < 5%: {check(key, 'RSS growth over 1000 requests', g, '< 0.05', lambda x: x < 0.05)}]")
         gil = inproc.get("gil")
         if gil:
             def row(k: str, gil: dict[str, Any] = gil) -> str:
@@ -331,6 +560,16 @@ def report(all_res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
             starved = min(p99s) > 5.0
             w(f"  verdict at the server's 5 ms setting: {'loop STARVED' if starved else 'no starvation'} "
               f"(p99 lateness {'>' if starved else '<='} 5 ms)")
+        timed = [r for runs in eng.values() for r in runs.values() if r.get("idle")]
+        timed += [x for x in (lcf.get("bench"), lcq.get("bench"), a) if x and x.get("idle")]
+        if timed:
+            busy = sorted(r["idle"]["busy"] for r in timed)
+            others = sorted(r["during"]["others"] for r in timed if r.get("during"))
+            w(f"quiet timings: {sum(1 for r in timed if quiet_run(r))}/{len(timed)} (idle before: < "
+              f"{100 * all_res.get('idle', IDLE_DEFAULTS)['threshold']:.0f}% of all CPUs busy over 1 s, and other "
+              f"processes below that during); busy before: median {100 * busy[len(busy) // 2]:.0f}%, max "
+              f"{100 * busy[-1]:.0f}%" + (f"; others during: median {100 * others[len(others) // 2]:.0f}%, max "
+                                           f"{100 * others[-1]:.0f}%" if others else ""))
         w("")
     w("Targets: " + ", ".join(f"{t['model']}:{t['target']}={t['result']}" for t in targets))
     return "\n".join(lines), targets
@@ -338,31 +577,50 @@ def report(all_res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.run", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="tiny model only, fewer tokens (~3 minutes)")
-    p.add_argument("--models", default="", help="comma-separated subset of tiny,base (default: tiny,base; quick: tiny)")
-    p.add_argument("--peers", default="", help="optional peers, comma-separated: hf")
-    p.add_argument("--budget-min", type=float, default=0, help="soft time budget; phases past it get 30 s")
+    p.add_argument("--quick", action="store_true", help="fewer concurrencies and tokens (< 5 minutes with peers)")
+    p.add_argument("--models", default="", help=f"comma-separated subset of {','.join(MODELS)} "
+                   f"(default: {DEFAULT_MODEL}; tiny and base are random-weight models for scale tests)")
+    p.add_argument("--peers", default="", help=f"optional peers, comma-separated: {','.join(PEERS)}")
+    p.add_argument("--budget-min", type=float, default=0, help="soft time budget, building excluded (default 10 "
+                   f"quick, 40 full): a phase's timeout is the time left, at least {MIN_PHASE_S:.0f} s")
+    p.add_argument("--idle", default="", help="idle check: THRESHOLD,MAX_WAIT_S (default "
+                   f"{IDLE_DEFAULTS['threshold']},{IDLE_DEFAULTS['max_wait_s']:.0f}): before each timing wait up to "
+                   "MAX_WAIT_S for less than THRESHOLD of all CPUs to be busy over 1 s")
+    p.add_argument("--charts", default=str(REPO / "bench" / "charts"), help="where the PNG charts go ('' for none)")
     p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--report", default="", help="only print the table of an earlier results JSON")
+    p.add_argument("--report", default="", help="only print the table of an earlier results JSON (and redraw charts)")
     args = p.parse_args(argv)
     if args.report:
-        print(report(json.loads(Path(args.report).read_text()))[0])
+        all_res = json.loads(Path(args.report).read_text())
+        idle = all_res.get("idle") or IDLE_DEFAULTS
+        os.environ["TOKENSTREAM_BENCH_IDLE"] = f"{idle['threshold']},{idle['max_wait_s']}"
+        print(report(all_res)[0])
+        if args.charts:
+            print(charts(all_res, Path(args.charts)))
         return 0
     os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    models = [m for m in (args.models or ("tiny" if args.quick else "tiny,base")).split(",") if m]
+    models = [m for m in (args.models or DEFAULT_MODEL).split(",") if m]
     peers = {x for x in args.peers.split(",") if x}
-    unknown = [m for m in models if m not in MODELS] + [x for x in peers if x != "hf"]
+    unknown = [m for m in models if m not in MODELS] + [x for x in peers if x not in PEERS]
     if unknown:
-        p.error(f"unknown model or peer: {unknown}")
+        p.error(f"unknown model or peer: {unknown}; models: {', '.join(MODELS)}; peers: {', '.join(PEERS)}")
+    idle = dict(IDLE_DEFAULTS)
+    if args.idle:
+        try:
+            idle["threshold"], idle["max_wait_s"] = (float(x) for x in args.idle.split(","))
+        except ValueError:
+            p.error(f"--idle {args.idle!r}: expected THRESHOLD,MAX_WAIT_S, for example 0.15,8")
+    os.environ["TOKENSTREAM_BENCH_IDLE"] = f"{idle['threshold']},{idle['max_wait_s']}"  # for every phase process
     mode = "quick" if args.quick else "full"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     raw = Path(args.out) / f"{stamp}-{mode}"
     raw.mkdir(parents=True, exist_ok=True)
-    budget = args.budget_min or (8 if args.quick else 25)
+    budget = args.budget_min or (10 if args.quick else 40)
     t0 = time.monotonic()
     all_res: dict[str, Any] = {
-        "mode": mode, "models": {}, "peers": sorted(peers), "started": stamp,
-        "host": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg(), "python": sys.version.split()[0]},
+        "mode": mode, "models": {}, "peers": sorted(peers), "started": stamp, "idle": idle,
+        "host": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg(), "python": sys.version.split()[0],
+                 "cpu": cpu_name()},
     }
     for key in models:
         log(f"[{key}] start ({mode})")
@@ -370,14 +628,37 @@ def main(argv: list[str] | None = None) -> int:
         write_json(raw.with_suffix(".json"), all_res)
     all_res["host"]["loadavg_end"] = os.getloadavg()
     all_res["seconds"] = time.monotonic() - t0
+    all_res["prepare_seconds"] = sum(r["prepare"]["seconds"] for r in all_res["models"].values())
     table, targets = report(all_res)
     all_res["targets"] = targets
     all_res["table"] = table
     write_json(raw.with_suffix(".json"), all_res)
     print(table)
-    print(f"\n{mode} run: {all_res['seconds']:.0f} s on {os.cpu_count()} CPUs (load average at start "
-          f"{all_res['host']['loadavg_start'][0]:.1f}); results: {raw.with_suffix('.json')}")
+    if args.charts:
+        print(charts(all_res, Path(args.charts)))
+    print(f"\n{mode} run: {all_res['seconds']:.0f} s ({all_res['prepare_seconds']:.0f} s of it building/converting) on "
+          f"{os.cpu_count()} CPUs, load average {all_res['host']['loadavg_start'][0]:.1f} at start, "
+          f"{all_res['host']['loadavg_end'][0]:.1f} at end; results: {raw.with_suffix('.json')}")
     return 0
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def charts(all_res: dict[str, Any], outdir: Path) -> str:
+    try:
+        from bench.charts import write_charts
+    except ImportError as e:
+        return f"charts: skipped ({e}); install the dev extra for matplotlib"
+    paths = write_charts(all_res, outdir)
+    return "charts: " + ", ".join(str(p.relative_to(REPO) if p.is_relative_to(REPO) else p) for p in paths)
 
 
 if __name__ == "__main__":

@@ -69,18 +69,18 @@ async def _worker(stub: pb_grpc.GenerationServiceStub, stop_at: float, max_reque
             stopping=pb.StoppingCriteria(max_new_tokens=rng.randint(8, max_new)),
         )
         try:
-            timed = await timed_stream(stub, req, timeout_s=60)
+            timed, final = await timed_stream(stub, req, timeout_s=60)
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 report.admission_rejections += 1
             else:
                 report.errors[err.code().name] = report.errors.get(err.code().name, 0) + 1
             continue
-        report.tokens += timed.tokens
-        report.completed += timed.final is not None
-        if timed.ttft_s is not None:
-            ttft.append(timed.ttft_s * 1000)
-        itl.extend(x * 1000 for x in timed.itl_s)
+        report.tokens += timed["tokens"]
+        report.completed += final is not None
+        if timed["ttft_s"] is not None:
+            ttft.append(timed["ttft_s"] * 1000)
+        itl.extend(x * 1000 for x in timed["itl_s"])
 
 
 async def soak(target: str, server_pid: int, streams: int, seconds: float, max_new: int = 48,

@@ -1,47 +1,56 @@
-"""The load generator's one primitive: a timed streaming Generate call over grpc.aio (soak, benchmarks, tests)."""
+"""The load generator's primitives, shared by the soak (tests/soak.py) and the benchmarks (bench/): one way to time
+a stream, whatever engine or front produced it, and a timed Generate call over grpc.aio."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from tokenstream.v1 import generation_pb2 as pb
 
 
-@dataclass
-class TimedStream:
-    start: float  # perf_counter at the call
-    end: float = 0.0
-    ttft_s: float | None = None  # to the first message that carries a token
-    itl_s: list[float] = field(default_factory=list)  # each message's gap spread over the tokens it carries
-    tokens: int = 0
-    final: pb.GenerateResponse | None = None
+class StreamTimer:
+    """Times one streamed request the same way for every engine: TTFT from the call to the first message that
+    carries a token; each later message's gap since the previous one, spread over the tokens it carries."""
 
-    @property
-    def finish(self) -> str:
-        return pb.FinishReason.Name(self.final.finish_reason) if self.final is not None else "NONE"
+    def __init__(self, prompt: int = 0) -> None:
+        self.prompt = prompt  # index into the caller's prompt set
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.last = self.start
+        self.itl: list[float] = []
+        self.ids: list[int] = []
+
+    def tokens(self, ids: list[int]) -> None:
+        t = time.perf_counter()
+        k = len(ids)
+        if not k:
+            return
+        if self.first is None:
+            self.first = t
+            self.itl.extend([0.0] * (k - 1))
+        else:
+            self.itl.extend([(t - self.last) / k] * k)
+        self.last = t
+        self.ids.extend(ids)
+
+    def done(self, **extra: Any) -> dict[str, Any]:
+        end = time.perf_counter()
+        return {"prompt": self.prompt, "start": self.start, "end": end,
+                "ttft_s": None if self.first is None else self.first - self.start, "itl_s": self.itl,
+                "tokens": len(self.ids), "ids": self.ids, **extra}
 
 
-async def timed_stream(stub: Any, req: pb.GenerateRequest, timeout_s: float, **kw: Any) -> TimedStream:
-    """Stream one request, timing it on the client; RpcErrors propagate to the caller."""
-    out = TimedStream(start=time.perf_counter())
-    last = out.start
+async def timed_stream(stub: Any, req: pb.GenerateRequest, timeout_s: float, prompt: int = 0,
+                       **kw: Any) -> tuple[dict[str, Any], pb.GenerateResponse | None]:
+    """Stream one request, timing it on the client: (StreamTimer.done(), the final message). RpcErrors propagate."""
+    timer = StreamTimer(prompt)
+    final = None
     async for msg in stub.Generate(req, timeout=timeout_s, **kw):
-        now = time.perf_counter()
-        k = len(msg.tokens)
-        if k:
-            if out.ttft_s is None:
-                out.ttft_s = now - out.start
-                out.itl_s.extend([0.0] * (k - 1))
-            else:
-                out.itl_s.extend([(now - last) / k] * k)
-            last = now
-        out.tokens += k
+        timer.tokens([t.id for t in msg.tokens])
         if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-            out.final = msg
-    out.end = time.perf_counter()
-    return out
+            final = msg
+    return timer.done(), final
 
 
 def percentiles(xs: list[float]) -> dict[str, float]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from service.engine.registry import default_model_cache, locate
 from service.engine.scheduler import Engine
 from service.server import RunningServer, load_engine, start_server
 from tests.support.hooks import StepGate
+from tests.support.ports import free_port  # noqa: F401 -- re-exported for the tests
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,12 +92,6 @@ def started(config: Config, **kwargs: Any) -> ServerThread:
     server = ServerThread(config, **kwargs)
     server.wait_ready()
     return server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Subprocess:

@@ -1,0 +1,148 @@
+"""PNG charts of a bench run (matplotlib, Agg backend): `write_charts(results, outdir)` from bench.run, or
+
+    python -m bench.charts bench/results/<stamp>-<mode>.json [--out bench/charts]
+
+  throughput-<model>.png  aggregate tokens/s against concurrent streams, one line per engine (and llama-bench's
+                          batch-1 figure as a marker)
+  arrivals-<model>.png    TTFT and inter-token latency under arrivals at 8 streams, as empirical CDFs, for our
+                          server and llama-server on the same plan
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+
+from bench.common import quiet_run
+
+STYLE = {  # engine label (bench.run.engines) -> line style
+    "tokenstream, in-process": {"color": "tab:blue", "marker": "o"},
+    "tokenstream over gRPC": {"color": "tab:cyan", "marker": "s", "linestyle": "--"},
+    "transformers generate()": {"color": "tab:orange", "marker": "^"},
+    "llama.cpp F32 (llama-server)": {"color": "tab:green", "marker": "D"},
+    "llama.cpp Q4_1 (llama-server)": {"color": "tab:olive", "marker": "v", "linestyle": ":"},
+}
+
+
+def busy(run: dict[str, Any]) -> bool:
+    """Whether the machine was busy before this timing, or others took CPU during it."""
+    return quiet_run(run) is False
+
+
+def footer(fig: Any, host: dict[str, Any], note: str = "") -> None:
+    load = host.get("loadavg_start") or [0.0]
+    fig.text(0.99, 0.01, f"{note}{host.get('cpus')} CPUs ({host.get('cpu') or 'unknown CPU'}), load average "
+             f"{load[0]:.1f} at the start of the run", ha="right", va="bottom", fontsize=6, color="gray")
+
+
+def throughput(key: str, res: dict[str, Any], path: Path, host: dict[str, Any]) -> Path:
+    from bench.run import engines
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=120)
+    for label, runs in engines(res).items():
+        pts = sorted((int(c), r["tokens_per_s"], busy(r)) for c, r in runs.items() if r and r.get("tokens_per_s"))
+        if pts:
+            style = STYLE.get(label, {})
+            ax.plot([c for c, _, _ in pts], [t for _, t, _ in pts], label=label, **style)
+            hollow = [(c, t) for c, t, b in pts if b]
+            if hollow:
+                ax.plot([c for c, _ in hollow], [t for _, t in hollow], linestyle="none", marker=style.get("marker"),
+                        color=style.get("color"), markerfacecolor="white")
+    for v, color in (("f32", "tab:green"), ("q4_1", "tab:olive")):
+        b = (((res.get("llamacpp") or {}).get(v) or {}).get("bench")) or {}
+        if b.get("tokens_per_s"):
+            ax.plot([1], [b["tokens_per_s"]], marker="*", markersize=12, color=color, linestyle="none",
+                    markerfacecolor="white" if busy(b) else color,
+                    label=f"llama-bench {v.upper()} tg{res['plan']['new_tokens']}")
+    cs = res["plan"]["sweep"]
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(cs, [str(c) for c in cs])
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"{key}: fp32, greedy, {res['plan']['new_tokens']} new tokens per stream", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    footer(fig, host, "hollow markers: not quiet (the machine was busy before that timing, or others took CPU "
+           "during it); ")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def ecdf(ax: Any, values: list[float], **kw: Any) -> None:
+    xs = sorted(values)
+    ys = [(i + 1) / len(xs) for i in range(len(xs))]
+    ax.step(xs, ys, where="post", **kw)
+
+
+def arrivals(key: str, res: dict[str, Any], path: Path, host: dict[str, Any]) -> Path | None:
+    series = []
+    a = res.get("arrivals") or {}
+    if a.get("samples"):
+        series.append(("tokenstream over gRPC", a))
+    for v, label in (("f32", "llama.cpp F32 (llama-server)"), ("q4_1", "llama.cpp Q4_1 (llama-server)")):
+        la = ((res.get("llamacpp") or {}).get(v) or {}).get("arrivals") or {}
+        if la.get("samples"):
+            series.append((label, la))
+    if not series:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
+    for label, s in series:
+        st = STYLE.get(label, {})
+        ttft = s["samples"]["loaded_ttft_ms"] or s["samples"]["ttft_ms"]
+        lt = s.get("loaded_ttft_ms") or s["ttft_ms"]
+        ecdf(ax1, ttft, color=st.get("color"), label=f"{label}: p50 {lt['p50']:.0f}, p99 {lt['p99']:.0f} ms")
+        it = s["itl_ms"]
+        ecdf(ax2, [x for x in s["samples"]["itl_ms"] if x > 0], color=st.get("color"),
+             label=f"{label}: p50 {it['p50']:.0f}, p99 {it['p99']:.0f} ms")
+    ax1.set_xlabel("time to first token, ms (requests arriving while >= 4 others decode)")
+    ax2.set_xlabel("inter-token latency, ms")
+    ax2.set_xscale("log")
+    for ax in (ax1, ax2):
+        ax.set_ylabel("fraction of samples")
+        ax.set_ylim(0, 1.02)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(f"{key}: requests arriving at 8 streams (clients {a.get('stagger_s', 0) * 1e3:.0f} ms apart, "
+                 f"~{a.get('new_tokens')} tokens +-{100 * a.get('jitter', 0):.0f}%, long prompts)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    footer(fig, host)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_charts(all_res: dict[str, Any], outdir: Path) -> list[Path]:
+    outdir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for key, res in all_res["models"].items():
+        host = all_res.get("host") or {}
+        paths.append(throughput(key, res, outdir / f"throughput-{key}.png", host))
+        p = arrivals(key, res, outdir / f"arrivals-{key}.png", host)
+        if p:
+            paths.append(p)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.charts")
+    p.add_argument("results", help="a bench/results/<stamp>-<mode>.json")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "charts"))
+    args = p.parse_args(argv)
+    for path in write_charts(json.loads(Path(args.results).read_text()), Path(args.out)):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
