@@ -16,7 +16,7 @@ class EngineConfig:
     max_prefill_tokens: int = 256  # prompt tokens per step at most, across requests
     # While streams decode, a step may carry prompt tokens worth this many decode steps of extra time (measured):
     # new prompts start soon, and running streams never freeze for a whole long prompt.
-    prefill_stall_steps: float = 2.0
+    prefill_stall_steps: float = 1.5
     max_context: int = 2048  # capped at the model's own limit when it loads
     max_queue: int = 64  # waiting requests beyond the slots
     max_backlog: int = 256  # undelivered chunks per stream before it is ended as a slow consumer
