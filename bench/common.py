@@ -453,3 +453,15 @@ if __name__ == "__main__":
         convert_smollm2(Path(sys.argv[2]), Path(sys.argv[3]))
     else:
         raise SystemExit("usage: python -m bench.common convert-smollm2 GGUF OUT_DIR")
+
+
+def stop_process(proc: subprocess.Popen, log: Any) -> None:
+    """Terminate a benchmark's server process (kill it if it will not go), and close its log."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    log.close()

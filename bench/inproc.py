@@ -387,7 +387,7 @@ async def probe_window(eng: Engine | None, model: LoadedModel, b: int, seconds: 
                 if stop.is_set():
                     break
         finally:
-            await gen.aclose()
+            gen.cancel()
 
     streams = [asyncio.create_task(stream(i)) for i in range(b)] if eng is not None else []
     if eng is not None:

@@ -39,6 +39,7 @@ from bench.common import (
     log,
     prompt_set,
     smollm2_gguf,
+    stop_process,
     wait_idle,
     write_json,
 )
@@ -168,14 +169,7 @@ class LlamaServer:
             conn.close()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
+        stop_process(self.proc, self.log)
 
 
 def stream(port: int, ids: list[int], index: int, n: int) -> dict[str, Any]:

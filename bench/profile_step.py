@@ -30,8 +30,8 @@ Parts:
   bandwidth  the practical memory bound: a 2-thread numpy matrix-vector product over 1 GiB.
 
 Every figure is a median over --reps rounds; the machine is shared, so the load average is printed with them.
-The model is a random-weight checkpoint with SmolLM2's shapes (bench/smollm2_shape.py), built on first use;
---model-dir takes any other (e.g. the real SmolLM2 dequantized to float32).
+The model is SmolLM2-135M-Instruct from its GGUF (the registry's default model, fetched on first use); --model-dir
+takes any other checkpoint.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ quiet()
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
-from bench import smollm2_shape  # noqa: E402
+from bench.common import engine_model_path  # noqa: E402
 from service.engine.kv_cache import SlotKVCache  # noqa: E402
 from service.engine.loader import LoadedModel, build_weights, load_model  # noqa: E402
 from service.engine.model import LlamaDecoder  # noqa: E402
@@ -195,8 +195,10 @@ def paths(model: LoadedModel, dec: LlamaDecoder, which: list[str]) -> dict[str, 
 
 def skeleton(cfg: ModelConfig) -> tuple[ModelConfig, LlamaDecoder]:
     """The same depth and op graph with tiny dimensions: its step time is the per-op floor."""
-    raw = dict(smollm2_shape.CONFIG, hidden_size=72, intermediate_size=16, vocab_size=256, head_dim=8,
-               num_hidden_layers=cfg.num_layers)
+    raw = {"architectures": ["LlamaForCausalLM"], "hidden_size": 72, "intermediate_size": 16, "vocab_size": 256,
+           "head_dim": 8, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+           "num_key_value_heads": cfg.num_kv_heads, "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_norm_eps,
+           "tie_word_embeddings": True, "max_position_embeddings": 2048}
     small = ModelConfig.from_dict(raw)
     rng = np.random.default_rng(0)
     h, i, q, kv = 72, 16, 72, 24
@@ -655,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = args.parts.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     paddle.set_device("cpu")
-    model = load_model(args.model_dir or smollm2_shape.ensure())
+    model = load_model(args.model_dir or engine_model_path("smollm2"))
     dec = LlamaDecoder(model.config, model.weights, 2048, "float32")
     results: dict[str, Any] = {"load_start": load(), "env": {k: os.environ.get(k) for k in
                                                             ("MKL_DEBUG_CPU_TYPE", "OMP_NUM_THREADS",

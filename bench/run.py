@@ -33,6 +33,7 @@ from bench.common import (
     peer_model_dir,
     quiet_run,
     rss_bytes,
+    stop_process,
     write_json,
 )
 
@@ -101,14 +102,7 @@ class Server:
         raise TimeoutError(f"server not SERVING after {timeout} s")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
+        stop_process(self.proc, self.log)
 
 
 def run_py(module: str, args: list[str], out: Path, logdir: Path, timeout: float) -> dict[str, Any] | None:
