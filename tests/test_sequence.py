@@ -99,9 +99,37 @@ def test_verdict_precedence(tok: Tokenizer) -> None:
     assert verdict(seq, 6.0, max_backlog=2, slow_reader_s=5) == (Finish.TIME_LIMIT, "")
     seq.handle.cancel()
     assert verdict(seq, 6.0, max_backlog=2, slow_reader_s=5) == (Finish.CANCELLED, "")
+    waiting = seq_for(tok)  # a reader waiting for its first message, however long the request queued, is not behind
+    waiting.handle.reading, waiting.handle.last_read, waiting.handle.emitted = True, 0.0, 1
+    assert verdict(waiting, 1e9, max_backlog=2, slow_reader_s=0.5) is None
     unpaced = seq_for(tok)
     unpaced.handle.paced, unpaced.handle.emitted = False, 10**6  # a plain callback consumes as it is called
     assert verdict(unpaced, 1e9, max_backlog=2, slow_reader_s=0.5) is None
+
+
+def test_a_stream_reads_while_it_waits_for_a_message() -> None:
+    """AsyncStream marks its handle as reading while the consumer awaits a chunk, and not once it has one."""
+    import asyncio
+
+    from service.engine.delivery import AsyncStream
+    from service.engine.types import Chunk
+
+    async def scenario() -> tuple[bool, bool]:
+        handles: list[StreamHandle] = []
+
+        def submit(deliver: object, loop: object, paced: bool) -> StreamHandle:
+            handles.append(StreamHandle(deliver, loop, paced))  # type: ignore[arg-type]
+            return handles[-1]
+
+        stream = AsyncStream(submit)
+        waiter = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)  # one loop turn: the consumer is now awaiting its first chunk
+        waiting = handles[0].reading
+        handles[0].deliver([Chunk("a")])
+        await waiter
+        return waiting, handles[0].reading
+
+    assert asyncio.run(scenario()) == (True, False)
 
 
 class FlipFlopHandle(StreamHandle):

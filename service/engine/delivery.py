@@ -24,7 +24,11 @@ class StreamHandle:
         self.paced = paced
         self.cancelled = False  # consumer side; the engine stops the sequence at its next step
         self.consumed = 0  # consumer side
-        self.last_read = time.monotonic()  # consumer side: when it last asked for a message
+        # Consumer side: whether it is waiting for a message now, and when it last took one. A reader that waits
+        # is never behind, however long the request queues; one that has taken a message and not come back (its
+        # front is blocked writing it) is.
+        self.reading = False
+        self.last_read = time.monotonic()
         self.emitted = 0  # engine side
         self.marks = StreamMarks()  # engine side
 
@@ -91,11 +95,16 @@ class AsyncStream:
     async def __anext__(self) -> Chunk:
         if self._done:
             raise StopAsyncIteration
-        # Asked for the next message: the front has finished writing the previous one (a blocked write keeps
-        # the front away from here, which is how a reader that stopped reading shows).
-        self._handle.last_read = time.monotonic()
-        chunk = await self._chunks.get()
-        self._handle.consumed += 1
+        # Here, the front has finished writing the previous message; a blocked write keeps it away, which is how
+        # a reader that stopped reading shows.
+        handle = self._handle
+        handle.reading = True
+        try:
+            chunk = await self._chunks.get()
+        finally:
+            handle.reading = False
+            handle.last_read = time.monotonic()
+        handle.consumed += 1
         self._done = chunk.finish is not None
         return chunk
 
@@ -116,8 +125,10 @@ def iterate_sync(submit: Callable[..., StreamHandle]) -> Iterator[Chunk]:
     handle = submit(put_all, None, paced=True)
     try:
         while True:
-            handle.last_read = time.monotonic()
+            handle.reading = True
             chunk = out.get()
+            handle.reading = False
+            handle.last_read = time.monotonic()
             handle.consumed += 1
             yield chunk
             if chunk.finish is not None:

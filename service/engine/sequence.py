@@ -145,6 +145,6 @@ def verdict(seq: Sequence, now_monotonic: float, max_backlog: int, slow_reader_s
     unread = handle.emitted - handle.consumed
     if unread > max_backlog:
         return Finish.ERROR, f"{SLOW_READER}: stream buffer limit reached"
-    if unread > 0 and now_monotonic - handle.last_read > slow_reader_s:
+    if unread > 0 and not handle.reading and now_monotonic - handle.last_read > slow_reader_s:
         return Finish.ERROR, f"{SLOW_READER}: no message taken for {slow_reader_s:g} s"
     return None
