@@ -24,7 +24,7 @@ def admit(engine: EngineClient, req: GenerationRequest, limit_ms: int, remaining
     if remaining_s is not None:
         margin = max(config.deadline_margin_ms / 1000.0, 2 * engine.step_seconds)
         deadline = min(deadline, now + remaining_s - margin)
-        wait = engine.estimate_first_token_s(len(req.prompt_ids))
+        wait = engine.estimate_first_token_s(len(req.prompt_ids), req.caller)
         if wait > remaining_s:
             raise DeadlineTooShortError(
                 f"the deadline ({remaining_s * 1000:.0f} ms) is shorter than the estimated time to the first token "

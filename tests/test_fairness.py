@@ -205,6 +205,33 @@ def test_an_unread_flood_cannot_lock_out_another_caller(model_dir: Path) -> None
     assert ended["slow reader"] >= 8 and sum(ended.values()) == 40, ended
 
 
+def test_a_deadline_counts_the_callers_own_place_not_the_whole_queue(model_dir: Path) -> None:
+    """Admission estimates a request's wait from its caller's share: caller A's next request, behind A's own queue,
+    cannot meet a 20 s deadline and is refused at once; caller B, below its share, is admitted with the same
+    deadline (it starts by preemption) although first-come-first-served it would wait out a whole stream of A's."""
+    gate = StepGate(step_delay_s=0.05)  # the engine measures >= 50 ms a step: A's 1500-token streams take > 70 s
+    config = base_config(model_dir, max_slots=2, max_queue=4, max_context=2048, max_new_tokens_limit=2000,
+                         auth_tokens=TOKENS)
+    srv = started(config, hooks=gate)
+    try:
+        with srv.channel() as ch:
+            stub = pb_grpc.GenerationServiceStub(ch)
+            a = [stub.Generate(request(f"a {i}", 1500), metadata=as_caller("a"), timeout=300) for i in range(4)]
+            assert srv.engine.wait_until(lambda s: s.active == 2 and s.waiting == 2 and s.steps >= 5, 60)
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Generate(request("a, in a hurry", 6), metadata=as_caller("a"), timeout=20))
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "estimated time to the first token" in (err.value.details() or "")
+            msgs = list(stub.Generate(request("caller b", 6), metadata=as_caller("b"), timeout=20))
+            assert msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS
+            assert srv.engine.stats().preemptions >= 1
+            for call in a:
+                call.cancel()
+            assert srv.engine.wait_until(lambda s: s.active + s.waiting == 0, 60)
+    finally:
+        srv.close()
+
+
 def quota_failure(err: grpc.RpcError) -> tuple[float, list[str]]:
     status = rpc_status.from_call(err)  # type: ignore[arg-type]
     assert status is not None

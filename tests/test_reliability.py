@@ -199,7 +199,7 @@ def test_bounded_admission_rejects_at_once_with_retry_info(small_server: ServerT
 
 def test_deadline_shorter_than_the_expected_wait_is_rejected_at_once(small_server: ServerThread) -> None:
     gate = gate_of(small_server)
-    gate.step_delay_s = 0.005  # every step takes at least 5 ms: both slots stay busy for 10 s at least
+    gate.step_delay_s = 0.005  # every step measures 5 ms at least: the engine expects both slots busy for ~10 s
     with small_server.channel() as ch:
         stub = pb_grpc.GenerationServiceStub(ch)
         calls = [stub.Generate(long_request(f"busy {i}"), timeout=120) for i in range(2)]

@@ -16,6 +16,9 @@ class EngineHooks(Protocol):
     def allow_decode(self) -> bool:
         """Called before each decode step; False skips decoding this iteration (the hook does any waiting)."""
 
+    def in_step(self) -> None:
+        """Called inside each timed forward step; a test may sleep here so the engine measures slower steps."""
+
     def before_prefill(self, request_id: str) -> None:
         """Called before each prefill chunk of a request; may raise, e.g. MemoryError for an injected OOM."""
 

@@ -124,18 +124,28 @@ class Engine:
         """Moving average of a decode step's duration (0 before the first step)."""
         return self._step_s
 
-    def estimate_first_token_s(self, prompt_tokens: int) -> float:
+    def estimate_first_token_s(self, prompt_tokens: int, caller: str = "") -> float:
         """A rough wait until this prompt's first token: queueing for a slot, then its prefill and one step.
 
-        When every slot is taken, the request needs the k-th slot to free, k being its place in the queue; a
-        slot frees at the latest when its sequence reaches max_new_tokens or its deadline.
+        When every slot is taken, the request needs the k-th slot to free; a slot frees at the latest when its
+        sequence reaches max_new_tokens or its deadline. Slots are shared fairly (fairness.py), so k follows the
+        caller's own place: a caller below its fair share starts within a step (a preemption, if need be); one at
+        or over it waits behind its own queued requests, its turn coming once in every round of the callers.
         """
         now = time.monotonic()
         active = list(self._active)
-        queued = len(self._waiting) + self._inbox.qsize() + (self._prefilling is not None)
-        ahead = queued + len(active) - self.config.max_slots + 1
+        running = holders(self._running())
+        with self._inflight_lock:
+            callers = set(self._inflight) | {caller}
+            mine_queued = max(0, self._inflight[caller] - running[caller])
+        free = self.config.max_slots - len(active) - (self._prefilling is not None)
+        queued = len(self._waiting) + self._inbox.qsize()
+        if free > queued or running[caller] + mine_queued < fair_share(self.config.max_slots, len(callers)):
+            ahead = 0
+        else:  # its turn comes once per round of the callers, and never after the whole queue's
+            ahead = min((mine_queued + 1) * len(callers), queued + 1 - free)
         queue_s = 0.0
-        if ahead > 0 and active:
+        if ahead > 0 and active:  # the ahead-th slot to free
             left = sorted(
                 min((s.req.max_new_tokens - len(s.generated)) * self._step_s,
                     (s.req.deadline - now) if s.req.deadline is not None else float("inf"))
@@ -360,6 +370,8 @@ class Engine:
         chunks = [PrefillChunk(seq.slot, seq.context[seq.prefilled : seq.prefilled + n], seq.prefilled,
                                done and not seq.generated) for seq, n, done in plan]
         started = time.perf_counter()
+        if self._hooks is not None:
+            self._hooks.in_step()
         try:
             logits, chunk_logits = self.decoder.step(self.cache, tokens, positions, chunks)  # [B, V], [V] each
         except Exception as exc:

@@ -110,7 +110,7 @@ class FakeEngine:
                            used_positions=0, max_slots=self.info.max_slots, max_context=self.info.max_context,
                            steps=0, iterations=0, last_iteration_monotonic=time.monotonic(), alive=True)
 
-    def estimate_first_token_s(self, prompt_tokens: int) -> float:
+    def estimate_first_token_s(self, prompt_tokens: int, caller: str = "") -> float:
         return self.first_token_s
 
     def cancel_all(self) -> None:

@@ -25,7 +25,7 @@ class StepGate:
         self._thawed = threading.Event()
         self._thawed.set()
         self.frozen = threading.Event()  # set while the engine thread sits in a freeze
-        self.step_delay_s = step_delay_s  # a floor under each decode step's time, for admission-estimate tests
+        self.step_delay_s = step_delay_s  # a floor under each step's measured time, for admission-estimate tests
         self._faults: dict[str, str] = {}
         self.decode_steps = 0  # decode steps allowed so far (engine thread)
         self.first_token_step: dict[str, int] = {}  # request id -> decode_steps when it took its first token
@@ -74,9 +74,11 @@ class StepGate:
                     return False
                 self._permits -= 1
             self.decode_steps += 1
-        if self.step_delay_s:
-            time.sleep(self.step_delay_s)  # the injected step time, not synchronisation
         return True
+
+    def in_step(self) -> None:
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)  # the injected step time, which the engine's estimates see; not a wait
 
     def before_prefill(self, request_id: str) -> None:
         if self._faults.get(request_id) == "prefill_oom":
