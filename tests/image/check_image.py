@@ -159,6 +159,10 @@ class PodSpec:
         return next(int(p["containerPort"]) for p in self.container["ports"] if p.get("name") == "grpc")
 
     @property
+    def http_port(self) -> int:
+        return next(int(p["containerPort"]) for p in self.container["ports"] if p.get("name") == "http")
+
+    @property
     def grace_period_s(self) -> int:
         return int(self.pod.get("terminationGracePeriodSeconds", 30))
 
@@ -338,6 +342,23 @@ def test_streams_a_request(container: Running, pod_spec: PodSpec) -> None:
     assert msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS
     assert msgs[-1].usage.completion_tokens == 24
     assert "".join(m.text for m in msgs).strip()
+
+
+def test_http_front_streams_a_chat_and_serves_the_page(container: Running, pod_spec: PodSpec) -> None:
+    base = f"http://{container.target(pod_spec.http_port)}"
+    body = json.dumps({"model": EXPECTED_MODEL, "stream": True, "max_tokens": 16, "temperature": 0,
+                       "messages": [{"role": "user", "content": "What is the capital of France?"}]}).encode()
+    request = urllib.request.Request(f"{base}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        assert reply.headers.get_content_type() == "text/event-stream"
+        events = [line[len(b"data: "):] for line in reply.read().splitlines() if line.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert len(chunks) > 2 and "Paris" in text, text  # streamed, and the real model's answer
+    with urllib.request.urlopen(f"{base}/", timeout=10) as reply:
+        assert "text/html" in reply.headers.get("Content-Type", "")
 
 
 def test_cli_inside_the_container(container: Running, pod_spec: PodSpec) -> None:
