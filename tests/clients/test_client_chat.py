@@ -131,12 +131,19 @@ def test_at_a_terminal_a_failed_turn_is_reported_and_the_chat_goes_on(server: An
         loaded_model, ("user", "Hi"), ("assistant", text(hi)), ("user", "Again"))
 
 
+# `python -m tokenstream_client` with Ctrl-C raising KeyboardInterrupt, as in a terminal session. A test run started
+# in the background (`make test &` in a script, some CI runners) hands its children SIGINT ignored, and Python then
+# installs no KeyboardInterrupt handler.
+CHAT = [sys.executable, "-c", "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "runpy.run_module('tokenstream_client', run_name='__main__')", "chat"]
+
+
 @pytest.fixture
 def chat_process(gated_server: Any) -> Iterator[subprocess.Popen[str]]:
     server = gated_server
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(CLIENTS), *sys.path]))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tokenstream_client", "chat", "--target", server.target, "--json",
+        [*CHAT, "--target", server.target, "--json",
          "--echo-prompt-tokens", *LONG],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
@@ -216,7 +223,7 @@ def test_on_a_terminal(gated_server: Any, gate: Any) -> None:
     controller, terminal = pty.openpty()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(CLIENTS), *sys.path]), TERM="dumb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tokenstream_client", "chat", "--target", server.target, *LONG],
+        [*CHAT, "--target", server.target, *LONG],
         stdin=terminal, stdout=terminal, stderr=terminal, env=env,
     )
     os.close(terminal)
