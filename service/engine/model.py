@@ -340,7 +340,7 @@ class LlamaDecoder:
         for gr in groups:
             if gr.blocks is None:  # over the whole capacity, on the cache itself
                 qg, k, v = q, k_view, v_view
-            else:  # gathering whole blocks: 2.5-5x faster than the strided copy matmul makes of k_view[:, :, :span]
+            else:  # gathering whole blocks: 2-5x faster than the strided copy matmul makes of k_view[:, :, :span]
                 assert k_blocks is not None
                 assert v_blocks is not None
                 assert gr.rows is not None
