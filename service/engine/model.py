@@ -23,6 +23,7 @@ from service.engine.model_config import DType, ModelConfig
 log = logging.getLogger("tokenstream.model")
 
 MASKED = -1e30  # additive mask; -inf can turn a fully masked row into NaN
+KEY_BLOCK = 32  # positions per gathered block of a row's keys (attention over the true lengths)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,15 @@ class PrefillChunk:
     tokens: np.ndarray
     start: int
     want_logits: bool
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """Decode rows that attend over their slots' first `span` positions (LlamaDecoder._decode_groups)."""
+
+    rows: paddle.Tensor | None  # [n] int64, the rows' places in the batch; None: all B rows in order
+    blocks: paddle.Tensor | None  # [n kv span/KEY_BLOCK] int64 key blocks to gather; None: the cache views, span cap
+    mask: paddle.Tensor  # [n, kv, g, span] additive
 
 
 @dataclass
@@ -87,7 +97,7 @@ class LlamaDecoder:
 
     def __init__(
         self, cfg: ModelConfig, weights: ModelWeights, max_context: int, dtype: DType, fused: bool = True,
-        threads: int | None = None, lm_head: str = "auto", split_gate_up: bool = True,
+        threads: int | None = None, lm_head: str = "auto", split_gate_up: bool = True, true_lengths: bool = True,
     ) -> None:
         self.cfg = cfg
         self.w = weights
@@ -122,6 +132,11 @@ class LlamaDecoder:
         self.qk_scale = paddle.to_tensor(qk_scale.reshape(1, -1, 1)).astype(dtype)  # [1, nh + kv, 1]
         self._views: tuple[object, ...] = ()  # (cache, generation, B) of the views below
         self._view_lists: tuple[list[paddle.Tensor], list[paddle.Tensor]] = ([], [])
+        self._blocks: tuple[object, ...] = ()  # (cache, generation) of the block views below
+        self._block_lists: tuple[list[paddle.Tensor], list[paddle.Tensor]] = ([], [])
+        # Decode rows attend over their own lengths (rounded up to KEY_BLOCK) when the cost model below says so,
+        # instead of every row over the capacity the longest row set (bench/PROFILE.md, bench/levers/true_lengths.py).
+        self.true_lengths = true_lengths
         self.fused = fused and dtype == "float32" and _fused_rms_norm_works()
         self.split_gate_up = self.fused and split_gate_up
         if self.split_gate_up:
@@ -191,10 +206,13 @@ class LlamaDecoder:
         # Masks at the full shape of the scores they are added to: Paddle's CPU add with broadcasting took 244 us
         # for [32, 3, 3, 128] + [32, 1, 1, 128], a same-shape add 7 us.
         keys = np.arange(cap)[None, :]
+        k_blocks: list[paddle.Tensor] = []
+        v_blocks: list[paddle.Tensor] = []
         if b:  # each decode row sees its own slot's positions 0..pos
-            allowed = keys <= positions[:, None]  # [B, cap]
-            dec_mask = self._mask(allowed[:, None, None, :], (b, kv, g, cap))
+            groups, order = self._decode_groups(cache, positions)
             k_views, v_views = self._active_views(cache, b)
+            if any(gr.blocks is not None for gr in groups):
+                k_blocks, v_blocks = self._block_views(cache)
         chunk_masks = []
         for c in chunks:  # causal over the slot: query j sees positions 0..start+j
             allowed = keys <= (c.start + np.arange(len(c.tokens)))[:, None]  # [C, cap]
@@ -221,9 +239,9 @@ class LlamaDecoder:
                 tr("cache_write")
             outs = []
             if b:
-                qd = q[:b] if chunks else q
-                scores = paddle.matmul(qd.reshape([b, kv, g, d]), k_views[i], transpose_y=True) + dec_mask
-                outs.append(paddle.matmul(F.softmax(scores, axis=-1), v_views[i]).reshape([b, self.q_width]))
+                qd = (q[:b] if chunks else q).reshape([b, kv, g, d])  # queries grouped under their kv head
+                kb, vb = (k_blocks[i], v_blocks[i]) if k_blocks else (None, None)
+                outs.append(self._decode_attention(qd, k_views[i], v_views[i], kb, vb, groups, order))
             r = b
             for c, mask in zip(chunks, chunk_masks, strict=True):
                 outs.append(self._chunk_attention(cache, i, c.slot, q[r:r + len(c.tokens)], mask))
@@ -263,6 +281,78 @@ class LlamaDecoder:
 
     # -- building blocks -------------------------------------------------------------------------
 
+    # The cost model of _decode_groups, in units of one row attending over one position of the cache in place.
+    # bench/levers/true_lengths.py: a gathered position costs 1.2-1.6 of those in one layer (the gather reads and
+    # writes it), and in the whole step gathering 160 of 256 positions for 32 uniform rows gave 0.97-1.08x, within
+    # the noise: 1.5 gathers only where the step gains clearly. Each group adds ~8 ops per layer, ~512 positions'
+    # worth at B=32.
+    GATHER_COST = 1.5
+    GROUP_COST = 512.0
+
+    def _decode_groups(
+        self, cache: SlotKVCache, positions: np.ndarray
+    ) -> tuple[list[RowGroup], paddle.Tensor | None]:
+        """Split the B decode rows into at most two groups: the shortest k over their longest length rounded up to
+        KEY_BLOCK (keys gathered into a compact copy), and the rest over the whole capacity. Why: the capacity is
+        a bucket above the longest row, so one long row makes every short one attend (and read K/V) over it.
+        Returns the groups and `order` [B] (each row's place in the groups' concatenated output; None: in order).
+        """
+        kv, g = self.cfg.num_kv_heads, self.cfg.group_size
+        cap, b = cache.capacity, int(positions.shape[0])
+        allowed = np.arange(cap)[None, :] <= positions[:, None]  # [B, cap]
+        if not self.true_lengths or cap % KEY_BLOCK:
+            return [RowGroup(None, None, self._mask(allowed[:, None, None, :], (b, kv, g, cap)))], None
+        by_len = np.argsort(positions, kind="stable")  # [B] rows, shortest first
+        spans = (positions[by_len] // KEY_BLOCK + 1) * KEY_BLOCK  # [B] each row's length rounded up to a block
+        k = np.arange(1, b + 1)  # [B] split after the k shortest rows
+        cost = self.GATHER_COST * (k * spans + (b - k) * cap) + self.GROUP_COST * (1 + (k < b))
+        best = int(np.argmin(cost))
+        if cost[best] >= b * cap:
+            return [RowGroup(None, None, self._mask(allowed[:, None, None, :], (b, kv, g, cap)))], None
+        groups = []
+        for rows, span in ((by_len[:best + 1], int(spans[best])), (by_len[best + 1:], cap)):
+            if len(rows):
+                groups.append(self._gathered_group(cache, rows, positions[rows], span))
+        order = np.empty(b, dtype=np.int64)
+        order[by_len] = np.arange(b)
+        in_order = bool((by_len == np.arange(b)).all())
+        return groups, None if in_order else paddle.to_tensor(order)
+
+    def _gathered_group(self, cache: SlotKVCache, rows: np.ndarray, positions: np.ndarray, span: int) -> RowGroup:
+        """A group of rows [n] (slots = rows) attending over their first `span` positions, gathered by block."""
+        kv, g = self.cfg.num_kv_heads, self.cfg.group_size
+        per_slot = cache.capacity // KEY_BLOCK
+        slot_head = rows.astype(np.int64)[:, None] * kv + np.arange(kv)  # [n, kv]
+        blocks = slot_head[:, :, None] * per_slot + np.arange(span // KEY_BLOCK)  # [n, kv, span/KEY_BLOCK]
+        allowed = np.arange(span)[None, :] <= positions[:, None]  # [n, span]
+        mask = self._mask(allowed[:, None, None, :], (len(rows), kv, g, span))
+        return RowGroup(paddle.to_tensor(rows.astype(np.int64)), paddle.to_tensor(blocks.reshape(-1)), mask)
+
+    def _decode_attention(
+        self, q: paddle.Tensor, k_view: paddle.Tensor, v_view: paddle.Tensor, k_blocks: paddle.Tensor | None,
+        v_blocks: paddle.Tensor | None, groups: list[RowGroup], order: paddle.Tensor | None,
+    ) -> paddle.Tensor:
+        """Attention of the decode rows' queries q [B, kv, g, d] (pre-scaled), one layer: [B, nh d].
+        k_view, v_view: [B, kv, cap, d] the slots' caches; k_blocks, v_blocks: [slots kv cap/KEY_BLOCK, KEY_BLOCK d]
+        the same layer cut into blocks, for the groups that gather."""
+        kv, d = self.cfg.num_kv_heads, self.cfg.head_dim
+        outs = []
+        for gr in groups:
+            if gr.blocks is None:  # over the whole capacity, on the cache itself
+                qg, k, v = q, k_view, v_view
+            else:  # gathering whole blocks: 2-5x faster than the strided copy matmul makes of k_view[:, :, :span]
+                assert k_blocks is not None
+                assert v_blocks is not None
+                assert gr.rows is not None
+                n, span = int(gr.mask.shape[0]), int(gr.mask.shape[-1])
+                qg = paddle.gather(q, gr.rows)  # [n, kv, g, d]
+                k = paddle.gather(k_blocks, gr.blocks).reshape([n, kv, span, d])
+                v = paddle.gather(v_blocks, gr.blocks).reshape([n, kv, span, d])
+            scores = paddle.matmul(qg, k, transpose_y=True) + gr.mask  # [n, kv, g, span]
+            outs.append(paddle.matmul(F.softmax(scores, axis=-1), v).reshape([-1, self.q_width]))
+        out = outs[0] if len(outs) == 1 else paddle.concat(outs, axis=0)  # [B, nh d], in the groups' order
+        return out if order is None else paddle.gather(out, order)
+
     def _chunk_attention(
         self, cache: SlotKVCache, i: int, slot: int, q: paddle.Tensor, mask: paddle.Tensor
     ) -> paddle.Tensor:
@@ -295,6 +385,16 @@ class LlamaDecoder:
             self._view_lists = ([k for k, _ in views], [v for _, v in views])
             self._views = key
         return self._view_lists
+
+    def _block_views(self, cache: SlotKVCache) -> tuple[list[paddle.Tensor], list[paddle.Tensor]]:
+        """Each layer's K and V as [slots kv cap/KEY_BLOCK, KEY_BLOCK d] views, made once per cache storage."""
+        key = (cache, cache.generation)
+        if key != self._blocks:
+            width = KEY_BLOCK * self.cfg.head_dim
+            views = [cache.layer(i) for i in range(self.cfg.num_layers)]
+            self._block_lists = ([k.reshape([-1, width]) for k, _ in views], [v.reshape([-1, width]) for _, v in views])
+            self._blocks = key
+        return self._block_lists
 
     def _head(self, h: paddle.Tensor) -> np.ndarray:
         """logits [N, V] float32 on the host from final-normed hidden states [N, H]."""
