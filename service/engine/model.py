@@ -253,10 +253,7 @@ class LlamaDecoder:
             h, x = fused_rms_norm(paddle.matmul(out, layer.o), layer.post_norm, None, eps, 1, residual=x)
             if tr:
                 tr("o_proj")
-            if self.split_gate_up:
-                gu = F.swiglu(paddle.matmul(h, layer.gate), paddle.matmul(h, layer.up))  # silu(gate) * up
-            else:
-                gu = F.swiglu(paddle.matmul(h, layer.gate_up))
+            gu = self._swiglu(layer, h)
             if tr:
                 tr("gate_up")
             norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.norm
@@ -430,8 +427,15 @@ class LlamaDecoder:
         return q, k, v
 
     def _mlp(self, layer: LayerWeights, x: paddle.Tensor) -> paddle.Tensor:
-        h = self._rms(x, layer.post_norm)
-        return x + paddle.matmul(F.swiglu(paddle.matmul(h, layer.gate_up)), layer.down)
+        return x + paddle.matmul(self._swiglu(layer, self._rms(x, layer.post_norm)), layer.down)
+
+    @staticmethod
+    def _swiglu(layer: LayerWeights, h: paddle.Tensor) -> paddle.Tensor:
+        """silu(h gate) * (h up): [N, I]. Split weights where a fused decoder split them (also for the plain paths
+        on the same weights)."""
+        if layer.gate_up is None:
+            return F.swiglu(paddle.matmul(h, layer.gate), paddle.matmul(h, layer.up))
+        return F.swiglu(paddle.matmul(h, layer.gate_up))
 
     def _logits(self, x: paddle.Tensor) -> np.ndarray:
         h = self._rms(x, self.w.norm)
@@ -520,7 +524,7 @@ class LlamaDecoder:
             h = self._rms(x, layer.post_norm)
             if tr:
                 tr("norm")
-            gu = F.swiglu(paddle.matmul(h, layer.gate_up))
+            gu = self._swiglu(layer, h)
             if tr:
                 tr("gate_up")
             x = x + paddle.matmul(gu, layer.down)
