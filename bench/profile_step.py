@@ -44,7 +44,9 @@ with open("/proc/cpuinfo") as _f:
         os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
 
 import argparse
+import dataclasses
 import functools
+import inspect
 import json
 import time
 from collections.abc import Callable
@@ -60,7 +62,7 @@ import paddle  # noqa: E402
 from bench.common import engine_model_path  # noqa: E402
 from service.engine.kv_cache import SlotKVCache  # noqa: E402
 from service.engine.loader import LoadedModel, build_weights, load_model  # noqa: E402
-from service.engine.model import LlamaDecoder  # noqa: E402
+from service.engine.model import LlamaDecoder, ModelWeights  # noqa: E402
 from service.engine.model_config import ModelConfig  # noqa: E402
 
 Step = Callable[[SlotKVCache, np.ndarray, np.ndarray], np.ndarray]
@@ -142,20 +144,34 @@ def original_modules(rev: str = ORIG_REV) -> dict[str, Any]:
     return mods
 
 
-def original_path(model: LoadedModel, rev: str = ORIG_REV, dec: Any = None) -> Step:
+def unsplit(weights: ModelWeights) -> ModelWeights:
+    """The weights with gate_up whole again, for decoders that read it (older revisions, split_gate_up=False) once
+    a fused decoder has split it (it keeps only the halves)."""
+    layers = [layer if layer.gate_up is not None else
+              dataclasses.replace(layer, gate_up=paddle.concat([layer.gate, layer.up], axis=1))
+              for layer in weights.layers]
+    return dataclasses.replace(weights, layers=layers)
+
+
+def original_path(model: LoadedModel, rev: str = ORIG_REV, dec: Any = None, max_context: int = 2048) -> Step:
     """The decode step as of `rev` with its own SlotKVCache of that revision (same slots and capacity as the
     cache it is handed); weights shared. For A/B against the code as it was."""
     mods = original_modules(rev)
     cfg = model.config
-    dec = dec or mods["model"].LlamaDecoder(cfg, model.weights, 2048, "float32")
+    dec = dec or mods["model"].LlamaDecoder(cfg, unsplit(model.weights), max_context, "float32")
     own: dict[tuple[int, int], Any] = {}
+    # Later revisions allocate slots in buckets and take them as `slots`; earlier ones always hold every slot.
+    sized = "slots" in inspect.signature(mods["kv_cache"].SlotKVCache.resize).parameters
 
     def step(cache: SlotKVCache, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         key = (cache.slots, cache.capacity)
         if key not in own:
-            c = mods["kv_cache"].SlotKVCache(cfg.num_layers, cache.slots, cfg.num_kv_heads, cfg.head_dim, 2048,
-                                             "float32")
-            c.resize(cache.capacity, 0)
+            c = mods["kv_cache"].SlotKVCache(cfg.num_layers, cache.slots, cfg.num_kv_heads, cfg.head_dim,
+                                             max_context, "float32")
+            if sized:
+                c.resize(cache.capacity, cache.slots, slots=cache.slots)
+            else:
+                c.resize(cache.capacity, 0)
             own[key] = c
         return dec.decode_step(own[key], tokens, positions)
 
@@ -188,7 +204,7 @@ def paths(model: LoadedModel, dec: LlamaDecoder, which: list[str]) -> dict[str, 
 
             out[name] = static_decode_path(model, dec, **STATIC_VARIANTS[name])
         else:
-            other = LlamaDecoder(model.config, model.weights, 2048, "float32", **VARIANTS[name])
+            other = LlamaDecoder(model.config, unsplit(model.weights), 2048, "float32", **VARIANTS[name])
             out[name] = other.decode_step
     return out
 
@@ -245,15 +261,16 @@ def step_bytes(model: LoadedModel, b: int, length: int) -> int:
     """Bytes a decode step must read: every layer weight, the final norm, the lm_head, B embedding rows, the KV."""
     cfg, w = model.config, model.weights
     total = sum(int(np.prod(t.shape)) * 4 for layer in w.layers for t in
-                (layer.input_norm, layer.qkv, layer.o, layer.post_norm, layer.gate_up, layer.down))
+                (layer.input_norm, layer.qkv, layer.o, layer.post_norm, layer.gate_up, layer.gate, layer.up, layer.down)
+                if t is not None)
     total += int(np.prod(w.lm_head.shape)) * 4 + int(np.prod(w.norm.shape)) * 4 + b * cfg.hidden_size * 4
     return total + b * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * (length + 1)
 
 
 def step_flops(model: LoadedModel, b: int, length: int) -> float:
     cfg, w = model.config, model.weights
-    params = sum(int(np.prod(t.shape)) for layer in w.layers for t in (layer.qkv, layer.o, layer.gate_up,
-                                                                          layer.down))
+    params = sum(int(np.prod(t.shape)) for layer in w.layers
+                 for t in (layer.qkv, layer.o, layer.gate_up, layer.gate, layer.up, layer.down) if t is not None)
     params += int(np.prod(w.lm_head.shape))
     return 2.0 * b * params + 4.0 * b * (length + 1) * cfg.num_heads * cfg.head_dim * cfg.num_layers
 
@@ -340,7 +357,8 @@ def part_breakdown(model: LoadedModel, dec: LlamaDecoder, batches: list[int], le
     for path in paths:
         if path == "orig":
             orig = original_modules()["model"].LlamaDecoder
-            d, sd = orig(cfg, model.weights, 2048, "float32"), orig(small_cfg, small.w, 2048, "float32")
+            d = orig(cfg, unsplit(model.weights), 2048, "float32")
+            sd = orig(small_cfg, unsplit(small.w), 2048, "float32")
             small_model = LoadedModel(small_cfg.architecture, model.path, small_cfg, small.w, model.tokenizer, {})
             runs[path] = (d, original_path(model, dec=d), sd, original_path(small_model, dec=sd))
         elif path == "plain":

@@ -35,7 +35,6 @@ import argparse
 import json
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +42,7 @@ import paddle
 import paddle.nn.functional as F
 
 from bench.common import engine_model_path
-from bench.profile_step import load, median_ms, original_modules
+from bench.profile_step import load, median_ms, original_path
 from service.engine.kv_cache import SlotKVCache
 from service.engine.loader import LoadedModel, load_model
 from service.engine.model import LlamaDecoder
@@ -114,13 +113,7 @@ def decoders(model: LoadedModel) -> dict[str, LlamaDecoder]:
             "gather_any": GatherAny(cfg, w, MAX_CONTEXT, "float32")}
 
 
-def base_rev() -> str:
-    """The commit this lever was built on (where this branch left main), for the 'before' path."""
-    import subprocess
-
-    out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "merge-base", "HEAD", "main"],
-                         check=True, capture_output=True, text=True)
-    return out.stdout.strip()[:10]
+BASE_REV = "f6568e7"  # the commit this lever was built on: the 'before' path
 
 
 def plan_of(dec: LlamaDecoder, cache: SlotKVCache, positions: np.ndarray) -> str:
@@ -184,32 +177,13 @@ def part_check(model: LoadedModel, decs: dict[str, LlamaDecoder], cases: list[st
     return out
 
 
-def before_path(model: LoadedModel, rev: str) -> Callable[[SlotKVCache, np.ndarray, np.ndarray], np.ndarray]:
-    """The decode step as of `rev` (service/engine/{model,kv_cache}.py loaded from git), on a cache of that revision
-    with the same slots and capacity as the one it is handed (weights shared)."""
-    mods = original_modules(rev)
-    cfg = model.config
-    dec = mods["model"].LlamaDecoder(cfg, model.weights, MAX_CONTEXT, "float32")
-    own: dict[tuple[int, int], Any] = {}
-
-    def step(cache: SlotKVCache, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        key = (cache.slots, cache.capacity)
-        if key not in own:
-            own[key] = mods["kv_cache"].SlotKVCache(cfg.num_layers, cache.slots, cfg.num_kv_heads, cfg.head_dim,
-                                                    MAX_CONTEXT, "float32")
-            own[key].resize(cache.capacity, cache.slots, slots=cache.slots)
-        return dec.decode_step(own[key], tokens, positions)
-
-    return step
-
-
 def part_steps(model: LoadedModel, decs: dict[str, LlamaDecoder], cases: list[str], reps: int,
                before: str | None) -> dict[str, Any]:
     """Interleaved whole steps; `before`: also the decoder and cache as of that git revision (its own cache of the
     same slots and capacity, zeros in it: values do not change the time)."""
     steps: dict[str, Callable[[SlotKVCache, np.ndarray, np.ndarray], np.ndarray]] = {}
     if before:
-        steps[f"before@{before}"] = before_path(model, before)
+        steps[f"before@{before}"] = original_path(model, before, max_context=MAX_CONTEXT)
     steps |= {p: dec.decode_step for p, dec in decs.items()}
     setup = {}
     for name in cases:
@@ -246,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="layer,check,steps")
     ap.add_argument("--cases", default=",".join(CASES), help="u85_B (cap 128), u140_B (cap 256), mixedB (cap 1024)")
     ap.add_argument("--reps", type=int, default=9)
-    ap.add_argument("--before", default=None, help="git revision of the 'before' path (default: where this "
-                    "branch left main; 'none' to leave it out)")
+    ap.add_argument("--before", default=None, help="git revision of the 'before' path (default: BASE_REV, the "
+                    "commit the lever was built on; 'none' to leave it out)")
     ap.add_argument("--json", default=None, help="write the results here too")
     args = ap.parse_args(argv)
     parts, cases = args.parts.split(","), args.cases.split(",")
@@ -269,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"check {c:8}: max |logit diff| vs padded: grouped {v['grouped']:.1e}, gather_any "
                       f"{v['gather_any']:.1e} (largest logit {v['logit_max']:.1f}); greedy agree {v['greedy_agree']}")
         if "steps" in parts:
-            before = None if args.before == "none" else args.before or base_rev()
+            before = None if args.before == "none" else args.before or BASE_REV
             results["steps"] = st = part_steps(model, decs, cases, args.reps, before)
             print(f"whole decode step, {args.reps} interleaved rounds, load {st['loads'][0]}..{st['loads'][-1]}")
             print("case      path              cap  plan                    ms p50  padded/path  first/path")
