@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     for _, f in _settings():
         default = _default(f)
         parser.add_argument(_flag(f.name), type=_PARSERS[type(default)], default=None,
+                            choices=f.metadata.get("choices"),
                             help=f"(env TOKENSTREAM_{f.name.upper()}, default {default!r})")
     return parser
 
@@ -137,6 +138,9 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         elif f"TOKENSTREAM_{f.name.upper()}" in env:
             try:
                 values[f.name] = kind(env[f"TOKENSTREAM_{f.name.upper()}"])
+                choices = f.metadata.get("choices")
+                if choices and values[f.name] not in choices:
+                    raise ValueError(f"{values[f.name]!r} is not one of {', '.join(choices)}")
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 raise SystemExit(f"TOKENSTREAM_{f.name.upper()}: {exc}") from exc
     return config_from(values)

@@ -2,13 +2,16 @@
 
 The suite's model (2 layers, GQA 4/2, real Qwen2 vocabulary, random weights) decodes 8 rows of mixed lengths, one
 far longer than the others, with the grouping on and off over identical caches: the logits must agree to float32
-rounding, and the grouping must really have been taken (two groups, keys gathered), or the test proves nothing.
+rounding, and the grouping must really have been taken (two groups, keys gathered), or the test proves nothing. It runs
+on the step with plain kernels (what every CPU runs) and again with the fused ones where this CPU proved them.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from service.engine.kernels import Kernels, choose
 from service.engine.kv_cache import SlotKVCache
 from service.engine.loader import LoadedModel
 from service.engine.model import LlamaDecoder, PrefillChunk
@@ -27,13 +30,22 @@ def prefilled(model: LoadedModel, dec: LlamaDecoder, prompts: list[np.ndarray]) 
     return cache
 
 
-def test_mixed_lengths_match_the_padded_attention(loaded_model: LoadedModel) -> None:
+@pytest.fixture(params=["plain", "auto"])
+def kernels(request: pytest.FixtureRequest) -> Kernels:
+    """The step with plain kernels (every CPU runs them), and with the fused ones this CPU proved, if any."""
+    chosen = Kernels.from_choices(choose(request.param))
+    if request.param == "auto" and chosen == Kernels():
+        pytest.skip("no fused kernel runs on this CPU: the plain case covers it")
+    return chosen
+
+
+def test_mixed_lengths_match_the_padded_attention(loaded_model: LoadedModel, kernels: Kernels) -> None:
     cfg, w = loaded_model.config, loaded_model.weights
     rng = np.random.default_rng(7)
     prompts = [rng.integers(4, cfg.vocab_size, n).astype(np.int64) for n in LENGTHS]
-    padded = LlamaDecoder(cfg, w, MAX_CONTEXT, "float32", true_lengths=False)
-    grouped = LlamaDecoder(cfg, w, MAX_CONTEXT, "float32")
-    assert grouped.fused, "the fused step is the path under test"
+    padded = LlamaDecoder(cfg, w, MAX_CONTEXT, "float32", kernels=kernels, true_lengths=False)
+    grouped = LlamaDecoder(cfg, w, MAX_CONTEXT, "float32", kernels=kernels)
+    assert grouped.fast and grouped.kernels == kernels, "the one-forward step is the path under test"
     ref_cache, new_cache = prefilled(loaded_model, padded, prompts), prefilled(loaded_model, padded, prompts)
     assert new_cache.capacity == 512
     tokens = np.array([int(p[-1]) for p in prompts], dtype=np.int64)

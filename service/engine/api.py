@@ -9,6 +9,8 @@ from typing import Any, Protocol
 
 from service.engine.types import Chunk, GenerationRequest
 
+KERNEL_MODES = ("auto", "plain")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -27,6 +29,9 @@ class EngineConfig:
     caller_max_queued: int = 0  # per caller, queued (0: no cap)
     device: str = "cpu"
     dtype: str = "float32"
+    # Optional fused kernels (RMSNorm, SwiGLU): "auto" uses each where a child-process probe proved it on this CPU
+    # (service/engine/kernels.py); "plain" never calls them. Either way the one-forward step runs.
+    kernels: str = field(default="auto", metadata={"choices": KERNEL_MODES})
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ g = nh // kv queries per key/value head, d head_dim, cap the cache's current cap
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -17,6 +16,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle.incubate.nn.functional import fused_rms_norm
 
+from service.engine.kernels import PLAIN, Kernels
 from service.engine.kv_cache import SlotKVCache
 from service.engine.model_config import DType, ModelConfig
 
@@ -96,7 +96,7 @@ class LlamaDecoder:
     """Llama, Qwen2, Mistral and ERNIE-4.5 dense share this forward: RMSNorm, RoPE, GQA and SwiGLU."""
 
     def __init__(
-        self, cfg: ModelConfig, weights: ModelWeights, max_context: int, dtype: DType, fused: bool = True,
+        self, cfg: ModelConfig, weights: ModelWeights, max_context: int, dtype: DType, kernels: Kernels = PLAIN,
         threads: int | None = None, lm_head: str = "auto", split_gate_up: bool = True, true_lengths: bool = True,
     ) -> None:
         self.cfg = cfg
@@ -137,8 +137,12 @@ class LlamaDecoder:
         # Decode rows attend over their own lengths (rounded up to KEY_BLOCK) when the cost model below says so,
         # instead of every row over the capacity the longest row set (bench/PROFILE.md, bench/levers/true_lengths.py).
         self.true_lengths = true_lengths
-        self.fused = fused and dtype == "float32" and _fused_rms_norm_works()
-        self.split_gate_up = self.fused and split_gate_up
+        # The one-forward step (step()) serves float32, with or without the fused kernels; half precision takes the
+        # plain forwards. Optional fused kernels only where kernels.py proved them in a child process (a kernel built
+        # for AVX-512 kills the process on a CPU without it), and float32 only: Paddle's CPU kernels are.
+        self.fast = dtype == "float32"
+        self.kernels = kernels if self.fast else PLAIN
+        self.split_gate_up = self.fast and split_gate_up
         if self.split_gate_up:
             for layer in weights.layers:
                 if layer.gate is None or layer.up is None:
@@ -153,14 +157,14 @@ class LlamaDecoder:
         self, cache: SlotKVCache, slot: int, tokens: np.ndarray, start: int, want_logits: bool
     ) -> np.ndarray | None:
         """Run prompt tokens [C] at positions start..start+C-1 of `slot`; logits [V] of the last one if asked."""
-        if not self.fused:
+        if not self.fast:
             return self.prefill_plain(cache, slot, tokens, start, want_logits)
         _, chunk_logits = self.step(cache, _NO_TOKENS, _NO_TOKENS, [PrefillChunk(slot, tokens, start, want_logits)])
         return chunk_logits[0]
 
     def decode_step(self, cache: SlotKVCache, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One token for each of the B packed slots 0..B-1; returns logits [B, V] float32 on the host."""
-        if not self.fused:
+        if not self.fast:
             self._use_threads()
             return self.decode_step_plain(cache, tokens, positions)
         logits, _ = self.step(cache, tokens, positions)
@@ -176,7 +180,7 @@ class LlamaDecoder:
         Returns (logits [B, V] of the decode rows or None when B = 0, per chunk its last position's logits [V] if
         it asked for them, else None). The cache must hold every position written (cache.capacity).
         """
-        if not self.fused:  # no fused kernels for this dtype/CPU: the same results, one call per part
+        if not self.fast:  # half precision: the same results, one call per part
             self._use_threads()
             per_chunk = [self.prefill_plain(cache, c.slot, c.tokens, c.start, c.want_logits) for c in chunks]
             return (self.decode_step_plain(cache, tokens, positions) if len(tokens) else None), per_chunk
@@ -184,7 +188,6 @@ class LlamaDecoder:
         cfg = self.cfg
         b = int(tokens.shape[0])
         nh, kv, g, d = cfg.num_heads, cfg.num_kv_heads, cfg.group_size, cfg.head_dim
-        eps = cfg.rms_norm_eps
         tr = self.trace
         cap = cache.capacity
         # Rows: the B decode tokens, then each chunk's tokens. Their slots and positions, for RoPE and the cache.
@@ -219,7 +222,7 @@ class LlamaDecoder:
             chunk_masks.append(self._mask(allowed, (kv, g, len(c.tokens), cap)))
         layers = self.w.layers
         x = F.embedding(paddle.to_tensor(all_tokens, dtype="int64"), self.w.embed)  # [N, H], the residual stream
-        h = fused_rms_norm(x, layers[0].input_norm, None, eps, 1)[0]
+        h = self._norm(x, layers[0].input_norm)
         if tr:
             tr("inputs")
         for i, layer in enumerate(layers):
@@ -249,15 +252,14 @@ class LlamaDecoder:
             out = outs[0] if len(outs) == 1 else paddle.concat(outs, axis=0)  # [N, nh d]
             if tr:
                 tr("attention")
-            # fused_rms_norm adds the residual first: h = norm(x + y) w, x = x + y, in one op.
-            h, x = fused_rms_norm(paddle.matmul(out, layer.o), layer.post_norm, None, eps, 1, residual=x)
+            h, x = self._add_norm(paddle.matmul(out, layer.o), x, layer.post_norm)
             if tr:
                 tr("o_proj")
             gu = self._swiglu(layer, h)
             if tr:
                 tr("gate_up")
             norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.norm
-            h, x = fused_rms_norm(paddle.matmul(gu, layer.down), norm, None, eps, 1, residual=x)
+            h, x = self._add_norm(paddle.matmul(gu, layer.down), x, norm)
             if tr:
                 tr("down")
         # The lm_head only for the rows that need logits: all decode rows, the last row of chunks that ask.
@@ -405,6 +407,19 @@ class LlamaDecoder:
             self.trace("lm_head")
         return logits
 
+    def _norm(self, x: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
+        """RMSNorm of x [N, H] in float32 (the step's dtype), times w [H]."""
+        if self.kernels.fused_rms_norm:
+            return fused_rms_norm(x, w, None, self.cfg.rms_norm_eps, 1)[0]
+        return x * paddle.rsqrt((x * x).mean(-1, keepdim=True) + self.cfg.rms_norm_eps) * w
+
+    def _add_norm(self, y: paddle.Tensor, x: paddle.Tensor, w: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """(norm(x + y) w, x + y): a sublayer's output y [N, H] joins the residual stream x, then the next norm."""
+        if self.kernels.fused_rms_norm:  # one op for both
+            return fused_rms_norm(y, w, None, self.cfg.rms_norm_eps, 1, residual=x)
+        x = x + y
+        return self._norm(x, w), x
+
     # -- the plain forward: half precision, and the reference ------------------------------------
 
     def _rms(self, x: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
@@ -429,13 +444,16 @@ class LlamaDecoder:
     def _mlp(self, layer: LayerWeights, x: paddle.Tensor) -> paddle.Tensor:
         return x + paddle.matmul(self._swiglu(layer, self._rms(x, layer.post_norm)), layer.down)
 
-    @staticmethod
-    def _swiglu(layer: LayerWeights, h: paddle.Tensor) -> paddle.Tensor:
-        """silu(h gate) * (h up): [N, I]. Split weights where a fused decoder split them (also for the plain paths
+    def _swiglu(self, layer: LayerWeights, h: paddle.Tensor) -> paddle.Tensor:
+        """silu(h gate) * (h up): [N, I]. Split weights where a float32 decoder split them (also for the plain paths
         on the same weights)."""
         if layer.gate_up is None:
-            return F.swiglu(paddle.matmul(h, layer.gate), paddle.matmul(h, layer.up))
-        return F.swiglu(paddle.matmul(h, layer.gate_up))
+            gate, up = paddle.matmul(h, layer.gate), paddle.matmul(h, layer.up)
+        elif self.kernels.swiglu:
+            return F.swiglu(paddle.matmul(h, layer.gate_up))
+        else:
+            gate, up = paddle.split(paddle.matmul(h, layer.gate_up), 2, axis=-1)
+        return F.swiglu(gate, up) if self.kernels.swiglu else F.silu(gate) * up
 
     def _logits(self, x: paddle.Tensor) -> np.ndarray:
         h = self._rms(x, self.w.norm)
@@ -534,17 +552,3 @@ class LlamaDecoder:
 
 
 _NO_TOKENS = np.zeros(0, dtype=np.int64)
-@functools.cache
-def _fused_rms_norm_works() -> bool:
-    """Whether this Paddle build has a working fused_rms_norm here (checked once against the plain formula)."""
-    try:
-        rng = np.random.default_rng(0)
-        x, r = (paddle.to_tensor(rng.standard_normal((3, 40)).astype(np.float32)) for _ in range(2))
-        w = paddle.to_tensor(rng.uniform(0.5, 1.5, 40).astype(np.float32))
-        out, res = fused_rms_norm(x, w, None, 1e-6, 1, residual=r)
-        s = (x + r).numpy()
-        want = s / np.sqrt((s * s).mean(-1, keepdims=True) + 1e-6) * w.numpy()
-        return bool(np.abs(out.numpy() - want).max() < 1e-5 and np.abs(res.numpy() - s).max() < 1e-6)
-    except Exception:  # not registered for this device or build
-        log.info("fused_rms_norm unavailable; using the plain RMSNorm", exc_info=True)
-        return False

@@ -29,6 +29,7 @@ from service.engine.api import CallerQuotaError, EngineConfig, EngineStats, Mode
 from service.engine.delivery import AsyncStream, Outbox, StreamHandle, iterate_sync
 from service.engine.fairness import FairQueue, displacement_victims, fair_share, holders, preemption_victim
 from service.engine.hooks import EngineHooks
+from service.engine.kernels import select as select_kernels
 from service.engine.kv_cache import SlotKVCache
 from service.engine.loader import LoadedModel
 from service.engine.model import LlamaDecoder, PrefillChunk
@@ -51,7 +52,8 @@ class Engine:
         self.config = dataclasses.replace(config, max_context=max_context)
         self._hooks = hooks  # None in production: test seams only
         paddle.set_device(self.config.device)
-        self.decoder = LlamaDecoder(model.config, model.weights, max_context, self.config.dtype)
+        kernels = select_kernels(self.config.kernels)
+        self.decoder = LlamaDecoder(model.config, model.weights, max_context, self.config.dtype, kernels=kernels)
         self.cache = SlotKVCache(
             model.config.num_layers, self.config.max_slots, model.config.num_kv_heads, model.config.head_dim,
             max_context, self.config.dtype,

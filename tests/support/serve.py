@@ -1,6 +1,10 @@
 """The test-only entry point: `python -m service`, plus engine hooks driven through stdin.
 
-    python -m tests.support.serve [--gated] [server flags...]
+    python -m tests.support.serve [--gated] [--probe KERNEL=MODULE:FUNCTION ...] [--kernel-cache FILE]
+                                  [server flags...]
+
+--probe replaces an optional kernel's child-process probe (service/engine/kernels.py), e.g. with one that dies by
+SIGILL; --kernel-cache moves the probes' verdict cache, so that the probe really runs.
 
 stdin commands, one per line, each answered by a line `ok` on stdout once done:
   step N          let the engine take N decode steps, and answer when it has taken them
@@ -42,7 +46,18 @@ def _commands(gate: StepGate, engine: Future[EngineClient]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--gated", action="store_true")
+    parser.add_argument("--probe", action="append", default=[])
+    parser.add_argument("--kernel-cache")
     own, rest = parser.parse_known_args()
+    from pathlib import Path
+
+    from service.engine import kernels
+
+    for item in own.probe:
+        name, _, spec = item.partition("=")
+        kernels.PROBES[name] = spec
+    if own.kernel_cache:
+        kernels.default_cache_file = lambda: Path(own.kernel_cache)
     prepare_process()
     from service.config import load_config
     from service.server import load_engine, serve  # after prepare_process: Paddle loads here
