@@ -7,7 +7,8 @@ NODE_MODULES := clients/node/node_modules/.package-lock.json
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: install serve test proto proto-check lint deploy-check image-test ci bench soak clean
+.PHONY: install serve test prepare prepare-llamacpp prepare-browser prepare-image proto proto-check lint deploy-check \
+	image-test ci bench soak clean
 
 # The venv is (re)built whenever pyproject.toml changes. `serve` needs only the runtime;
 # the dev extra adds the test tools and the numerical references (paddleformers, torch CPU).
@@ -34,8 +35,21 @@ serve: $(VENV)/.runtime
 	@if [ "$(HTTP_PORT)" != 0 ]; then echo "Chat page: http://127.0.0.1:$(HTTP_PORT)/  (OpenAI API: http://127.0.0.1:$(HTTP_PORT)/v1)"; fi
 	$(PY) -m service --http-port $(HTTP_PORT) $(ARGS)
 
-test: $(STAMP) $(NODE_MODULES)
-	$(PY) -m pytest $(PYTEST_ARGS)
+# Slow preparations run here, outside any test's timeout, each with its own progress and cached (a second run takes
+# a second): llama.cpp (the GGUF tests' dequantization reference and the bench's peer: ~10 min on 2 cores, once) and
+# Debian's Chromium for the browser test (root and apt only). `make test` runs them first, and then a missing
+# llama.cpp fails its tests instead of skipping them; .ci/run starts them beside the installs.
+prepare: prepare-llamacpp prepare-browser
+prepare-llamacpp:
+	scripts/build_llamacpp.sh
+prepare-browser:
+	scripts/browser_packages.sh
+# podman and the stand-in base image, for image-test
+prepare-image:
+	scripts/image.sh setup && scripts/image.sh base
+
+test: $(STAMP) $(NODE_MODULES) prepare
+	TOKENSTREAM_LLAMACPP_REQUIRED=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 # Stubs are checked in; proto-check fails when regenerating them changes anything.
 proto: $(STAMP)
@@ -60,7 +74,7 @@ deploy-check: $(STAMP)
 
 # Builds the CPU image with podman (installed with apt where missing; needs root) and runs it as deploy/k8s does.
 # Skipped where it cannot run, unless TOKENSTREAM_IMAGE_TEST_REQUIRED=1. Figures: build/image-test/report.json.
-image-test: $(STAMP)
+image-test: $(STAMP) prepare-image
 	PY=$(PY) $(PY) -m pytest tests/image/check_image.py -s $(PYTEST_ARGS)
 
 ci: lint proto-check deploy-check test

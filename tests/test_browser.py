@@ -1,9 +1,9 @@
 """The chat page in headless Chromium against the real server and the demo model.
 
 Debian's `chromium` and `chromium-driver`, driven by Selenium through /usr/bin/chromedriver (Selenium Manager is
-never asked for a driver, and nothing is downloaded but Debian packages). The test installs the browser and the
-CJK and emoji fonts with apt where they are missing, so it needs root and apt-get; elsewhere it is skipped, unless
-TOKENSTREAM_BROWSER_TEST_REQUIRED=1 (set by .ci/run) turns the skip into a failure.
+never asked for a driver, and nothing is downloaded but Debian packages). `make prepare-browser` (run by `make test`)
+installs the browser and the CJK and emoji fonts with apt, which needs root and apt-get; where they are missing the
+test is skipped, unless TOKENSTREAM_BROWSER_TEST_REQUIRED=1 (set by .ci/run) turns the skip into a failure.
 
 The server's engine takes decode steps only when the test permits them (the step gate), so the answer's growth
 between snapshots, and a Stop while the stream is held, do not depend on the machine's speed. Artefacts (the
@@ -32,14 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 ARTEFACTS = ROOT / "build" / "browser-test"
 REQUIRED = os.environ.get("TOKENSTREAM_BROWSER_TEST_REQUIRED") == "1"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-PACKAGES = ("chromium", "chromium-driver", "fonts-noto-cjk", "fonts-noto-color-emoji")
 # Without the background-networking flags, Chromium's own connections are refused on a closed network.
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage", "--window-size=1000,860", "--lang=en-US")
 PROMPT_CJK, PROMPT_EMOJI = "话说天下大势，分久必合", " 👋🏽"  # the demo model answers this in Chinese
 WAIT_S = 120  # an upper bound on waiting for an event (a chunk drawn, a slot freed), not a speed assumption
-pytestmark = pytest.mark.timeout(1800)  # the first run pays for installing Chromium
 
 
 def _cannot_run() -> str | None:
@@ -62,22 +60,18 @@ from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
-def _installed(package: str) -> bool:
-    out = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True, check=False)
-    return out.stdout.strip() == "install ok installed"
-
-
 @pytest.fixture(scope="module")
 def browser_packages() -> None:
-    missing = [p for p in PACKAGES if not _installed(p)]
-    if missing:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "-q", *missing]
-        if subprocess.run(install, env=env, capture_output=True, check=False).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=True)
-            subprocess.run(install, env=env, capture_output=True, check=True)
+    """Installed beforehand by `make prepare-browser` (scripts/browser_packages.sh), never inside a test."""
+    check = subprocess.run(["bash", str(ROOT / "scripts" / "browser_packages.sh"), "--check"], capture_output=True,
+                           text=True, check=False)
+    if check.returncode != 0:
+        why = f"{check.stdout.strip()}: `make prepare-browser` installs them"
+        if REQUIRED:
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
     for path in (CHROMIUM, CHROMEDRIVER):
-        assert Path(path).is_file(), f"{path} is missing after installing {', '.join(PACKAGES)}"
+        assert Path(path).is_file(), f"{path} is missing though its package is installed"
 
 
 @pytest.fixture(scope="module")
