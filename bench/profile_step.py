@@ -60,10 +60,10 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from bench.common import engine_model_path  # noqa: E402
+from service.engine.checkpoints.loader import LoadedModel, build_weights, load_model  # noqa: E402
+from service.engine.checkpoints.model_config import ModelConfig  # noqa: E402
+from service.engine.decoder import LlamaDecoder, ModelWeights  # noqa: E402
 from service.engine.kv_cache import SlotKVCache  # noqa: E402
-from service.engine.loader import LoadedModel, build_weights, load_model  # noqa: E402
-from service.engine.model import LlamaDecoder, ModelWeights  # noqa: E402
-from service.engine.model_config import ModelConfig  # noqa: E402
 
 Step = Callable[[SlotKVCache, np.ndarray, np.ndarray], np.ndarray]
 REFERENCE_BOUND_GBPS = 68.5  # issue #13: numpy 2-thread matvec over 1 GiB on this host, unloaded
@@ -439,7 +439,7 @@ def part_prefill(model: LoadedModel, dec: LlamaDecoder, reps: int, decode_batch:
     - a decode step of `decode_batch` rows alone, and with a prompt chunk of C tokens in the same step (what a
       scheduler mixing prefill into decode would run): the extra time is how long that chunk stalls the streams.
     """
-    from service.engine.model import PrefillChunk
+    from service.engine.decoder import PrefillChunk
 
     cfg = model.config
     b = decode_batch
@@ -577,7 +577,7 @@ def part_check(model: LoadedModel, dec: LlamaDecoder, decode_steps: int = 12) ->
     """Exactness of the engine's paths against the plain forward (prefill_plain, decode_step_plain): the largest
     |logit difference| and whether greedy tokens agree, for prefill (one-shot, chunked, several prompts in one
     step), decode, and decode rows with a prompt chunk in the same step."""
-    from service.engine.model import PrefillChunk
+    from service.engine.decoder import PrefillChunk
 
     cfg = model.config
     rng = np.random.default_rng(0)

@@ -751,9 +751,9 @@ def verify(out: Path, model, tok, result: dict) -> None:
 
     sys.path.insert(0, str(REPO))
     from service.engine.api import EngineConfig
+    from service.engine.checkpoints.loader import load_model
+    from service.engine.decoder import LlamaDecoder
     from service.engine.kv_cache import SlotKVCache
-    from service.engine.loader import load_model
-    from service.engine.model import LlamaDecoder
     from service.engine.scheduler import Engine
     from service.engine.types import GenerationRequest
 
@@ -894,7 +894,7 @@ Losses are means over 128 fixed {r["seq"]}-token windows per source (fewer where
 averaged with the training shares, measured after the last step. Unigram entropy of the training tokens is
 about 6.7 (三国演义), 5.9 (Shakespeare) and 6.2 (pydoc) nats; the loss curve is in `training_log.json`.
 
-The written checkpoint was loaded back with `service.engine.loader.load_model`, and the engine's prefill
+The written checkpoint was loaded back with `service.engine.checkpoints.loader.load_model`, and the engine's prefill
 logits (`LlamaDecoder.prefill`) match the training forward to {r.get("logit_max_abs_diff", float("nan")):.1e} (max abs, {r.get("logit_check_tokens", 0)}-token prompt).
 
 ## Greedy samples

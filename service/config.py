@@ -8,8 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 
-from service.engine.api import EngineConfig
-from service.engine.registry import default_model_cache
+from service.engine.api import EngineConfig, default_model_cache
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,7 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from service.engine.api import CallerQuotaError, QueueFullError
-from service.engine.tokenizer import ChatTemplateError
+from service.engine.api import CallerQuotaError, ChatTemplateError, QueueFullError
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from service.engine.registry import ALIASES, MODELS, UnknownModelError, canonical_name, default_model_cache, locate
+from service.engine.api import default_model_cache
+from service.engine.checkpoints.registry import (
+    ALIASES,
+    MODELS,
+    UnknownModelError,
+    canonical_name,
+    locate,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

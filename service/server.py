@@ -21,9 +21,9 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from service.config import Config
 from service.engine.api import EngineClient
+from service.engine.checkpoints.loader import load_model
+from service.engine.checkpoints.registry import locate
 from service.engine.hooks import EngineHooks
-from service.engine.loader import load_model
-from service.engine.registry import locate
 from service.engine.scheduler import Engine
 from service.generation import Generations, ServerState
 from service.metrics import Metrics

@@ -15,7 +15,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from service.engine.loader import LoadedModel, load_model  # noqa: E402
+from service.engine.checkpoints.loader import LoadedModel, load_model  # noqa: E402
 from tests.support.hooks import StepGate  # noqa: E402
 from tests.support.servers import ServerThread, base_config, started, suite_model_dir  # noqa: E402
 

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from service.engine.registry import default_model_cache, locate
+from service.engine.api import default_model_cache
+from service.engine.checkpoints.registry import locate
 
 ROOT = Path(__file__).resolve().parents[1]
 T = gguf.GGMLQuantizationType
@@ -122,7 +123,7 @@ class Vocab:
 
 def tiny_vocab(pre: str = "smollm") -> Vocab:
     """256 byte tokens, a few merges and three ChatML control tokens."""
-    from service.engine.default_model import _bytes_to_unicode
+    from service.engine.checkpoints.random_checkpoints import _bytes_to_unicode
 
     tokens = list(_bytes_to_unicode().values())
     merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a"]

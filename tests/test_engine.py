@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from service.engine.api import EngineConfig
-from service.engine.loader import LoadedModel
+from service.engine.checkpoints.loader import LoadedModel
 from service.engine.scheduler import Engine
 from service.engine.tokenizer import IncrementalDetokenizer
 from service.engine.types import Chunk, Finish, GenerationRequest, SamplingOptions

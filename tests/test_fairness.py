@@ -17,7 +17,7 @@ from grpc_status import rpc_status
 
 from service.engine.delivery import StreamHandle
 from service.engine.fairness import FairQueue, displacement_victims, holders, preemption_victim
-from service.engine.sequence import Sequence
+from service.engine.sequence import SequenceState
 from service.engine.tokenizer import Tokenizer
 from service.engine.types import GenerationRequest
 from tests.support.hooks import StepGate
@@ -33,8 +33,8 @@ def tok(model_dir: Path) -> Tokenizer:
     return Tokenizer.from_dir(model_dir)
 
 
-def seq(tok: Tokenizer, caller: str, generated: int = 0, prompt: str = "hi") -> Sequence:
-    s = Sequence(GenerationRequest(tok.encode(prompt), 50, caller=caller), tok, (), 512, 0,
+def seq(tok: Tokenizer, caller: str, generated: int = 0, prompt: str = "hi") -> SequenceState:
+    s = SequenceState(GenerationRequest(tok.encode(prompt), 50, caller=caller), tok, (), 512, 0,
                  StreamHandle(lambda _: None, None))
     s.generated = list(range(1, generated + 1))
     return s

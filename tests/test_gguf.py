@@ -27,9 +27,10 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 
 from service.engine import gguf as gguf_reader
-from service.engine.loader import LoadedModel, ModelNotFoundError, load_model
+from service.engine.api import ChatTemplateError
+from service.engine.checkpoints.loader import CheckpointNotFoundError, LoadedModel, load_model
 from service.engine.progress import Progress
-from service.engine.tokenizer import ChatTemplateError, Tokenizer
+from service.engine.tokenizer import Tokenizer
 from service.engine.types import GenerationRequest
 from tests import test_contract as contract
 from tests.checkpoints import transformers_with_torch
@@ -477,11 +478,11 @@ def test_directory_with_one_gguf_loads(tmp_path: Path) -> None:
     path = tiny_llama(tmp_path / "only.gguf")
     assert load_model(tmp_path).name == "only"
     shutil.copy(path, tmp_path / "second.gguf")
-    with pytest.raises(ModelNotFoundError, match=r"2 GGUF files \(only\.gguf, second\.gguf\)"):
+    with pytest.raises(CheckpointNotFoundError, match=r"2 GGUF files \(only\.gguf, second\.gguf\)"):
         load_model(tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ModelNotFoundError, match=r"neither config\.json nor a \.gguf file"):
+    with pytest.raises(CheckpointNotFoundError, match=r"neither config\.json nor a \.gguf file"):
         load_model(empty)
 
 
@@ -608,5 +609,5 @@ def test_tensor_without_a_place_is_refused_by_name(tmp_path: Path) -> None:
 
 
 def test_missing_gguf_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ModelNotFoundError, match=r"GGUF file .*nope\.gguf.* does not exist"):
+    with pytest.raises(CheckpointNotFoundError, match=r"GGUF file .*nope\.gguf.* does not exist"):
         load_model(tmp_path / "nope.gguf")

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from service.engine import kernels
+from service.engine.checkpoints.loader import LoadedModel, load_model
+from service.engine.decoder import LlamaDecoder, PrefillChunk
 from service.engine.kernels import Kernels, choose
 from service.engine.kv_cache import SlotKVCache
-from service.engine.loader import LoadedModel, load_model
-from service.engine.model import LlamaDecoder, PrefillChunk
 from tests.gguf_files import smollm2_file
 from tests.support.servers import Subprocess, wait_serving
 from tokenstream.v1 import generation_pb2 as pb

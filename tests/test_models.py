@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from service.engine.api import EngineConfig
-from service.engine.loader import load_model
-from service.engine.registry import SOURCE_MODELS, UnknownModelError, canonical_name, locate
+from service.engine.checkpoints.loader import load_model
+from service.engine.checkpoints.registry import SOURCE_MODELS, UnknownModelError, canonical_name, locate
 from service.engine.scheduler import Engine
 from service.engine.types import GenerationRequest
 

@@ -17,17 +17,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.engine.kv_cache import SlotKVCache
-from service.engine.loader import (
+from service.engine.checkpoints.loader import (
+    CheckpointNotFoundError,
     LoadedModel,
-    ModelNotFoundError,
     _read_checkpoint,
     build_weights,
     load_model,
     resolve_model,
 )
-from service.engine.model import LlamaDecoder
-from service.engine.model_config import ModelConfig, UnsupportedModelError
+from service.engine.checkpoints.model_config import ModelConfig, UnsupportedModelError
+from service.engine.decoder import LlamaDecoder
+from service.engine.kv_cache import SlotKVCache
 from tests.checkpoints import GENERATION_CONFIG, SPECS, VOCAB, TinyModel
 
 PROMPT, DECODE = 10, 3
@@ -258,13 +258,13 @@ def test_unsupported_architecture_checkpoint_fails_naming_it(tiny: Callable[[str
 
 def test_hub_name_offline_says_how_to_provide_a_directory(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelNotFoundError) as info:
+    with pytest.raises(CheckpointNotFoundError) as info:
         resolve_model("some-org/some-model", allow_network=False)
     message = str(info.value)
     assert "some-org/some-model" in message and "HF_HUB_OFFLINE" in message and "--model-dir" in message
-    with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
+    with pytest.raises(CheckpointNotFoundError, match="HF_HUB_OFFLINE"):
         load_model("some-org/some-model")  # networking follows the environment by default
-    with pytest.raises(ModelNotFoundError, match="does not exist"):
+    with pytest.raises(CheckpointNotFoundError, match="does not exist"):
         resolve_model("/nonexistent/model/dir", allow_network=True)  # a path is never looked up on the hub
 
 

@@ -10,10 +10,10 @@ import paddle
 import pytest
 
 from service.engine.api import EngineConfig
+from service.engine.checkpoints.loader import LoadedModel
 from service.engine.delivery import StreamHandle
-from service.engine.loader import LoadedModel
 from service.engine.scheduler import Engine
-from service.engine.sequence import SLOW_READER, Sequence, verdict
+from service.engine.sequence import SLOW_READER, SequenceState, verdict
 from service.engine.tokenizer import Tokenizer
 from service.engine.types import Finish, GenerationRequest
 
@@ -26,12 +26,13 @@ def tok(model_dir: Path) -> Tokenizer:
 
 
 def seq_for(tok: Tokenizer, prompt: str = "hi", max_new: int = 8, max_context: int = 512, eos: tuple[int, ...] = (),
-            **kw: object) -> Sequence:
+            **kw: object) -> SequenceState:
     req = GenerationRequest(tok.encode(prompt), max_new, **kw)  # type: ignore[arg-type]
-    return Sequence(req, tok, eos, max_context, arrival_ns=1, handle=StreamHandle(lambda _: None, None, paced=True))
+    return SequenceState(req, tok, eos, max_context, arrival_ns=1,
+                         handle=StreamHandle(lambda _: None, None, paced=True))
 
 
-def feed(seq: Sequence, ids: list[int]) -> list:
+def feed(seq: SequenceState, ids: list[int]) -> list:
     return [c for i, t in enumerate(ids) if (c := seq.accept(t, now_ns=10 + i)) is not None]
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from service.engine.checkpoints.loader import LoadedModel
+from service.engine.decoder import LlamaDecoder, PrefillChunk
 from service.engine.kernels import Kernels, choose
 from service.engine.kv_cache import SlotKVCache
-from service.engine.loader import LoadedModel
-from service.engine.model import LlamaDecoder, PrefillChunk
 
 MAX_CONTEXT = 512
 TOL = 1e-4

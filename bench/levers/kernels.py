@@ -31,10 +31,10 @@ import numpy as np
 import paddle
 
 from bench.common import engine_model_path, quiet
+from service.engine.checkpoints.loader import load_model
+from service.engine.decoder import LlamaDecoder
 from service.engine.kernels import Kernels, choose, cpu_flags
 from service.engine.kv_cache import SlotKVCache
-from service.engine.loader import load_model
-from service.engine.model import LlamaDecoder
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from service.engine.checkpoints.loader import LoadedModel
+from service.engine.decoder import PrefillChunk
 from service.engine.engine import Engine, EngineConfig, _ema, _Sequence
-from service.engine.loader import LoadedModel
-from service.engine.model import PrefillChunk
 
 
 class MixedEngine(Engine):

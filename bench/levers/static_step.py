@@ -31,7 +31,7 @@ import paddle.nn.functional as F
 from paddle.incubate.nn.functional import fused_rms_norm
 from paddle.static import InputSpec
 
-from service.engine.model_config import ModelConfig
+from service.engine.checkpoints.model_config import ModelConfig
 
 log = logging.getLogger("tokenstream.static_step")
 

@@ -43,9 +43,9 @@ import paddle.nn.functional as F
 
 from bench.common import engine_model_path
 from bench.profile_step import load, median_ms, original_path
+from service.engine.checkpoints.loader import LoadedModel, load_model
+from service.engine.decoder import LlamaDecoder
 from service.engine.kv_cache import SlotKVCache
-from service.engine.loader import LoadedModel, load_model
-from service.engine.model import LlamaDecoder
 
 MAX_CONTEXT = 2048
 

@@ -3,13 +3,20 @@ so a front (gRPC, HTTP) and its unit tests run against any engine that keeps thi
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from service.engine.types import Chunk, GenerationRequest
 
 KERNEL_MODES = ("auto", "plain")
+
+
+def default_model_cache() -> Path:
+    """Where named models live unless --model-cache says otherwise."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tokenstream" / "models"
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,10 @@ class ModelInfo:
     # Sampling defaults the checkpoint recommends (generation_config.json or GGUF metadata); informative only:
     # the contract says unset sampling means greedy.
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+
+
+class ChatTemplateError(ValueError):
+    """The model has no chat template, or the template failed to render the messages."""
 
 
 class QueueFullError(RuntimeError):

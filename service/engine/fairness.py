@@ -15,14 +15,14 @@ import collections
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
-from service.engine.sequence import Sequence
+from service.engine.sequence import SequenceState
 
 
 def fair_share(capacity: int, callers: int) -> float:
     return capacity / max(1, callers)
 
 
-def holders(running: Iterable[Sequence]) -> Counter[str]:
+def holders(running: Iterable[SequenceState]) -> Counter[str]:
     """Slots held per caller."""
     return Counter(s.req.caller for s in running)
 
@@ -31,7 +31,7 @@ class FairQueue:
     """Requests waiting for a slot: one FIFO per caller."""
 
     def __init__(self) -> None:
-        self._queues: dict[str, collections.deque[Sequence]] = {}
+        self._queues: dict[str, collections.deque[SequenceState]] = {}
         self._served: dict[str, int] = {}  # caller -> tick of its last start
         self._tick = 0
         self._len = 0
@@ -39,7 +39,7 @@ class FairQueue:
     def __len__(self) -> int:
         return self._len
 
-    def __iter__(self) -> Iterator[Sequence]:
+    def __iter__(self) -> Iterator[SequenceState]:
         return (s for q in list(self._queues.values()) for s in list(q))
 
     def count(self, caller: str) -> int:
@@ -49,7 +49,7 @@ class FairQueue:
     def callers(self) -> list[str]:
         return [c for c, q in self._queues.items() if q]
 
-    def push(self, seq: Sequence, front: bool = False) -> None:
+    def push(self, seq: SequenceState, front: bool = False) -> None:
         q = self._queues.setdefault(seq.req.caller, collections.deque())
         if front:
             q.appendleft(seq)
@@ -57,15 +57,15 @@ class FairQueue:
             q.append(seq)
         self._len += 1
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: SequenceState) -> None:
         self._queues[seq.req.caller].remove(seq)
         self._len -= 1
 
-    def pop_newest(self, caller: str) -> Sequence:
+    def pop_newest(self, caller: str) -> SequenceState:
         self._len -= 1
         return self._queues[caller].pop()
 
-    def pop_next(self, held: Counter[str]) -> Sequence | None:
+    def pop_next(self, held: Counter[str]) -> SequenceState | None:
         """The next request to start: from the waiting caller holding the fewest slots, least recently served."""
         waiting = self.callers()
         if not waiting:
@@ -84,7 +84,7 @@ class FairQueue:
         self._len = 0
 
 
-def preemption_victim(running: list[Sequence], queue: FairQueue, max_slots: int) -> Sequence | None:
+def preemption_victim(running: list[SequenceState], queue: FairQueue, max_slots: int) -> SequenceState | None:
     """A running sequence to send back to the queue so that a starved caller can start, or None.
 
     Only when every slot is taken, a waiting caller holds less than its fair share, and another holds more than its
@@ -104,11 +104,11 @@ def preemption_victim(running: list[Sequence], queue: FairQueue, max_slots: int)
     return min(candidates, key=lambda s: s.cache_len) if candidates else None
 
 
-def displacement_victims(queue: FairQueue, held: Counter[str], max_queue: int, max_slots: int) -> list[Sequence]:
+def displacement_victims(queue: FairQueue, held: Counter[str], max_queue: int, max_slots: int) -> list[SequenceState]:
     """Queued requests to refuse after all, newest first, while the queue is over its bound and some caller has
     more than its share of slots and queue places together. An overflow whose callers are all within their
     share stays (the submit-side rule bounds it)."""
-    out: list[Sequence] = []
+    out: list[SequenceState] = []
     while len(queue) > max_queue:
         waiting = queue.callers()
         share = fair_share(max_slots + max_queue, len(set(held) | set(waiting)))

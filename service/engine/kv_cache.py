@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
-from service.engine.model_config import DType
+from service.engine.checkpoints.model_config import DType
 
 
 def slots_for(used: int, max_slots: int, min_bucket: int = 4) -> int:

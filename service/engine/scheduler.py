@@ -26,16 +26,16 @@ import numpy as np
 import paddle
 
 from service.engine.api import CallerQuotaError, EngineConfig, EngineStats, ModelInfo, QueueFullError
+from service.engine.checkpoints.loader import LoadedModel
+from service.engine.decoder import LlamaDecoder, PrefillChunk
 from service.engine.delivery import AsyncStream, Outbox, StreamHandle, iterate_sync
 from service.engine.fairness import FairQueue, displacement_victims, fair_share, holders, preemption_victim
 from service.engine.hooks import EngineHooks
 from service.engine.kernels import select as select_kernels
 from service.engine.kv_cache import SlotKVCache
-from service.engine.loader import LoadedModel
-from service.engine.model import LlamaDecoder, PrefillChunk
 from service.engine.progress import Progress
 from service.engine.sampling import apply_penalties, log_softmax, sample_row, top_alternatives
-from service.engine.sequence import Sequence, verdict
+from service.engine.sequence import SequenceState, verdict
 from service.engine.tokenizer import Tokenizer
 from service.engine.types import Chunk, ErrorKind, Finish, GenerationRequest, TopToken
 
@@ -58,12 +58,12 @@ class Engine:
             model.config.num_layers, self.config.max_slots, model.config.num_kv_heads, model.config.head_dim,
             max_context, self.config.dtype,
         )
-        self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[SequenceState | None] = queue.SimpleQueue()
         self._waiting = FairQueue()  # engine thread only
-        self._active: list[Sequence] = []  # decode rows; index == slot
-        self._prefilling: Sequence | None = None  # partly prefilled, at slot len(_active)
+        self._active: list[SequenceState] = []  # decode rows; index == slot
+        self._prefilling: SequenceState | None = None  # partly prefilled, at slot len(_active)
         self._outbox = Outbox()
-        self._done: list[Sequence] = []  # finished in this step, slots not yet freed
+        self._done: list[SequenceState] = []  # finished in this step, slots not yet freed
         self._steps = 0
         self._iterations = 0
         self._preemptions = 0
@@ -191,8 +191,8 @@ class Engine:
         handle = StreamHandle(deliver, loop, paced)
         now = time.time_ns()
         handle.marks.arrival_ns = now
-        self._inbox.put(Sequence(req, self.model.tokenizer, self.model.config.eos_token_ids, self.config.max_context,
-                                 now, handle))
+        self._inbox.put(SequenceState(req, self.model.tokenizer, self.model.config.eos_token_ids,
+                                      self.config.max_context, now, handle))
         return handle
 
     def _admit_caller(self, caller: str) -> None:
@@ -222,7 +222,7 @@ class Engine:
                     raise QueueFullError("all slots and the wait queue are full")
             self._inflight[caller] += 1
 
-    def _running(self) -> list[Sequence]:
+    def _running(self) -> list[SequenceState]:
         """Sequences holding a slot: decoding, or being prefilled."""
         prefilling = self._prefilling
         return [*self._active, *([prefilling] if prefilling is not None else [])]
@@ -314,7 +314,7 @@ class Engine:
                 self._finish(seq, *why)
         self._release_done()
 
-    def _everyone(self) -> list[Sequence]:
+    def _everyone(self) -> list[SequenceState]:
         return [*self._waiting, *self._running()]
 
     def _prefill_budget(self) -> int:
@@ -327,12 +327,12 @@ class Engine:
         tokens = int(self.config.prefill_stall_steps * self._step_s / per_token)
         return max(min(MIN_PREFILL_CHUNK, cap), min(cap, tokens))
 
-    def _plan_prefill(self) -> list[tuple[Sequence, int, bool]]:
+    def _plan_prefill(self) -> list[tuple[SequenceState, int, bool]]:
         """This iteration's prompt chunks: (sequence, tokens, whether that completes it). An unfinished prompt goes
         on first; then waiting prompts, each in the next slot, while the budget lasts. Only the last may stay
         unfinished (it becomes _prefilling, at slot len(_active) once the others have joined): slots stay packed."""
         budget = self._prefill_budget()
-        plan: list[tuple[Sequence, int, bool]] = []
+        plan: list[tuple[SequenceState, int, bool]] = []
         if (going := self._prefilling) is not None:
             n = min(budget, len(going.context) - going.prefilled)
             plan.append((going, n, going.prefilled + n == len(going.context)))
@@ -360,7 +360,7 @@ class Engine:
             self._prefilling = plan[-1][0]
         return plan
 
-    def _step(self, plan: list[tuple[Sequence, int, bool]], decode: bool) -> None:
+    def _step(self, plan: list[tuple[SequenceState, int, bool]], decode: bool) -> None:
         """One forward: a token for every active row (when decoding), and this iteration's prompt chunks, sharing
         every weight read. Finished prompts join the active rows and take their first token from this step."""
         rows = list(self._active) if decode else []
@@ -390,7 +390,7 @@ class Engine:
             self._extra_s_per_token = _ema(self._extra_s_per_token, max(spent - self._step_s, 0.0) / prompt_tokens)
         if prompt_tokens:
             self._prefill_s_per_token = _ema(self._prefill_s_per_token, spent / prompt_tokens)
-        started_now: list[tuple[Sequence, np.ndarray]] = []
+        started_now: list[tuple[SequenceState, np.ndarray]] = []
         for (seq, n, done), out in zip(plan, chunk_logits, strict=True):
             seq.prefilled += n
             if done:
@@ -408,13 +408,13 @@ class Engine:
             self._sample_rows([s for s, _ in started_now], np.stack([o for _, o in started_now]))
         self._release_done()
 
-    def _oom(self, seq: Sequence, exc: BaseException) -> None:
+    def _oom(self, seq: SequenceState, exc: BaseException) -> None:
         if seq is self._prefilling:
             self._prefilling = None
         self._finish(seq, Finish.ERROR, f"out of memory in prefill: {exc}", ErrorKind.OUT_OF_MEMORY)
         self._release_done()
 
-    def _sample_rows(self, rows: list[Sequence], logits: np.ndarray) -> None:
+    def _sample_rows(self, rows: list[SequenceState], logits: np.ndarray) -> None:
         """Pick each row's next token with its own parameters; logits: [B, V] float32."""
         greedy = logits.argmax(axis=-1) if not all(s.needs_logits for s in rows) else None  # [B]
         for i, seq in enumerate(rows):
@@ -431,7 +431,7 @@ class Engine:
                                                                    "trace_id": seq.req.trace_id or None}})
                 self._finish(seq, Finish.ERROR, f"{type(exc).__name__}: {exc}")
 
-    def _choose(self, seq: Sequence, raw: np.ndarray) -> tuple[int, float | None, tuple[TopToken, ...]]:
+    def _choose(self, seq: SequenceState, raw: np.ndarray) -> tuple[int, float | None, tuple[TopToken, ...]]:
         """Sample one row [V]; with the logprobs the request asked for."""
         req = seq.req
         row = raw.astype(np.float64)
@@ -445,7 +445,8 @@ class Engine:
         lp = log_softmax(raw.astype(np.float64))
         return token, float(lp[token]) if req.logprobs else None, top_alternatives(lp, req.top_n, self._decode_token)
 
-    def _accept(self, seq: Sequence, token: int, logprob: float | None = None, top: tuple[TopToken, ...] = ()) -> None:
+    def _accept(self, seq: SequenceState, token: int, logprob: float | None = None,
+                top: tuple[TopToken, ...] = ()) -> None:
         now = time.time_ns()
         if not seq.generated:
             seq.handle.marks.first_token_ns = now
@@ -455,7 +456,7 @@ class Engine:
         if seq.finished:
             self._done.append(seq)
 
-    def _finish(self, seq: Sequence, reason: Finish, error: str = "", error_kind: ErrorKind | None = None) -> None:
+    def _finish(self, seq: SequenceState, reason: Finish, error: str = "", error_kind: ErrorKind | None = None) -> None:
         if seq.finished:
             return
         self._outbox.put(seq.handle, seq.finish(reason, time.time_ns(), error, error_kind))
@@ -469,7 +470,7 @@ class Engine:
             self._release(seq)
         self._retire(done)
 
-    def _retire(self, done: list[Sequence]) -> None:
+    def _retire(self, done: list[SequenceState]) -> None:
         """Finished sequences no longer count against their callers."""
         with self._inflight_lock:
             for seq in done:
@@ -477,7 +478,7 @@ class Engine:
                 if self._inflight[seq.req.caller] <= 0:
                     del self._inflight[seq.req.caller]
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: SequenceState) -> None:
         """Free the sequence's slot, moving the last active slot (and the prefilling one) down to stay packed."""
         if seq is self._prefilling:
             self._prefilling = None

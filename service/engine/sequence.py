@@ -19,7 +19,7 @@ from service.engine.types import Chunk, ErrorKind, Finish, GenerationRequest, Ti
 SLOW_READER = "the client stopped reading"
 
 
-class Sequence:
+class SequenceState:
     """Engine-thread state of one request."""
 
     def __init__(self, req: GenerationRequest, tokenizer: Any, eos_ids: tuple[int, ...], max_context: int,
@@ -130,7 +130,8 @@ class Sequence:
         return tuple(self.req.prompt_ids) if self.req.echo_prompt_tokens else ()
 
 
-def verdict(seq: Sequence, now_monotonic: float, max_backlog: int, slow_reader_s: float) -> tuple[Finish, str] | None:
+def verdict(seq: SequenceState, now_monotonic: float, max_backlog: int,
+            slow_reader_s: float) -> tuple[Finish, str] | None:
     """Why a sequence must end before its next step, if it must: cancelled, past its deadline, or unread.
 
     Computed once per sequence and step: the consumer moves `consumed` concurrently, so asking twice can disagree.

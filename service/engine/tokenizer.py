@@ -11,9 +11,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
-
-class ChatTemplateError(ValueError):
-    """The model has no chat template, or the template failed to render the messages."""
+from service.engine.api import ChatTemplateError
 
 
 @dataclass(frozen=True)

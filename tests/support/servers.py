@@ -17,8 +17,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.config import Config, config_from
-from service.engine.api import EngineClient
-from service.engine.registry import default_model_cache, locate
+from service.engine.api import EngineClient, default_model_cache
+from service.engine.checkpoints.registry import locate
 from service.engine.scheduler import Engine
 from service.server import RunningServer, load_engine, start_server
 from tests.support.hooks import StepGate

@@ -1,4 +1,4 @@
-"""Load a checkpoint directory, or a GGUF file (see service/engine/gguf.py), into decoder weights.
+"""Load a checkpoint directory, or a GGUF file (see service/engine/checkpoints/gguf.py), into decoder weights.
 
 Two directory layouts are accepted, each with one file or several shards:
 
@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import paddle
 
-from service.engine.gguf import read_gguf
-from service.engine.model import LayerWeights, ModelWeights
-from service.engine.model_config import DType, ModelConfig, UnsupportedModelError
+from service.engine.checkpoints.gguf import read_gguf
+from service.engine.checkpoints.model_config import DType, ModelConfig, UnsupportedModelError
+from service.engine.decoder import LayerWeights, ModelWeights
 from service.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("tokenstream.loader")
@@ -50,7 +50,7 @@ PADDLE_PREFIXES = ("llama.", "qwen2.", "mistral.", "ernie.")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.pdparams", "tokenizer.model", "*.tiktoken", "*.txt"]
 
 
-class ModelNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(FileNotFoundError):
     """The model directory is missing or incomplete, or the model cannot be fetched."""
 
 
@@ -95,26 +95,27 @@ def resolve_model(name_or_path: str | os.PathLike[str], allow_network: bool) -> 
         "GGUF file, with --model-dir or TOKENSTREAM_MODEL_DIR"
     )
     if path.exists():
-        raise ModelNotFoundError(f"model path {name!r} is neither a directory nor a {GGUF_SUFFIX} file; {how}")
+        raise CheckpointNotFoundError(f"model path {name!r} is neither a directory nor a {GGUF_SUFFIX} file; {how}")
     if path.suffix == GGUF_SUFFIX:
-        raise ModelNotFoundError(f"GGUF file {name!r} does not exist; {how}")
+        raise CheckpointNotFoundError(f"GGUF file {name!r} does not exist; {how}")
     if not _REPO_ID.match(name):
-        raise ModelNotFoundError(f"model directory {name!r} does not exist; {how}")
+        raise CheckpointNotFoundError(f"model directory {name!r} does not exist; {how}")
     if not allow_network:
-        raise ModelNotFoundError(
+        raise CheckpointNotFoundError(
             f"model {name!r} is not a local directory and networking is off (HF_HUB_OFFLINE=1 or "
             f"TRANSFORMERS_OFFLINE=1), so it cannot be fetched from the Hugging Face Hub; {how}"
         )
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:
-        raise ModelNotFoundError(
+        raise CheckpointNotFoundError(
             f"model {name!r} is not a local directory and huggingface_hub is not installed to fetch it; {how}"
         ) from exc
     try:
         return Path(snapshot_download(repo_id=name, allow_patterns=HUB_PATTERNS))
     except Exception as exc:  # network, auth, missing repo: all end the same way for the caller
-        raise ModelNotFoundError(f"could not fetch model {name!r} from the Hugging Face Hub ({exc}); {how}") from exc
+        raise CheckpointNotFoundError(
+            f"could not fetch model {name!r} from the Hugging Face Hub ({exc}); {how}") from exc
 
 
 # -- reading tensors ---------------------------------------------------------------------------------------
@@ -145,13 +146,13 @@ def _read_checkpoint(model_dir: Path) -> RawCheckpoint:
     elif (model_dir / PADDLE_SINGLE).exists():
         files = [model_dir / PADDLE_SINGLE]
     else:
-        raise ModelNotFoundError(
+        raise CheckpointNotFoundError(
             f"{model_dir} has no weights: expected {HF_SINGLE}, {HF_INDEX} with its shards, {PADDLE_SINGLE} "
             f"or {PADDLE_INDEX} with its shards"
         )
     missing = [f.name for f in files if not f.exists()]
     if missing:
-        raise ModelNotFoundError(f"{model_dir} lacks weight shards {missing}")
+        raise CheckpointNotFoundError(f"{model_dir} lacks weight shards {missing}")
     state: dict[str, paddle.Tensor] = {}
     signal: bool | None = None
     for f in files:
@@ -410,7 +411,7 @@ def load_model(
     raw_cfg = json.loads((model_dir / "config.json").read_text())
     cfg = ModelConfig.from_dict(raw_cfg)
     if not (model_dir / "tokenizer.json").exists():
-        raise ModelNotFoundError(f"{model_dir} has no tokenizer.json")
+        raise CheckpointNotFoundError(f"{model_dir} has no tokenizer.json")
     ckpt = _read_checkpoint(model_dir)
     state = ckpt.state
     prefix = _normalize_keys(state)
@@ -444,11 +445,11 @@ def find_gguf(path: Path) -> Path | None:
     if len(found) == 1:
         return found[0]
     if found:
-        raise ModelNotFoundError(
+        raise CheckpointNotFoundError(
             f"model directory {str(path)!r} holds {len(found)} GGUF files ({', '.join(f.name for f in found)}); "
             "pass the one to load as --model-dir / TOKENSTREAM_MODEL_DIR"
         )
-    raise ModelNotFoundError(
+    raise CheckpointNotFoundError(
         f"model directory {str(path)!r} has neither config.json nor a {GGUF_SUFFIX} file; pass a local directory in "
         "the Hugging Face layout (config.json, model.safetensors, tokenizer.json) or a GGUF file with --model-dir "
         "or TOKENSTREAM_MODEL_DIR"

@@ -16,9 +16,9 @@ import paddle
 import paddle.nn.functional as F
 from paddle.incubate.nn.functional import fused_rms_norm
 
+from service.engine.checkpoints.model_config import DType, ModelConfig
 from service.engine.kernels import PLAIN, Kernels
 from service.engine.kv_cache import SlotKVCache
-from service.engine.model_config import DType, ModelConfig
 
 log = logging.getLogger("tokenstream.model")
 

