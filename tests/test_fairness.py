@@ -15,8 +15,9 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from service.engine.api import CallerQuotaError, EngineConfig, QueueFullError
 from service.engine.delivery import StreamHandle
-from service.engine.fairness import FairQueue, displacement_victims, holders, preemption_victim
+from service.engine.fairness import CallerAdmission, FairQueue, displacement_victims, holders, preemption_victim
 from service.engine.sequence import SequenceState
 from service.engine.tokenizer import Tokenizer
 from service.engine.types import GenerationRequest
@@ -92,6 +93,33 @@ def test_an_overflowing_queue_displaces_the_newest_request_of_the_caller_over_it
     queue.push(newcomer)
     assert displacement_victims(queue, holders(running), max_queue=8, max_slots=4) == [flood[-1]]
     assert len(queue) == 8 and queue.count("b") == 1
+
+
+def test_admission_refuses_over_a_callers_caps_and_over_its_share_of_a_full_queue(tok: Tokenizer) -> None:
+    capped = CallerAdmission(EngineConfig(max_slots=2, max_queue=2, caller_max_streams=2))
+    capped.admit("a", [])
+    capped.admit("a", [])
+    with pytest.raises(CallerQuotaError):
+        capped.admit("a", [])
+    capped.retire([seq(tok, "a")])  # one of a's streams ends: a may submit again
+    capped.admit("a", [])
+    full = CallerAdmission(EngineConfig(max_slots=2, max_queue=2))
+    for _ in range(4):
+        full.admit("a", [])
+    with pytest.raises(QueueFullError):  # slots and queue all taken, and a holds more than its share
+        full.admit("a", [])
+    full.admit("b", [])  # b holds nothing: it still gets in (the engine then displaces one of a's)
+
+
+def test_the_first_token_estimate_follows_the_callers_own_place(tok: Tokenizer) -> None:
+    """Both slots held by a's long streams, two of a's queued: a waits for a slot to free; b, below its share,
+    starts within a step (by preemption), so its estimate is its prefill and one step."""
+    admission = CallerAdmission(EngineConfig(max_slots=2, max_queue=4))
+    for _ in range(4):
+        admission.admit("a", [])
+    active = [seq(tok, "a", 10), seq(tok, "a", 20)]  # 40 and 30 tokens to go at 0.1 s a step
+    assert admission.first_token_s("b", 10, active, None, 2, 0.1, 0.01) == pytest.approx(0.1 + 0.1)
+    assert admission.first_token_s("a", 10, active, None, 2, 0.1, 0.01) == pytest.approx(4.0 + 0.1 + 0.1)
 
 
 # -- the real server ------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Decode rows attend over their own lengths (LlamaDecoder._decode_groups), not the capacity the longest row set.
+"""Decode rows attend over their own lengths (Attention.decode_groups), not the capacity the longest row set.
 
 The suite's model (2 layers, GQA 4/2, real Qwen2 vocabulary, random weights) decodes 8 rows of mixed lengths, one
 far longer than the others, with the grouping on and off over identical caches: the logits must agree to float32
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from service.engine.checkpoints.loader import LoadedModel
-from service.engine.decoder import LlamaDecoder, PrefillChunk
+from service.engine.decoder import DecoderOptions, LlamaDecoder, PrefillChunk
 from service.engine.kernels import Kernels, choose
 from service.engine.kv_cache import SlotKVCache
 
@@ -43,7 +43,7 @@ def test_mixed_lengths_match_the_padded_attention(loaded_model: LoadedModel, ker
     cfg, w = loaded_model.config, loaded_model.weights
     rng = np.random.default_rng(7)
     prompts = [rng.integers(4, cfg.vocab_size, n).astype(np.int64) for n in LENGTHS]
-    padded = LlamaDecoder(cfg, w, MAX_CONTEXT, "float32", kernels=kernels, true_lengths=False)
+    padded = LlamaDecoder(cfg, w, MAX_CONTEXT, "float32", kernels=kernels, options=DecoderOptions(true_lengths=False))
     grouped = LlamaDecoder(cfg, w, MAX_CONTEXT, "float32", kernels=kernels)
     assert grouped.fast and grouped.kernels == kernels, "the one-forward step is the path under test"
     ref_cache, new_cache = prefilled(loaded_model, padded, prompts), prefilled(loaded_model, padded, prompts)
@@ -51,7 +51,7 @@ def test_mixed_lengths_match_the_padded_attention(loaded_model: LoadedModel, ker
     tokens = np.array([int(p[-1]) for p in prompts], dtype=np.int64)
     positions = np.array(LENGTHS, dtype=np.int64)
 
-    groups, order = grouped._decode_groups(new_cache, positions)
+    groups, order = grouped.attention.decode_groups(new_cache, positions)
     spans = [int(g.mask.shape[-1]) for g in groups]
     assert [int(g.mask.shape[0]) for g in groups] == [7, 1]
     assert spans == [96, 512]  # the short rows over 65 positions rounded up to 96, the long one over all 512
@@ -88,7 +88,7 @@ def test_uniform_and_single_rows_keep_attending_on_the_cache_itself(loaded_model
     for positions in (np.full(32, 84), np.full(8, 139), np.array([300]), np.array([5, 300])):
         cache = SlotKVCache(cfg.num_layers, 32, cfg.num_kv_heads, cfg.head_dim, MAX_CONTEXT, "float32")
         cache.ensure(int(positions.max()) + 1, len(positions))
-        groups, order = dec._decode_groups(cache, positions.astype(np.int64))
+        groups, order = dec.attention.decode_groups(cache, positions.astype(np.int64))
         assert len(groups) == 1, positions
         assert groups[0].blocks is None
         assert groups[0].rows is None

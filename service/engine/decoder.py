@@ -9,21 +9,22 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 from paddle.incubate.nn.functional import fused_rms_norm
 
+from service.engine.attention import MASKED, Attention, AttentionPlan
 from service.engine.checkpoints.model_config import DType, ModelConfig
 from service.engine.kernels import PLAIN, Kernels
 from service.engine.kv_cache import SlotKVCache
 
 log = logging.getLogger("tokenstream.model")
 
-MASKED = -1e30  # additive mask; -inf can turn a fully masked row into NaN
-KEY_BLOCK = 32  # positions per gathered block of a row's keys (attention over the true lengths)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,15 +35,6 @@ class PrefillChunk:
     tokens: np.ndarray
     start: int
     want_logits: bool
-
-
-@dataclass(frozen=True)
-class RowGroup:
-    """Decode rows that attend over their slots' first `span` positions (LlamaDecoder._decode_groups)."""
-
-    rows: paddle.Tensor | None  # [n] int64, the rows' places in the batch; None: all B rows in order
-    blocks: paddle.Tensor | None  # [n kv span/KEY_BLOCK] int64 key blocks to gather; None: the cache views, span cap
-    mask: paddle.Tensor  # [n, kv, g, span] additive
 
 
 @dataclass
@@ -92,17 +84,55 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return inv
 
 
+@dataclass(frozen=True)
+class DecoderOptions:
+    """The decoder's levers that only the benchmarks turn (bench/PROFILE.md); the engine runs the defaults."""
+
+    threads: int | None = None  # MKL and OpenMP threads, set per call; None: Paddle's own (one on CPU)
+    lm_head: str = "auto"  # "auto", or one forced: "numpy", "paddle" (NN on the copy), "paddle_nt"
+    split_gate_up: bool = True  # gate and up as two [H, I] matmuls (float32 only)
+    true_lengths: bool = True  # decode rows attend over their own lengths where it pays (attention.py)
+
+
+DEFAULT_OPTIONS = DecoderOptions()
+
+
+@dataclass(slots=True, eq=False)
+class _Pass:
+    """One forward's tensors, handed from section to section. N rows: the B decode tokens, then the chunks'."""
+
+    cache: SlotKVCache
+    n: int
+    cos: paddle.Tensor = field(init=False)  # [N, nh + kv, d], 1/sqrt(d) in the query heads' (step); [N, 1, d] (plain)
+    sin: paddle.Tensor = field(init=False)  # the same; in the step rolled by d/2, the sign folded in
+    rows: paddle.Tensor = field(init=False)  # [N kv] each (token, kv head)'s row in a layer's flat cache
+    attention: AttentionPlan = field(init=False)  # the step's
+    mask: paddle.Tensor = field(init=False)  # [B, 1, 1, cap] additive (plain)
+    x: paddle.Tensor = field(init=False)  # [N, H] the residual stream
+    h: paddle.Tensor = field(init=False)  # [N, H] normed: the next sublayer's input
+    qk: paddle.Tensor = field(init=False)  # [N, (nh + kv) d] (step)
+    q: paddle.Tensor = field(init=False)  # [N, nh, d]; in the step pre-scaled
+    k: paddle.Tensor = field(init=False)  # [N, kv, d]
+    v: paddle.Tensor = field(init=False)  # [N, kv d]
+    out: paddle.Tensor = field(init=False)  # [N, nh d] the attention's output
+    gu: paddle.Tensor = field(init=False)  # [N, I] the SwiGLU's output
+
+
+Section = Callable[[_Pass, int, LayerWeights], None]  # one part of layer i's body, on the pass's tensors
+
+
 class LlamaDecoder:
     """Llama, Qwen2, Mistral and ERNIE-4.5 dense share this forward: RMSNorm, RoPE, GQA and SwiGLU."""
 
     def __init__(
         self, cfg: ModelConfig, weights: ModelWeights, max_context: int, dtype: DType, kernels: Kernels = PLAIN,
-        threads: int | None = None, lm_head: str = "auto", split_gate_up: bool = True, true_lengths: bool = True,
+        options: DecoderOptions = DEFAULT_OPTIONS,
     ) -> None:
         self.cfg = cfg
         self.w = weights
         self.dtype = dtype
         self.max_context = max_context
+        self.options = options
         freqs = np.outer(np.arange(max_context, dtype=np.float64), rope_inv_freq(cfg))  # [T, d/2]
         emb = np.concatenate([freqs, freqs], axis=-1)  # [T, d]
         self.cos = paddle.to_tensor(np.cos(emb).astype(np.float32)).astype(dtype)  # [T, d]
@@ -113,16 +143,15 @@ class LlamaDecoder:
         # The lm_head on CPU (bench/PROFILE.md): for 1-3 rows numpy's BLAS on the [H, V] copy, through a DLPack
         # view of Paddle's memory (Paddle's NN matmul ties with it, its NT one is 2x slower); from 4 rows, with
         # tied embeddings, Paddle's matmul against the embedding [V, H] itself (x @ E^T), which beat numpy by
-        # 1.2-1.5x at 4-8 rows and 1.1x at 32, and Paddle's NN matmul by 1.4-1.7x. lm_head: "auto" picks so;
-        # "numpy", "paddle" (NN on the copy) and "paddle_nt" force one.
+        # 1.2-1.5x at 4-8 rows and 1.1x at 32, and Paddle's NN matmul by 1.4-1.7x. options.lm_head "auto" picks
+        # so; the others force one.
+        lm_head = options.lm_head
         on_cpu = weights.lm_head.place.is_cpu_place() and weights.lm_head.dtype == paddle.float32
         host = on_cpu and lm_head in ("auto", "numpy")
         self._host_lm_head = np.from_dlpack(weights.lm_head) if host else None  # [H, V]
         nt = lm_head == "paddle_nt" or (lm_head == "auto" and on_cpu)
         self._lm_head_nt_from = (1 if lm_head == "paddle_nt" else 4) if nt and cfg.tie_word_embeddings else 1 << 30
-        # Paddle runs its CPU matmuls on one thread unless told otherwise (FLAGS_paddle_num_threads = 1).
-        self.threads = threads
-        # Profiling hook (bench/profile_step.py): called with a section's name when that section ends.
+        # The profiling hook (bench/profile_step.py): called with a section's name when that section ends (_section).
         self.trace: Callable[[str], None] | None = None
         # RoPE as a roll by d/2 (rotate-half with the sign folded into sin), and 1/sqrt(d) folded into the query
         # rows of cos and sin: q and k rotate in one go and q comes out scaled.
@@ -130,19 +159,13 @@ class LlamaDecoder:
         self.sin_rolled = paddle.concat([-self.sin[:, :half], self.sin[:, half:]], axis=-1)  # [T, d]
         qk_scale = np.array([self.scale] * cfg.num_heads + [1.0] * cfg.num_kv_heads, dtype=np.float32)
         self.qk_scale = paddle.to_tensor(qk_scale.reshape(1, -1, 1)).astype(dtype)  # [1, nh + kv, 1]
-        self._views: tuple[object, ...] = ()  # (cache, generation, B) of the views below
-        self._view_lists: tuple[list[paddle.Tensor], list[paddle.Tensor]] = ([], [])
-        self._blocks: tuple[object, ...] = ()  # (cache, generation) of the block views below
-        self._block_lists: tuple[list[paddle.Tensor], list[paddle.Tensor]] = ([], [])
-        # Decode rows attend over their own lengths (rounded up to KEY_BLOCK) when the cost model below says so,
-        # instead of every row over the capacity the longest row set (bench/PROFILE.md, bench/levers/true_lengths.py).
-        self.true_lengths = true_lengths
+        self.attention = Attention(cfg, options.true_lengths)
         # The one-forward step (step()) serves float32, with or without the fused kernels; half precision takes the
         # plain forwards. Optional fused kernels only where kernels.py proved them in a child process (a kernel built
         # for AVX-512 kills the process on a CPU without it), and float32 only: Paddle's CPU kernels are.
         self.fast = dtype == "float32"
         self.kernels = kernels if self.fast else PLAIN
-        self.split_gate_up = self.fast and split_gate_up
+        self.split_gate_up = self.fast and options.split_gate_up
         if self.split_gate_up:
             for layer in weights.layers:
                 if layer.gate is None or layer.up is None:
@@ -150,6 +173,16 @@ class LlamaDecoder:
                     inter = layer.gate_up.shape[1] // 2
                     layer.gate, layer.up = layer.gate_up[:, :inter].contiguous(), layer.gate_up[:, inter:].contiguous()
                     layer.gate_up = None  # the split path never reads it: keep one copy of the weights
+        # Each forward's layer body, as named sections (the names the profiling hook hears).
+        self._step_layer: tuple[tuple[str, Section], ...] = (
+            ("qkv", self._qkv_rows), ("rotary", self._rotary), ("cache_write", self._cache_write),
+            ("attention", self._attention), ("o_proj", self._o_proj), ("gate_up", self._gate_up), ("down", self._down),
+        )
+        self._plain_layer: tuple[tuple[str, Section], ...] = (
+            ("norm", self._plain_input_norm), ("qkv", self._plain_qkv), ("rotary", self._plain_rotary),
+            ("cache_write", self._cache_write), ("attention", self._plain_attention), ("o_proj", self._plain_o_proj),
+            ("norm", self._plain_post_norm), ("gate_up", self._gate_up), ("down", self._plain_down),
+        )
 
     # -- the engine's entry points ---------------------------------------------------------------
 
@@ -180,95 +213,21 @@ class LlamaDecoder:
         Returns (logits [B, V] of the decode rows or None when B = 0, per chunk its last position's logits [V] if
         it asked for them, else None). The cache must hold every position written (cache.capacity).
         """
+        self._use_threads()
         if not self.fast:  # half precision: the same results, one call per part
-            self._use_threads()
             per_chunk = [self.prefill_plain(cache, c.slot, c.tokens, c.start, c.want_logits) for c in chunks]
             return (self.decode_step_plain(cache, tokens, positions) if len(tokens) else None), per_chunk
-        self._use_threads()
-        cfg = self.cfg
-        b = int(tokens.shape[0])
-        nh, kv, g, d = cfg.num_heads, cfg.num_kv_heads, cfg.group_size, cfg.head_dim
-        tr = self.trace
-        cap = cache.capacity
-        # Rows: the B decode tokens, then each chunk's tokens. Their slots and positions, for RoPE and the cache.
-        if chunks:
-            all_tokens = np.concatenate([tokens, *(c.tokens for c in chunks)]).astype(np.int64)
-            all_pos = np.concatenate([positions, *(np.arange(c.start, c.start + len(c.tokens)) for c in chunks)])
-            slots = np.concatenate([np.arange(b), *(np.full(len(c.tokens), c.slot) for c in chunks)])
-        else:
-            all_tokens, all_pos, slots = tokens, positions, np.arange(b)
-        n = int(all_tokens.shape[0])
-        top = max(b, max((c.slot + 1 for c in chunks), default=0))
-        if top > cache.slots:
-            raise ValueError(f"the step uses slot {top - 1} but the cache has {cache.slots} allocated; call "
-                             "cache.ensure(longest, used_slots) first")
-        pos = paddle.to_tensor(all_pos, dtype="int64")  # [N]
-        cos = paddle.gather(self.cos, pos).unsqueeze(1) * self.qk_scale  # [N, nh + kv, d]
-        sin = paddle.gather(self.sin_rolled, pos).unsqueeze(1) * self.qk_scale
-        rows = cache.rows(slots, all_pos)  # [N kv] rows of each (token, kv head) in a layer's flat cache
-        # Masks at the full shape of the scores they are added to: Paddle's CPU add with broadcasting took 244 us
-        # for [32, 3, 3, 128] + [32, 1, 1, 128], a same-shape add 7 us.
-        keys = np.arange(cap)[None, :]
-        k_blocks: list[paddle.Tensor] = []
-        v_blocks: list[paddle.Tensor] = []
-        if b:  # each decode row sees its own slot's positions 0..pos
-            groups, order = self._decode_groups(cache, positions)
-            k_views, v_views = self._active_views(cache, b)
-            if any(gr.blocks is not None for gr in groups):
-                k_blocks, v_blocks = self._block_views(cache)
-        chunk_masks = []
-        for c in chunks:  # causal over the slot: query j sees positions 0..start+j
-            allowed = keys <= (c.start + np.arange(len(c.tokens)))[:, None]  # [C, cap]
-            chunk_masks.append(self._mask(allowed, (kv, g, len(c.tokens), cap)))
-        layers = self.w.layers
-        x = F.embedding(paddle.to_tensor(all_tokens, dtype="int64"), self.w.embed)  # [N, H], the residual stream
-        h = self._norm(x, layers[0].input_norm)
-        if tr:
-            tr("inputs")
-        for i, layer in enumerate(layers):
-            qkv = paddle.matmul(h, layer.qkv)  # [N, (nh + 2 kv) d]
-            if layer.qkv_bias is not None:
-                qkv = qkv + layer.qkv_bias
-            qk, v = paddle.split(qkv, [self.q_width + self.kv_width, self.kv_width], axis=-1)
-            if tr:
-                tr("qkv")
-            qk = qk.reshape([n, nh + kv, d])
-            qk = qk * cos + paddle.roll(qk, d // 2, axis=-1) * sin
-            q, k = paddle.split(qk, [nh, kv], axis=1)  # [N, nh, d] (scaled), [N, kv, d]
-            if tr:
-                tr("rotary")
-            cache.write_rows(i, rows, k.reshape([n * kv, d]), v.reshape([n * kv, d]))  # in place
-            if tr:
-                tr("cache_write")
-            outs = []
-            if b:
-                qd = (q[:b] if chunks else q).reshape([b, kv, g, d])  # queries grouped under their kv head
-                kb, vb = (k_blocks[i], v_blocks[i]) if k_blocks else (None, None)
-                outs.append(self._decode_attention(qd, k_views[i], v_views[i], kb, vb, groups, order))
-            r = b
-            for c, mask in zip(chunks, chunk_masks, strict=True):
-                outs.append(self._chunk_attention(cache, i, c.slot, q[r:r + len(c.tokens)], mask))
-                r += len(c.tokens)
-            out = outs[0] if len(outs) == 1 else paddle.concat(outs, axis=0)  # [N, nh d]
-            if tr:
-                tr("attention")
-            h, x = self._add_norm(paddle.matmul(out, layer.o), x, layer.post_norm)
-            if tr:
-                tr("o_proj")
-            gu = self._swiglu(layer, h)
-            if tr:
-                tr("gate_up")
-            norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.norm
-            h, x = self._add_norm(paddle.matmul(gu, layer.down), x, norm)
-            if tr:
-                tr("down")
+        s = self._section("inputs", self._step_inputs, cache, tokens, positions, chunks)
+        self._layers(self._step_layer, s)
         # The lm_head only for the rows that need logits: all decode rows, the last row of chunks that ask.
+        b = int(tokens.shape[0])
         wanted = list(range(b))
         ends = np.cumsum([b] + [len(c.tokens) for c in chunks])[1:] - 1
         wanted += [int(e) for e, c in zip(ends, chunks, strict=True) if c.want_logits]
         if not wanted:
             return None, [None] * len(chunks)
-        if len(wanted) < n:
+        h = s.h  # [N, H], final-normed
+        if len(wanted) < s.n:
             h = paddle.gather(h, paddle.to_tensor(np.array(wanted, dtype=np.int64)))
         logits = self._head(h)
         chunk_logits: list[np.ndarray | None] = []
@@ -278,134 +237,98 @@ class LlamaDecoder:
             j += int(c.want_logits)
         return (logits[:b] if b else None), chunk_logits
 
+    # -- sections, and the profiling hook --------------------------------------------------------
+
+    def _section(self, name: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run one section of a forward, then the profiling hook: trace(name) when one is set."""
+        out = fn(*args)
+        if self.trace is not None:
+            self.trace(name)
+        return out
+
+    def _layers(self, sections: tuple[tuple[str, Section], ...], s: _Pass) -> None:
+        """Every layer in turn, each as its sections in order, each followed by the profiling hook (as _section,
+        inlined: this loop runs ~8 sections x layers per step)."""
+        tr = self.trace
+        for i, layer in enumerate(self.w.layers):
+            for name, section in sections:
+                section(s, i, layer)
+                if tr is not None:
+                    tr(name)
+
+    def _step_inputs(
+        self, cache: SlotKVCache, tokens: np.ndarray, positions: np.ndarray, chunks: Sequence[PrefillChunk]
+    ) -> _Pass:
+        """The step's rows: the B decode tokens, then each chunk's; their RoPE, cache rows and attention plan, and
+        the first layer's normed input."""
+        b = int(tokens.shape[0])
+        if chunks:
+            all_tokens = np.concatenate([tokens, *(c.tokens for c in chunks)]).astype(np.int64)
+            all_pos = np.concatenate([positions, *(np.arange(c.start, c.start + len(c.tokens)) for c in chunks)])
+            slots = np.concatenate([np.arange(b), *(np.full(len(c.tokens), c.slot) for c in chunks)])
+        else:
+            all_tokens, all_pos, slots = tokens, positions, np.arange(b)
+        top = max(b, max((c.slot + 1 for c in chunks), default=0))
+        if top > cache.slots:
+            raise ValueError(f"the step uses slot {top - 1} but the cache has {cache.slots} allocated; call "
+                             "cache.ensure(longest, used_slots) first")
+        s = _Pass(cache, int(all_tokens.shape[0]))
+        pos = paddle.to_tensor(all_pos, dtype="int64")  # [N]
+        s.cos = paddle.gather(self.cos, pos).unsqueeze(1) * self.qk_scale  # [N, nh + kv, d]
+        s.sin = paddle.gather(self.sin_rolled, pos).unsqueeze(1) * self.qk_scale
+        s.rows = cache.rows(slots, all_pos)  # [N kv]
+        s.attention = self.attention.plan(cache, positions, [(c.slot, c.start, len(c.tokens)) for c in chunks])
+        s.x = F.embedding(paddle.to_tensor(all_tokens, dtype="int64"), self.w.embed)  # [N, H]
+        s.h = self._norm(s.x, self.w.layers[0].input_norm)
+        return s
+
+    def _qkv_rows(self, s: _Pass, i: int, layer: LayerWeights) -> None:
+        qkv = paddle.matmul(s.h, layer.qkv)  # [N, (nh + 2 kv) d]
+        if layer.qkv_bias is not None:
+            qkv = qkv + layer.qkv_bias
+        s.qk, s.v = paddle.split(qkv, [self.q_width + self.kv_width, self.kv_width], axis=-1)
+
+    def _rotary(self, s: _Pass, i: int, layer: LayerWeights) -> None:
+        nh, kv, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
+        qk = s.qk.reshape([s.n, nh + kv, d])
+        qk = qk * s.cos + paddle.roll(qk, d // 2, axis=-1) * s.sin
+        s.q, s.k = paddle.split(qk, [nh, kv], axis=1)  # [N, nh, d] (scaled), [N, kv, d]
+
+    def _cache_write(self, s: _Pass, i: int, layer: LayerWeights) -> None:
+        rows, d = s.n * self.cfg.num_kv_heads, self.cfg.head_dim
+        s.cache.write_rows(i, s.rows, s.k.reshape([rows, d]), s.v.reshape([rows, d]))  # in place
+
+    def _attention(self, s: _Pass, i: int, layer: LayerWeights) -> None:
+        s.out = s.attention.layer(i, s.q)  # [N, nh d]
+
+    def _o_proj(self, s: _Pass, i: int, layer: LayerWeights) -> None:
+        s.h, s.x = self._add_norm(paddle.matmul(s.out, layer.o), s.x, layer.post_norm)
+
+    def _gate_up(self, s: _Pass, i: int, layer: LayerWeights) -> None:
+        s.gu = self._swiglu(layer, s.h)
+
+    def _down(self, s: _Pass, i: int, layer: LayerWeights) -> None:
+        layers = self.w.layers
+        norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.norm
+        s.h, s.x = self._add_norm(paddle.matmul(s.gu, layer.down), s.x, norm)
+
     # -- building blocks -------------------------------------------------------------------------
 
-    # The cost model of _decode_groups, in units of one row attending over one position of the cache in place.
-    # bench/levers/true_lengths.py: a gathered position costs 1.2-1.6 of those in one layer (the gather reads and
-    # writes it), and in the whole step gathering 160 of 256 positions for 32 uniform rows gave 0.97-1.08x, within
-    # the noise: 1.5 gathers only where the step gains clearly. Each group adds ~8 ops per layer, ~512 positions'
-    # worth at B=32.
-    GATHER_COST = 1.5
-    GROUP_COST = 512.0
-
-    def _decode_groups(
-        self, cache: SlotKVCache, positions: np.ndarray
-    ) -> tuple[list[RowGroup], paddle.Tensor | None]:
-        """Split the B decode rows into at most two groups: the shortest k over their longest length rounded up to
-        KEY_BLOCK (keys gathered into a compact copy), and the rest over the whole capacity. Why: the capacity is
-        a bucket above the longest row, so one long row makes every short one attend (and read K/V) over it.
-        Returns the groups and `order` [B] (each row's place in the groups' concatenated output; None: in order).
-        """
-        kv, g = self.cfg.num_kv_heads, self.cfg.group_size
-        cap, b = cache.capacity, int(positions.shape[0])
-        allowed = np.arange(cap)[None, :] <= positions[:, None]  # [B, cap]
-        if not self.true_lengths or cap % KEY_BLOCK:
-            return [RowGroup(None, None, self._mask(allowed[:, None, None, :], (b, kv, g, cap)))], None
-        by_len = np.argsort(positions, kind="stable")  # [B] rows, shortest first
-        spans = (positions[by_len] // KEY_BLOCK + 1) * KEY_BLOCK  # [B] each row's length rounded up to a block
-        k = np.arange(1, b + 1)  # [B] split after the k shortest rows
-        cost = self.GATHER_COST * (k * spans + (b - k) * cap) + self.GROUP_COST * (1 + (k < b))
-        best = int(np.argmin(cost))
-        if cost[best] >= b * cap:
-            return [RowGroup(None, None, self._mask(allowed[:, None, None, :], (b, kv, g, cap)))], None
-        groups = []
-        for rows, span in ((by_len[:best + 1], int(spans[best])), (by_len[best + 1:], cap)):
-            if len(rows):
-                groups.append(self._gathered_group(cache, rows, positions[rows], span))
-        order = np.empty(b, dtype=np.int64)
-        order[by_len] = np.arange(b)
-        in_order = bool((by_len == np.arange(b)).all())
-        return groups, None if in_order else paddle.to_tensor(order)
-
-    def _gathered_group(self, cache: SlotKVCache, rows: np.ndarray, positions: np.ndarray, span: int) -> RowGroup:
-        """A group of rows [n] (slots = rows) attending over their first `span` positions, gathered by block."""
-        kv, g = self.cfg.num_kv_heads, self.cfg.group_size
-        per_slot = cache.capacity // KEY_BLOCK
-        slot_head = rows.astype(np.int64)[:, None] * kv + np.arange(kv)  # [n, kv]
-        blocks = slot_head[:, :, None] * per_slot + np.arange(span // KEY_BLOCK)  # [n, kv, span/KEY_BLOCK]
-        allowed = np.arange(span)[None, :] <= positions[:, None]  # [n, span]
-        mask = self._mask(allowed[:, None, None, :], (len(rows), kv, g, span))
-        return RowGroup(paddle.to_tensor(rows.astype(np.int64)), paddle.to_tensor(blocks.reshape(-1)), mask)
-
-    def _decode_attention(
-        self, q: paddle.Tensor, k_view: paddle.Tensor, v_view: paddle.Tensor, k_blocks: paddle.Tensor | None,
-        v_blocks: paddle.Tensor | None, groups: list[RowGroup], order: paddle.Tensor | None,
-    ) -> paddle.Tensor:
-        """Attention of the decode rows' queries q [B, kv, g, d] (pre-scaled), one layer: [B, nh d].
-        k_view, v_view: [B, kv, cap, d] the slots' caches; k_blocks, v_blocks: [slots kv cap/KEY_BLOCK, KEY_BLOCK d]
-        the same layer cut into blocks, for the groups that gather."""
-        kv, d = self.cfg.num_kv_heads, self.cfg.head_dim
-        outs = []
-        for gr in groups:
-            if gr.blocks is None:  # over the whole capacity, on the cache itself
-                qg, k, v = q, k_view, v_view
-            else:  # gathering whole blocks: 2-5x faster than the strided copy matmul makes of k_view[:, :, :span]
-                assert k_blocks is not None
-                assert v_blocks is not None
-                assert gr.rows is not None
-                n, span = int(gr.mask.shape[0]), int(gr.mask.shape[-1])
-                qg = paddle.gather(q, gr.rows)  # [n, kv, g, d]
-                k = paddle.gather(k_blocks, gr.blocks).reshape([n, kv, span, d])
-                v = paddle.gather(v_blocks, gr.blocks).reshape([n, kv, span, d])
-            scores = paddle.matmul(qg, k, transpose_y=True) + gr.mask  # [n, kv, g, span]
-            outs.append(paddle.matmul(F.softmax(scores, axis=-1), v).reshape([-1, self.q_width]))
-        out = outs[0] if len(outs) == 1 else paddle.concat(outs, axis=0)  # [B, nh d], in the groups' order
-        return out if order is None else paddle.gather(out, order)
-
-    def _chunk_attention(
-        self, cache: SlotKVCache, i: int, slot: int, q: paddle.Tensor, mask: paddle.Tensor
-    ) -> paddle.Tensor:
-        """Attention of a chunk's C queries [C, nh, d] (pre-scaled) over its slot's cache: [C, nh d]."""
-        cfg = self.cfg
-        c = int(q.shape[0])
-        kv, g, d, cap = cfg.num_kv_heads, cfg.group_size, cfg.head_dim, cache.capacity
-        k_cache, v_cache = cache.layer(i)  # [slots, kv, cap, d]
-        qg = q.transpose([1, 0, 2]).reshape([kv, g * c, d])  # [kv, g C, d]; no repeat_kv copy
-        scores = paddle.matmul(qg, k_cache[slot], transpose_y=True).reshape([kv, g, c, cap]) + mask
-        probs = F.softmax(scores, axis=-1).reshape([kv, g * c, cap])
-        out = paddle.matmul(probs, v_cache[slot])  # [kv, g C, d]
-        return out.reshape([cfg.num_heads, c, d]).transpose([1, 0, 2]).reshape([c, self.q_width])
-
-    @staticmethod
-    def _mask(allowed: np.ndarray, shape: tuple[int, ...]) -> paddle.Tensor:
-        """Additive float32 mask (0 where allowed) materialized at `shape`, the scores' own."""
-        return paddle.to_tensor(np.where(np.broadcast_to(allowed, shape), np.float32(0.0), np.float32(MASKED)))
-
     def _use_threads(self) -> None:
-        """Apply `threads` to MKL and OpenMP, per call: OpenMP's count is per calling thread, and it costs ~1 us."""
-        if self.threads is not None:
-            paddle.base.core.set_num_threads(self.threads)
-
-    def _active_views(self, cache: SlotKVCache, b: int) -> tuple[list[paddle.Tensor], list[paddle.Tensor]]:
-        """Each layer's K and V views of slots 0..B-1, made once per (cache storage, B): slicing is an op too."""
-        key = (cache, cache.generation, b)
-        if key != self._views:
-            views = [cache.active(i, b) for i in range(self.cfg.num_layers)]
-            self._view_lists = ([k for k, _ in views], [v for _, v in views])
-            self._views = key
-        return self._view_lists
-
-    def _block_views(self, cache: SlotKVCache) -> tuple[list[paddle.Tensor], list[paddle.Tensor]]:
-        """Each layer's K and V as [slots kv cap/KEY_BLOCK, KEY_BLOCK d] views, made once per cache storage."""
-        key = (cache, cache.generation)
-        if key != self._blocks:
-            width = KEY_BLOCK * self.cfg.head_dim
-            views = [cache.layer(i) for i in range(self.cfg.num_layers)]
-            self._block_lists = ([k.reshape([-1, width]) for k, _ in views], [v.reshape([-1, width]) for _, v in views])
-            self._blocks = key
-        return self._block_lists
+        """Apply options.threads to MKL and OpenMP, per call: OpenMP's count is per calling thread (~1 us)."""
+        if self.options.threads is not None:
+            paddle.base.core.set_num_threads(self.options.threads)
 
     def _head(self, h: paddle.Tensor) -> np.ndarray:
         """logits [N, V] float32 on the host from final-normed hidden states [N, H]."""
+        return self._section("lm_head", self._lm_head, h)
+
+    def _lm_head(self, h: paddle.Tensor) -> np.ndarray:
         if int(h.shape[0]) >= self._lm_head_nt_from:
-            logits = paddle.matmul(h, self.w.embed, transpose_y=True).numpy()
-        elif self._host_lm_head is not None:
-            logits = np.from_dlpack(h.contiguous()) @ self._host_lm_head
-        else:
-            logits = paddle.matmul(h, self.w.lm_head).astype("float32").numpy()
-        if self.trace:
-            self.trace("lm_head")
-        return logits
+            return paddle.matmul(h, self.w.embed, transpose_y=True).numpy()
+        if self._host_lm_head is not None:
+            return np.from_dlpack(h.contiguous()) @ self._host_lm_head
+        return paddle.matmul(h, self.w.lm_head).astype("float32").numpy()
 
     def _norm(self, x: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
         """RMSNorm of x [N, H] in float32 (the step's dtype), times w [H]."""
@@ -419,6 +342,17 @@ class LlamaDecoder:
             return fused_rms_norm(y, w, None, self.cfg.rms_norm_eps, 1, residual=x)
         x = x + y
         return self._norm(x, w), x
+
+    def _swiglu(self, layer: LayerWeights, h: paddle.Tensor) -> paddle.Tensor:
+        """silu(h gate) * (h up): [N, I]. Split weights where a float32 decoder split them (also for the plain paths
+        on the same weights)."""
+        if layer.gate_up is None:
+            gate, up = paddle.matmul(h, layer.gate), paddle.matmul(h, layer.up)
+        elif self.kernels.swiglu:
+            return F.swiglu(paddle.matmul(h, layer.gate_up))
+        else:
+            gate, up = paddle.split(paddle.matmul(h, layer.gate_up), 2, axis=-1)
+        return F.swiglu(gate, up) if self.kernels.swiglu else F.silu(gate) * up
 
     # -- the plain forward: half precision, and the reference ------------------------------------
 
@@ -444,22 +378,8 @@ class LlamaDecoder:
     def _mlp(self, layer: LayerWeights, x: paddle.Tensor) -> paddle.Tensor:
         return x + paddle.matmul(self._swiglu(layer, self._rms(x, layer.post_norm)), layer.down)
 
-    def _swiglu(self, layer: LayerWeights, h: paddle.Tensor) -> paddle.Tensor:
-        """silu(h gate) * (h up): [N, I]. Split weights where a float32 decoder split them (also for the plain paths
-        on the same weights)."""
-        if layer.gate_up is None:
-            gate, up = paddle.matmul(h, layer.gate), paddle.matmul(h, layer.up)
-        elif self.kernels.swiglu:
-            return F.swiglu(paddle.matmul(h, layer.gate_up))
-        else:
-            gate, up = paddle.split(paddle.matmul(h, layer.gate_up), 2, axis=-1)
-        return F.swiglu(gate, up) if self.kernels.swiglu else F.silu(gate) * up
-
     def _logits(self, x: paddle.Tensor) -> np.ndarray:
-        h = self._rms(x, self.w.norm)
-        if self.trace:
-            self.trace("norm")
-        return self._head(h)
+        return self._head(self._section("norm", self._rms, x, self.w.norm))
 
     def prefill_plain(
         self, cache: SlotKVCache, slot: int, tokens: np.ndarray, start: int, want_logits: bool
@@ -501,54 +421,49 @@ class LlamaDecoder:
     def decode_step_plain(self, cache: SlotKVCache, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """decode_step op by op as first written (~48 ops per layer): the reference for `step`, and the path for
         half precision."""
-        cfg = self.cfg
-        b = int(tokens.shape[0])
-        kv, g, d = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
-        cap = cache.capacity
-        tr = self.trace
+        s = self._section("inputs", self._plain_inputs, cache, tokens, positions)
+        self._layers(self._plain_layer, s)
+        return self._logits(s.x)  # [B, V]
+
+    def _plain_inputs(self, cache: SlotKVCache, tokens: np.ndarray, positions: np.ndarray) -> _Pass:
+        b, cap = int(tokens.shape[0]), cache.capacity
+        s = _Pass(cache, b)
         pos = paddle.to_tensor(positions, dtype="int64")  # [B]
-        cos = paddle.gather(self.cos, pos).unsqueeze(1)  # [B, 1, d]
-        sin = paddle.gather(self.sin, pos).unsqueeze(1)
+        s.cos = paddle.gather(self.cos, pos).unsqueeze(1)  # [B, 1, d]
+        s.sin = paddle.gather(self.sin, pos).unsqueeze(1)
         mask_np = np.where(np.arange(cap)[None, :] <= positions[:, None], 0.0, MASKED).astype(np.float32)
-        mask = paddle.to_tensor(mask_np).astype(self.dtype).reshape([b, 1, 1, cap])  # each slot sees its own length
-        rows = cache.flat_rows(positions)  # [B kv] rows of the flattened [slots kv cap, d] cache
-        x = F.embedding(paddle.to_tensor(tokens, dtype="int64"), self.w.embed)  # [B, H]
-        if tr:
-            tr("inputs")
-        for i, layer in enumerate(self.w.layers):
-            h = self._rms(x, layer.input_norm)
-            if tr:
-                tr("norm")
-            q, k, v = self._qkv(layer, h)
-            if tr:
-                tr("qkv")
-            q = self._rotate(q.reshape([b, cfg.num_heads, d]), cos, sin)  # [B, nh, d]
-            k = self._rotate(k.reshape([b, kv, d]), cos, sin)  # [B, kv, d]
-            if tr:
-                tr("rotary")
-            cache.write_rows(i, rows, k.reshape([b * kv, d]), v.reshape([b * kv, d]))  # in place, one row each
-            if tr:
-                tr("cache_write")
-            k_cache, v_cache = cache.active(i, b)  # [B, kv, cap, d], views
-            qg = q.reshape([b, kv, g, d])  # queries grouped under their kv head: no repeat_kv
-            scores = paddle.matmul(qg, k_cache, transpose_y=True) * self.scale + mask  # [B, kv, g, cap]
-            probs = F.softmax(scores.astype("float32"), axis=-1).astype(self.dtype)
-            out = paddle.matmul(probs, v_cache).reshape([b, self.q_width])  # [B, nh d]
-            if tr:
-                tr("attention")
-            x = x + paddle.matmul(out, layer.o)
-            if tr:
-                tr("o_proj")
-            h = self._rms(x, layer.post_norm)
-            if tr:
-                tr("norm")
-            gu = self._swiglu(layer, h)
-            if tr:
-                tr("gate_up")
-            x = x + paddle.matmul(gu, layer.down)
-            if tr:
-                tr("down")
-        return self._logits(x)  # [B, V]
+        s.mask = paddle.to_tensor(mask_np).astype(self.dtype).reshape([b, 1, 1, cap])  # each slot sees its own length
+        s.rows = cache.flat_rows(positions)  # [B kv] rows of the flattened [slots kv cap, d] cache
+        s.x = F.embedding(paddle.to_tensor(tokens, dtype="int64"), self.w.embed)  # [B, H]
+        return s
+
+    def _plain_input_norm(self, s: _Pass, i: int, layer: LayerWeights) -> None:
+        s.h = self._rms(s.x, layer.input_norm)
+
+    def _plain_qkv(self, s: _Pass, i: int, layer: LayerWeights) -> None:
+        s.q, s.k, s.v = self._qkv(layer, s.h)
+
+    def _plain_rotary(self, s: _Pass, i: int, layer: LayerWeights) -> None:
+        b, d = s.n, self.cfg.head_dim
+        s.q = self._rotate(s.q.reshape([b, self.cfg.num_heads, d]), s.cos, s.sin)  # [B, nh, d]
+        s.k = self._rotate(s.k.reshape([b, self.cfg.num_kv_heads, d]), s.cos, s.sin)  # [B, kv, d]
+
+    def _plain_attention(self, s: _Pass, i: int, layer: LayerWeights) -> None:
+        cfg, b = self.cfg, s.n
+        k_cache, v_cache = s.cache.active(i, b)  # [B, kv, cap, d], views
+        qg = s.q.reshape([b, cfg.num_kv_heads, cfg.group_size, cfg.head_dim])  # grouped under their kv head
+        scores = paddle.matmul(qg, k_cache, transpose_y=True) * self.scale + s.mask  # [B, kv, g, cap]
+        probs = F.softmax(scores.astype("float32"), axis=-1).astype(self.dtype)
+        s.out = paddle.matmul(probs, v_cache).reshape([b, self.q_width])  # [B, nh d]
+
+    def _plain_o_proj(self, s: _Pass, i: int, layer: LayerWeights) -> None:
+        s.x = s.x + paddle.matmul(s.out, layer.o)
+
+    def _plain_post_norm(self, s: _Pass, i: int, layer: LayerWeights) -> None:
+        s.h = self._rms(s.x, layer.post_norm)
+
+    def _plain_down(self, s: _Pass, i: int, layer: LayerWeights) -> None:
+        s.x = s.x + paddle.matmul(s.gu, layer.down)
 
 
 _NO_TOKENS = np.zeros(0, dtype=np.int64)

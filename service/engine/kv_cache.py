@@ -8,7 +8,7 @@ Both `cap` and the number of allocated slots grow in buckets: a reallocation cos
 proportion to the streams running, not to max_slots.
 
 Attention runs over the cache's capacity with a mask (rows far shorter than the longest gather their own first
-blocks instead: LlamaDecoder._decode_groups), so its cost follows `cap`. `cap` therefore grows in buckets (64,
+blocks instead: attention.py), so its cost follows `cap`. `cap` therefore grows in buckets (64,
 128, ..., max_context) just above the longest sequence, and shrinks again when long sequences leave. Packing keeps
 `cache[:B]` a contiguous view, so a decode step copies nothing but the new token's K/V (measured: slicing the time
 axis instead made matmul copy the cache).

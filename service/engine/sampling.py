@@ -6,11 +6,14 @@ over candidates in a fixed order, so a seeded request's tokens do not depend on 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from service.engine.sequence import SequenceState
 from service.engine.types import SamplingOptions, TopToken
+
+Choice = tuple[int, float | None, tuple[TopToken, ...]]  # (token, its logprob if asked, the top alternatives if asked)
 
 _NUCLEUS_FIRST_TRY = 256  # candidates examined before falling back to sorting the whole vocabulary
 
@@ -80,3 +83,29 @@ def top_alternatives(logprobs: np.ndarray, n: int, decode: Callable[[list[int]],
     part = np.argpartition(-logprobs, n - 1)[:n]
     order = np.lexsort((part, -logprobs[part]))
     return tuple(TopToken(int(i), decode([int(i)]), float(logprobs[i])) for i in part[order])
+
+
+def batch_argmax(rows: Sequence[SequenceState], logits: np.ndarray) -> list[int | None]:
+    """Each row's argmax where the row takes it (it needs no logits), else None; one argmax over logits [B, V]."""
+    if all(s.needs_logits for s in rows):
+        return [None] * len(rows)
+    greedy = logits.argmax(axis=-1)  # [B]
+    return [None if s.needs_logits else int(t) for s, t in zip(rows, greedy, strict=True)]
+
+
+def choose(seq: SequenceState, raw: np.ndarray, argmax: int | None, decode: Callable[[list[int]], str]) -> Choice:
+    """A row's next token from its logits [V] with the request's own parameters, and the logprobs it asked for.
+    `argmax`: the row's from batch_argmax, taken as it is (a row that needs no logits)."""
+    if argmax is not None:
+        return argmax, None, ()
+    req = seq.req
+    row = raw.astype(np.float64)
+    seen = None
+    if req.sampling.repetition_penalty != 1.0:
+        seen = np.unique(np.concatenate([seq.prompt, np.asarray(seq.generated, dtype=np.int64)]))
+    apply_penalties(row, seen, req.sampling.repetition_penalty, seq.banned)
+    token = sample_row(row, req.sampling, seq.rng)  # type: ignore[arg-type]
+    if not (req.logprobs or req.top_n):
+        return token, None, ()
+    lp = log_softmax(raw.astype(np.float64))
+    return token, float(lp[token]) if req.logprobs else None, top_alternatives(lp, req.top_n, decode)

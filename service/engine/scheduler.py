@@ -7,13 +7,13 @@ One thread owns the model. Requests arrive through a thread-safe inbox; each loo
   3. runs one step: every active slot's next token and those prompt chunks, sharing each weight read; a prompt
      that completes takes its first token from the same step;
   4. hands each stream its chunks, one `call_soon_threadsafe` per event loop per iteration (delivery.py).
-Per-token decisions (stops, finish reasons, text release) are the sequence's own (sequence.py).
+Per-token decisions (stops, finish reasons, text release) are the sequence's own (sequence.py), the token choice is
+sampling.py's, and who may submit (callers' caps and shares, the first-token estimate) is fairness.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import ctypes
 import dataclasses
 import logging
@@ -25,16 +25,16 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import paddle
 
-from service.engine.api import CallerQuotaError, EngineConfig, EngineStats, ModelInfo, QueueFullError
+from service.engine.api import EngineConfig, EngineStats, ModelInfo
 from service.engine.checkpoints.loader import LoadedModel
 from service.engine.decoder import LlamaDecoder, PrefillChunk
 from service.engine.delivery import AsyncStream, Outbox, StreamHandle, iterate_sync
-from service.engine.fairness import FairQueue, displacement_victims, fair_share, holders, preemption_victim
+from service.engine.fairness import CallerAdmission, FairQueue, displacement_victims, holders, preemption_victim
 from service.engine.hooks import EngineHooks
 from service.engine.kernels import select as select_kernels
 from service.engine.kv_cache import SlotKVCache
 from service.engine.progress import Progress
-from service.engine.sampling import apply_penalties, log_softmax, sample_row, top_alternatives
+from service.engine.sampling import batch_argmax, choose
 from service.engine.sequence import SequenceState, verdict
 from service.engine.tokenizer import Tokenizer
 from service.engine.types import Chunk, ErrorKind, Finish, GenerationRequest, TopToken
@@ -69,10 +69,7 @@ class Engine:
         self._preemptions = 0
         self._displaced = 0
         self._slow_readers = 0
-        # Streams submitted and not yet finished, per caller: written by submit (any thread) and the engine
-        # thread, under the lock, so that admission can share the queue fairly before the engine sees a request.
-        self._inflight: collections.Counter[str] = collections.Counter()
-        self._inflight_lock = threading.Lock()
+        self._admission = CallerAdmission(self.config)  # streams in flight per caller, and the caps on them
         self._batch_sizes = [0] * (self.config.max_slots + 1)
         self._last_iteration = time.monotonic()
         self._busy = False
@@ -127,34 +124,10 @@ class Engine:
         return self._step_s
 
     def estimate_first_token_s(self, prompt_tokens: int, caller: str = "") -> float:
-        """A rough wait until this prompt's first token: queueing for a slot, then its prefill and one step.
-
-        When every slot is taken, the request needs the k-th slot to free; a slot frees at the latest when its
-        sequence reaches max_new_tokens or its deadline. Slots are shared fairly (fairness.py), so k follows the
-        caller's own place: a caller below its fair share starts within a step (a preemption, if need be); one at
-        or over it waits behind its own queued requests, its turn coming once in every round of the callers.
-        """
-        now = time.monotonic()
-        active = list(self._active)
-        running = holders(self._running())
-        with self._inflight_lock:
-            callers = set(self._inflight) | {caller}
-            mine_queued = max(0, self._inflight[caller] - running[caller])
-        free = self.config.max_slots - len(active) - (self._prefilling is not None)
-        queued = len(self._waiting) + self._inbox.qsize()
-        if free > queued or running[caller] + mine_queued < fair_share(self.config.max_slots, len(callers)):
-            ahead = 0
-        else:  # its turn comes once per round of the callers, and never after the whole queue's
-            ahead = min((mine_queued + 1) * len(callers), queued + 1 - free)
-        queue_s = 0.0
-        if ahead > 0 and active:  # the ahead-th slot to free
-            left = sorted(
-                min((s.req.max_new_tokens - len(s.generated)) * self._step_s,
-                    (s.req.deadline - now) if s.req.deadline is not None else float("inf"))
-                for s in active
-            )
-            queue_s = max(0.0, left[min(ahead, len(left)) - 1])
-        return queue_s + prompt_tokens * self._prefill_s_per_token + self._step_s
+        """A rough wait until this prompt's first token, from the caller's fair place (CallerAdmission)."""
+        return self._admission.first_token_s(
+            caller, prompt_tokens, list(self._active), self._prefilling, len(self._waiting) + self._inbox.qsize(),
+            self._step_s, self._prefill_s_per_token)
 
     def cancel_all(self) -> None:
         """End every stream at the next step with a final CANCELLED message (shutdown after the grace period)."""
@@ -187,40 +160,13 @@ class Engine:
     ) -> StreamHandle:
         """Queue a request. `deliver` gets the stream's chunks: on `loop` when given, else on the engine thread.
         `paced`: the consumer reports what it has read on the handle (see StreamHandle)."""
-        self._admit_caller(req.caller)
+        self._admission.admit(req.caller, self._running())  # or refused: QueueFullError, CallerQuotaError
         handle = StreamHandle(deliver, loop, paced)
         now = time.time_ns()
         handle.marks.arrival_ns = now
         self._inbox.put(SequenceState(req, self.model.tokenizer, self.model.config.eos_token_ids,
                                       self.config.max_context, now, handle))
         return handle
-
-    def _admit_caller(self, caller: str) -> None:
-        """Count the request against its caller, or refuse it: a caller's own caps, then the shared bound.
-
-        When slots and queue are all taken, a caller with less than its share of them still gets in (the engine
-        then displaces a queued request of a caller over its share), so one caller cannot lock the others out.
-        """
-        cfg = self.config
-        with self._inflight_lock:
-            mine = self._inflight[caller]
-            if cfg.caller_max_streams and mine >= cfg.caller_max_streams:
-                raise CallerQuotaError(caller, "streams", f"this caller already has {mine} streams running or "
-                                       f"queued, its limit (caller_max_streams={cfg.caller_max_streams})")
-            if cfg.caller_max_queued:
-                running = self._running()
-                free = cfg.max_slots - len(running)  # requests not yet started that will find a slot at once
-                queued = mine - sum(1 for s in running if s.req.caller == caller) - free
-                if queued >= cfg.caller_max_queued:
-                    raise CallerQuotaError(caller, "queued", f"this caller already has {queued} requests waiting "
-                                           f"for a slot, its limit (caller_max_queued={cfg.caller_max_queued})")
-            capacity = cfg.max_slots + cfg.max_queue
-            total = sum(self._inflight.values())
-            if total >= capacity:
-                callers = len(self._inflight) + (caller not in self._inflight)
-                if mine >= fair_share(capacity, callers) or total >= 2 * capacity:
-                    raise QueueFullError("all slots and the wait queue are full")
-            self._inflight[caller] += 1
 
     def _running(self) -> list[SequenceState]:
         """Sequences holding a slot: decoding, or being prefilled."""
@@ -415,35 +361,16 @@ class Engine:
         self._release_done()
 
     def _sample_rows(self, rows: list[SequenceState], logits: np.ndarray) -> None:
-        """Pick each row's next token with its own parameters; logits: [B, V] float32."""
-        greedy = logits.argmax(axis=-1) if not all(s.needs_logits for s in rows) else None  # [B]
-        for i, seq in enumerate(rows):
+        """Each row takes its next token, chosen with its own parameters (sampling.py); logits: [B, V] float32."""
+        for i, (seq, argmax) in enumerate(zip(rows, batch_argmax(rows, logits), strict=True)):
             try:
                 if self._hooks is not None:
                     self._hooks.before_accept(seq.req.request_id, len(seq.generated))
-                if not seq.needs_logits:
-                    assert greedy is not None
-                    self._accept(seq, int(greedy[i]))
-                else:
-                    self._accept(seq, *self._choose(seq, logits[i]))
+                self._accept(seq, *choose(seq, logits[i], argmax, self._decode_token))
             except Exception as exc:  # one sequence's failure ends that stream only
                 log.exception("sequence failed", extra={"fields": {"request_id": seq.req.request_id,
                                                                    "trace_id": seq.req.trace_id or None}})
                 self._finish(seq, Finish.ERROR, f"{type(exc).__name__}: {exc}")
-
-    def _choose(self, seq: SequenceState, raw: np.ndarray) -> tuple[int, float | None, tuple[TopToken, ...]]:
-        """Sample one row [V]; with the logprobs the request asked for."""
-        req = seq.req
-        row = raw.astype(np.float64)
-        seen = None
-        if req.sampling.repetition_penalty != 1.0:
-            seen = np.unique(np.concatenate([seq.prompt, np.asarray(seq.generated, dtype=np.int64)]))
-        apply_penalties(row, seen, req.sampling.repetition_penalty, seq.banned)
-        token = sample_row(row, req.sampling, seq.rng)  # type: ignore[arg-type]
-        if not (req.logprobs or req.top_n):
-            return token, None, ()
-        lp = log_softmax(raw.astype(np.float64))
-        return token, float(lp[token]) if req.logprobs else None, top_alternatives(lp, req.top_n, self._decode_token)
 
     def _accept(self, seq: SequenceState, token: int, logprob: float | None = None,
                 top: tuple[TopToken, ...] = ()) -> None:
@@ -468,15 +395,7 @@ class Engine:
         done, self._done = self._done, []
         for seq in done:
             self._release(seq)
-        self._retire(done)
-
-    def _retire(self, done: list[SequenceState]) -> None:
-        """Finished sequences no longer count against their callers."""
-        with self._inflight_lock:
-            for seq in done:
-                self._inflight[seq.req.caller] -= 1
-                if self._inflight[seq.req.caller] <= 0:
-                    del self._inflight[seq.req.caller]
+        self._admission.retire(done)
 
     def _release(self, seq: SequenceState) -> None:
         """Free the sequence's slot, moving the last active slot (and the prefilling one) down to stay packed."""
@@ -496,7 +415,7 @@ class Engine:
     def _fail_all(self, exc: BaseException, reason: Finish = Finish.ERROR) -> None:
         for seq in self._everyone():
             self._finish(seq, reason, f"{type(exc).__name__}: {exc}" if reason is Finish.ERROR else "")
-        self._retire(self._done)
+        self._admission.retire(self._done)
         self._done = []
         self._waiting.clear()
         self._active.clear()
