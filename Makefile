@@ -67,7 +67,7 @@ lint: $(STAMP)
 	$(VENV)/bin/buf format -d --exit-code
 	$(VENV)/bin/buf breaking --against ".git#tag=$$(.ci/contract-tag)"
 	$(VENV)/bin/ruff check service clients tests bench scripts
-	$(VENV)/bin/mypy service clients
+	$(VENV)/bin/mypy service clients bench scripts
 
 deploy-check: $(STAMP)
 	VENV=$(VENV) .ci/check-deploy

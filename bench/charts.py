@@ -21,9 +21,9 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 
-from bench.common import quiet_run
+from bench.common import engines, quiet_run
 
-STYLE = {  # engine label (bench.run.engines) -> line style
+STYLE: dict[str, dict[str, Any]] = {  # engine label (bench.common.engines) -> line style
     "tokenstream, in-process": {"color": "tab:blue", "marker": "o"},
     "tokenstream over gRPC": {"color": "tab:cyan", "marker": "s", "linestyle": "--"},
     "transformers generate()": {"color": "tab:orange", "marker": "^"},
@@ -44,8 +44,6 @@ def footer(fig: Any, host: dict[str, Any], note: str = "") -> None:
 
 
 def throughput(key: str, res: dict[str, Any], path: Path, host: dict[str, Any]) -> Path:
-    from bench.run import engines
-
     fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=120)
     for label, runs in engines(res).items():
         pts = sorted((int(c), r["tokens_per_s"], busy(r)) for c, r in runs.items() if r and r.get("tokens_per_s"))
@@ -79,6 +77,10 @@ def throughput(key: str, res: dict[str, Any], path: Path, host: dict[str, Any]) 
     return path
 
 
+def ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
 def ecdf(ax: Any, values: list[float], **kw: Any) -> None:
     xs = sorted(values)
     ys = [(i + 1) / len(xs) for i in range(len(xs))]
@@ -100,11 +102,11 @@ def arrivals(key: str, res: dict[str, Any], path: Path, host: dict[str, Any]) ->
     for label, s in series:
         st = STYLE.get(label, {})
         ttft = s["samples"]["loaded_ttft_ms"] or s["samples"]["ttft_ms"]
-        lt = s.get("loaded_ttft_ms") or s["ttft_ms"]
-        ecdf(ax1, ttft, color=st.get("color"), label=f"{label}: p50 {lt['p50']:.0f}, p99 {lt['p99']:.0f} ms")
+        lt = s["loaded_ttft_ms"] if (s.get("loaded_ttft_ms") or {}).get("n") else s["ttft_ms"]
+        ecdf(ax1, ttft, color=st.get("color"), label=f"{label}: p50 {ms(lt['p50'])}, p99 {ms(lt['p99'])} ms")
         it = s["itl_ms"]
         ecdf(ax2, [x for x in s["samples"]["itl_ms"] if x > 0], color=st.get("color"),
-             label=f"{label}: p50 {it['p50']:.0f}, p99 {it['p99']:.0f} ms")
+             label=f"{label}: p50 {ms(it['p50'])}, p99 {ms(it['p99'])} ms")
     ax1.set_xlabel("time to first token, ms (requests arriving while >= 4 others decode)")
     ax2.set_xlabel("inter-token latency, ms")
     ax2.set_xscale("log")

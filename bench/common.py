@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.host import is_amd
 from tests.support.ports import free_port  # noqa: F401 -- the one free-port helper, re-exported
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,19 +33,11 @@ BENCH_ENV = {
 def bench_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(BENCH_ENV)
-    if _amd():
+    if is_amd():
         env.setdefault("MKL_DEBUG_CPU_TYPE", "5")  # as `python -m service` does; in-process engines need it too
     if os.environ.get("PYTHONPATH"):
         env["PYTHONPATH"] = BENCH_ENV["PYTHONPATH"] + os.pathsep + os.environ["PYTHONPATH"]
     return env
-
-
-def _amd() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "AuthenticAMD" in f.read(4096)
-    except OSError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -335,6 +328,28 @@ def idle_settings() -> dict[str, float]:
 
 def wait_idle() -> dict[str, Any]:
     return idle_check(**idle_settings())
+
+
+# -- results ---------------------------------------------------------------------------------------
+
+def engines(res: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every engine's closed-loop run at each concurrency: {engine: {"8": run}} with tokens_per_s, ttft_ms,
+    itl_ms, idle and outputs. The keys are the labels used in the tables and charts."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    sweep = ((res.get("inproc") or {}).get("sweep")) or {}
+    for side, label in (("inproc", "tokenstream, in-process"), ("grpc", "tokenstream over gRPC")):
+        runs = {c: v[side] for c, v in sweep.items() if isinstance(v, dict) and side in v}
+        if runs:
+            out[label] = runs
+    hf = ((res.get("hf") or {}).get("batches")) or {}
+    if hf:
+        out["transformers generate()"] = hf
+    lc = res.get("llamacpp") or {}
+    for v, label in (("f32", "llama.cpp F32 (llama-server)"), ("q4_1", "llama.cpp Q4_1 (llama-server)")):
+        runs = ((lc.get(v) or {}).get("server")) or {}
+        if runs:
+            out[label] = runs
+    return out
 
 
 # -- streams ---------------------------------------------------------------------------------------

@@ -34,6 +34,19 @@ quiet()
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
+from bench.measure import (  # noqa: E402
+    engine_iteration,
+    kv_bytes_per_position,
+    make_cache,
+    median_ms,
+    memory_bandwidth,
+    step_bytes,
+    step_flops,
+    step_inputs,
+    timings,
+    weight_bytes,
+)
+from bench.revisions import unsplit  # noqa: E402
 from service.engine.api import EngineConfig  # noqa: E402
 from service.engine.checkpoints.loader import LoadedModel, load_model  # noqa: E402
 from service.engine.kv_cache import SlotKVCache  # noqa: E402
@@ -117,77 +130,8 @@ def part_sweep(model: LoadedModel, eng: Engine, target: str, batches: list[int],
 # -- steps, bandwidth ------------------------------------------------------------------------------
 
 
-def copy_bandwidth(mb: int = 256, reps: int = 5) -> dict[str, Any]:
-    """The best of a STREAM copy (2 x bytes / time: a copy reads and writes every byte), a sum and a GEMV read."""
-    n = mb * (1 << 20) // 4
-    src = np.ones(n, dtype=np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # fault the pages in
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        ts.append(time.perf_counter() - t)
-    np_bw = 2 * src.nbytes / min(ts)
-    np_bw_med = 2 * src.nbytes / float(np.median(ts))
-    x = paddle.ones([n], dtype="float32")
-    y = paddle.assign(x)
-    pts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        paddle.assign(x, output=y)
-        float(y[-1])
-        pts.append(time.perf_counter() - t)
-    pd_bw = 2 * src.nbytes / min(pts)
-    # Read-only bandwidth: a sum over the array (what a decode step's weight reads look like).
-    rts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        float(src.sum(dtype=np.float32))
-        rts.append(time.perf_counter() - t)
-    a = paddle.randn([1024, 1024], dtype="float32")
-    an = a.numpy()
-    gemm_p, gemm_n = [], []
-    for _ in range(reps):
-        t = time.perf_counter()
-        paddle.matmul(a, a).numpy()
-        gemm_p.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        an @ an
-        gemm_n.append(time.perf_counter() - t)
-    flop = 2 * 1024**3
-    # GEMV over a 256 MB matrix: every byte read once, on all of BLAS's threads, as a batch-1 decode step reads
-    # its weights. This is the practical read bandwidth a decoder can reach; a single-thread sum is not.
-    w = src.reshape(-1, 1024)
-    v = np.ones(1024, dtype=np.float32)
-    w @ v
-    gemv = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        w @ v
-        gemv.append(time.perf_counter() - t)
-    gemv_bw = src.nbytes / min(gemv)
-    return {"paddle_gemm1024_GFLOPS": flop / min(gemm_p) / 1e9, "numpy_gemm1024_GFLOPS": flop / min(gemm_n) / 1e9,
-            "array_mb": mb, "numpy_copy_GBps_best": np_bw / 1e9, "numpy_copy_GBps_median": np_bw_med / 1e9,
-            "paddle_copy_GBps_best": pd_bw / 1e9, "numpy_read_GBps_best": src.nbytes / min(rts) / 1e9,
-            "gemv_read_GBps_best": gemv_bw / 1e9,
-            "bound_GBps": max(np_bw, pd_bw, gemv_bw, src.nbytes / min(rts)) / 1e9}
-
-
-def weight_bytes(model: LoadedModel) -> dict[str, int]:
-    w = model.weights
-    layers = 0
-    for layer in w.layers:
-        for t in (layer.input_norm, layer.qkv, layer.qkv_bias, layer.o, layer.post_norm, layer.gate_up, layer.gate,
-                  layer.up, layer.down):
-            if t is not None:
-                layers += int(np.prod(t.shape)) * 4
-    return {"layers": layers, "lm_head": int(np.prod(w.lm_head.shape)) * 4, "norm": int(np.prod(w.norm.shape)) * 4}
-
-
 def time_steps(decoder: Any, cache: SlotKVCache, b: int, length: int, reps: int, warm: int = 2) -> list[float]:
-    toks = (np.arange(b, dtype=np.int64) * 7919 + 100) % decoder.cfg.vocab_size
-    pos = np.full(b, length, dtype=np.int64)
+    toks, pos = step_inputs(decoder.cfg, b, length)
     ts = []
     for i in range(reps + warm):
         t = time.perf_counter()
@@ -198,57 +142,11 @@ def time_steps(decoder: Any, cache: SlotKVCache, b: int, length: int, reps: int,
     return ts
 
 
-def engine_iteration(model: LoadedModel, eng: Engine, b: int, steps: int) -> dict[str, Any]:
-    """Seconds per Engine iteration at batch b in steady decode, and the share spent outside the model's forward.
-
-    The decoder's step is wrapped with a timer for the window, so model time and iteration time come from the same
-    steps.
-    """
-    inner = eng.decoder.step
-    spent = [0.0, 0]
-
-    def timed(*a: Any, **k: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return inner(*a, **k)
-        finally:
-            spent[0] += time.perf_counter() - t
-            spent[1] += 1
-
-    handles = []
-    for i in range(b):
-        n = steps * 3 + 16
-        req = GenerationRequest(prompt_ids=prompt_ids(model, i), max_new_tokens=n, min_new_tokens=n)
-        handles.append(eng.submit(req, lambda chunks: None))  # delivered on the engine thread, dropped
-    assert eng.wait_until(lambda s: s.active == b and s.prefilling == 0 and s.waiting == 0, 120)
-    eng.decoder.step = timed  # type: ignore[method-assign]
-    try:
-        s0 = eng.stats().steps
-        t0 = time.perf_counter()
-        eng.wait_until(lambda s: s.steps >= s0 + steps, 300)
-        t1 = time.perf_counter()
-        s1 = eng.stats().steps
-    finally:
-        eng.decoder.step = inner  # type: ignore[method-assign]
-    for h in handles:
-        h.cancel()
-    eng.wait_until(lambda s: s.active == 0 and s.waiting == 0 and s.prefilling == 0, 60)
-    n = s1 - s0
-    it = (t1 - t0) / n
-    model_s = spent[0] / max(1, spent[1])
-    return {"batch": b, "steps": n, "ms_per_iteration": it * 1e3, "tokens_per_s": b / it,
-            "decode_step_ms": model_s * 1e3, "outside_model_fraction": max(0.0, 1 - model_s / it)}
-
-
 def part_steps(model: LoadedModel, eng: Engine, batches: list[int], length: int, reps: int,
                iter_steps: int) -> dict[str, Any]:
     cfg = model.config
-    cache = SlotKVCache(cfg.num_layers, max(batches), cfg.num_kv_heads, cfg.head_dim, eng.config.max_context,
-                        "float32")
-    cache.ensure(length + 1, max(batches))  # every slot allocated
-    bw = copy_bandwidth()
-    wb = weight_bytes(model)
-    kv_per_pos = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4  # K and V, one slot, one position
+    cache = make_cache(cfg, max(batches), length, eng.config.max_context)
+    bw = memory_bandwidth()
     rows = []
     times: dict[int, list[float]] = {b: [] for b in batches}
     with paddle.no_grad():
@@ -260,23 +158,22 @@ def part_steps(model: LoadedModel, eng: Engine, batches: list[int], length: int,
         for b in batches:
             ts = times[b]
             step = float(np.median(ts))
-            weights = wb["layers"] + wb["lm_head"] + wb["norm"] + b * cfg.hidden_size * 4  # + embedding rows
-            kv_true = b * kv_per_pos * (length + 1)
-            kv_cap = b * kv_per_pos * cache.capacity  # the engine attends over the whole bucket
-            bound_s = (weights + kv_true) / (bw["bound_GBps"] * 1e9)
-            flops = 2 * b * (wb["layers"] + wb["lm_head"]) / 4 + 4 * b * (length + 1) * cfg.num_heads * cfg.head_dim \
-                * cfg.num_layers
+            nbytes = step_bytes(model, b, length)
+            bound_s = (nbytes["weights"] + nbytes["kv"]) / (bw["bound_GBps"] * 1e9)
+            flops = step_flops(model, b, length)
             rows.append({
                 "batch": b, "length": length, "capacity": cache.capacity, "step_ms_p50": step * 1e3,
                 "step_ms_all": [t * 1e3 for t in ts], "tokens_per_s": b / step,
-                "bytes_weights": weights, "bytes_kv_at_length": kv_true, "bytes_kv_at_capacity": kv_cap,
+                "bytes_weights": nbytes["weights"], "bytes_kv_at_length": nbytes["kv"],
+                # the engine attends over the whole bucket unless rows differ in length (true lengths)
+                "bytes_kv_at_capacity": b * kv_bytes_per_position(cfg) * cache.capacity,
                 "bound_step_ms": bound_s * 1e3, "bound_tokens_per_s": b / bound_s,
                 "fraction_of_bound": bound_s / step, "gflop_per_step": flops / 1e9, "gflops": flops / step / 1e9,
             })
     gc.collect()
-    iters = [engine_iteration(model, eng, b, steps=iter_steps) for b in (8, 32)]
-    return {"bandwidth": bw, "weight_bytes": wb, "kv_bytes_per_position_per_slot": kv_per_pos, "rows": rows,
-            "engine_iterations": iters}
+    iters = [engine_iteration(eng, b, steps=iter_steps) for b in wide(batches)]
+    return {"bandwidth": bw, "weight_bytes": weight_bytes(model.weights),
+            "kv_bytes_per_position_per_slot": kv_bytes_per_position(cfg), "rows": rows, "engine_iterations": iters}
 
 
 # -- profile ---------------------------------------------------------------------------------------
@@ -285,15 +182,12 @@ def part_steps(model: LoadedModel, eng: Engine, batches: list[int], length: int,
 def part_profile(model: LoadedModel, eng: Engine, batches: list[int], length: int, reps: int) -> dict[str, Any]:
     cfg = model.config
     out: dict[str, Any] = {}
-    cache = SlotKVCache(cfg.num_layers, max(batches), cfg.num_kv_heads, cfg.head_dim, eng.config.max_context,
-                        "float32")
-    cache.ensure(length + 1, max(batches))
+    cache = make_cache(cfg, max(batches), length, eng.config.max_context)
     with paddle.no_grad():
         for b in batches:
             time_steps(eng.decoder, cache, b, length, 1)
             prof = cProfile.Profile()
-            toks = (np.arange(b, dtype=np.int64) + 100) % cfg.vocab_size
-            pos = np.full(b, length, dtype=np.int64)
+            toks, pos = step_inputs(cfg, b, length)
             prof.enable()
             for _ in range(reps):
                 eng.decoder.decode_step(cache, toks, pos).argmax(axis=-1)
@@ -323,18 +217,12 @@ def matmul_parts(model: LoadedModel, eng: Engine, b: int, length: int, reps: int
     q = paddle.randn([b, cfg.num_kv_heads, cfg.group_size, cfg.head_dim], dtype="float32")
 
     def t(fn: Any) -> float:
-        fn()
-        ts = []
-        for _ in range(reps):
-            s = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - s)
-        return float(np.median(ts)) * 1e3
+        return median_ms(timings(fn, reps))
 
     n_layers = cfg.num_layers
     lay = w.layers[0]
     # gate and up, whichever way the decoder holds them (it may have split gate_up and dropped it)
-    gu_n = lay.gate_up.numpy() if lay.gate_up is not None else np.concatenate([lay.gate.numpy(), lay.up.numpy()], 1)
+    gu_n = unsplit(w).layers[0].gate_up.numpy()  # type: ignore[union-attr]  # unsplit: never None
     xn, lm_n, down_n = x.numpy(), w.lm_head.numpy(), lay.down.numpy()
     gate_up = paddle.to_tensor(gu_n)
     inter = down_n.shape[0]
@@ -366,6 +254,7 @@ def matmul_parts(model: LoadedModel, eng: Engine, b: int, length: int, reps: int
 
 async def probe_window(eng: Engine | None, model: LoadedModel, b: int, seconds: float,
                        period: float = 0.001) -> dict[str, Any]:
+    """Probe lateness over `seconds`, with `b` streams decoding on this loop (none: eng is None)."""
     loop = asyncio.get_running_loop()
     lateness: list[float] = []
     tokens = [0]
@@ -377,7 +266,7 @@ async def probe_window(eng: Engine | None, model: LoadedModel, b: int, seconds: 
             await asyncio.sleep(period)
             lateness.append(loop.time() - target)
 
-    async def stream(i: int) -> None:
+    async def stream(i: int, eng: Engine) -> None:
         n = eng.config.max_context - 64
         req = GenerationRequest(prompt_ids=prompt_ids(model, i), max_new_tokens=n, min_new_tokens=n)
         gen = eng.generate(req)
@@ -389,7 +278,7 @@ async def probe_window(eng: Engine | None, model: LoadedModel, b: int, seconds: 
         finally:
             gen.cancel()
 
-    streams = [asyncio.create_task(stream(i)) for i in range(b)] if eng is not None else []
+    streams = [asyncio.create_task(stream(i, eng)) for i in range(b)] if eng is not None else []
     if eng is not None:
         await asyncio.to_thread(eng.wait_until, lambda s: s.active == b and s.waiting == 0, 120)
     t0 = time.perf_counter()
@@ -421,6 +310,11 @@ def part_gil(model: LoadedModel, eng: Engine, b: int, seconds: float) -> dict[st
     finally:
         sys.setswitchinterval(default)
     return out
+
+
+def wide(batches: list[int]) -> list[int]:
+    """The batch sizes the iteration, profile and GIL parts take: 8 and 32, or the largest swept if smaller."""
+    return [b for b in (8, 32) if b <= max(batches)] or [max(batches)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,9 +349,9 @@ def main(argv: list[str] | None = None) -> int:
             elif part == "steps":
                 result["steps"] = part_steps(model, eng, args.batches, args.length, args.reps, args.iter_steps)
             elif part == "profile":
-                result["profile"] = part_profile(model, eng, [8, 32], args.length, args.reps)
+                result["profile"] = part_profile(model, eng, wide(args.batches), args.length, args.reps)
             elif part == "gil":
-                result["gil"] = part_gil(model, eng, 8, args.gil_seconds)
+                result["gil"] = part_gil(model, eng, wide(args.batches)[0], args.gil_seconds)
             else:
                 raise SystemExit(f"unknown part {part}")
             result.setdefault("part_seconds", {})[part] = time.perf_counter() - t

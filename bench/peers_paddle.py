@@ -49,7 +49,7 @@ def naive(model: Any, tok: Any, lengths: list[int]) -> dict[str, Any]:
     for _ in range(max(lengths)):
         input_ids = tok(text, return_tensors="pd")["input_ids"]  # re-tokenize everything
         out, _ = model.generate(input_ids=input_ids, max_new_tokens=1, decode_strategy="greedy_search")
-        full = paddle.concat([input_ids, out], axis=-1)[0].tolist()
+        full = paddle.concat([input_ids, out], axis=-1)[0].numpy().tolist()
         text = tok.decode(full)  # and decode everything back to text
         produced += int(out.shape[-1])
         if first is None:

@@ -6,9 +6,10 @@
     python -m bench.profile_step --parts arrivals --reps 30
 
 Paths (--paths, --breakdown-paths): 'fast' the engine's decode_step; 'orig' the decoder and cache before issue
-#13's levers, loaded from git (ORIG_REV) into this process; 'plain' decode_step_plain (that forward op by op, with
-today's lm_head and cache); 'broadcast_mask'; a VARIANTS key (threads, lm_head, gate/up options); a
-STATIC_VARIANTS key (the Paddle Inference step in bench/levers/static_step.py).
+#13's levers, loaded from git (bench/revisions.py, REVISIONS["orig"]) into this process; 'plain'
+decode_step_plain (that forward op by op, with today's lm_head and cache); 'broadcast_mask'; a VARIANTS key
+(DecoderOptions: threads, lm_head, gate/up); a STATIC_VARIANTS key (the Paddle Inference step in
+bench/levers/static_step.py).
 
 Parts:
   check      exactness of the engine's paths (prefill, batched and chunked prefill, decode, decode with a prompt
@@ -19,15 +20,16 @@ Parts:
   breakdown  the step cut into sections by the decoder's trace hook (inputs, norms, each projection, rotary,
              cache write, attention, lm_head), plus greedy sampling, per path and batch, traced round by round;
              and the same path on a same-depth skeleton model (hidden 72, vocab 256): the per-op floor.
-  engine     the Engine's iteration at batch 8 and 32 in steady decode, against decode_step timed inside it: what
-             the scheduler, sampling, detokenizing and delivery add.
+  engine     the Engine's iteration in steady decode at each batch above 1, against the decoder's step timed inside
+             it (bench.measure.engine_iteration): what the scheduler, sampling, detokenizing and delivery add.
   prefill    prompts of 20 and 256 tokens, 8 x 20 one call each and in one step, and a decode step of 8 rows
              with a prompt chunk of 16-256 tokens inside it against the two apart.
   resize     growing the cache's capacity with 1, 8 and 32 streams in it (a stall for every stream).
-  arrivals   the scheduler today against the recommended one (bench/levers/mixed_engine.py): 8 streams decode
-             while 8 prompts of 20 tokens, or one of 256, arrive at once; the streams' longest gap, the
-             newcomers' first token. Not in the default parts.
-  bandwidth  the practical memory bound: a 2-thread numpy matrix-vector product over 1 GiB.
+  arrivals   the engine's prompt budget at prefill_stall_steps 1, 1.5 (the default) and 3: 8 streams decode while
+             8 prompts of 20 tokens, or one of 256, arrive at once; the streams' longest gap, the newcomers' first
+             token. Not in the default parts.
+  bandwidth  the practical memory bound (bench.measure.memory_bandwidth): a STREAM copy, a sum and a GEMV over
+             --bandwidth-mb MB (issue #13 measured a 2-thread matvec over 1 GiB: --bandwidth-mb 1024).
 
 Every figure is a median over --reps rounds; the machine is shared, so the load average is printed with them.
 The model is SmolLM2-135M-Instruct from its GGUF (the registry's default model, fetched on first use); --model-dir
@@ -36,71 +38,54 @@ takes any other checkpoint.
 
 from __future__ import annotations
 
-import os
+from bench.host import loadavg, mkl_for_amd
 
-# MKL's AVX2 kernels on AMD, as the server sets them; must precede the first paddle import.
-with open("/proc/cpuinfo") as _f:
-    if "AuthenticAMD" in _f.read(4096):
-        os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+mkl_for_amd()  # MKL's AVX2 kernels on AMD, as the server sets them; before the first Paddle import
 
-import argparse
-import dataclasses
-import functools
-import inspect
-import json
-import time
-from collections.abc import Callable
-from typing import Any
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
-from bench.common import quiet
+from bench.common import quiet  # noqa: E402
 
 quiet()
 
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
+from bench import measure  # noqa: E402
 from bench.common import engine_model_path  # noqa: E402
+from bench.revisions import DecodeStep, old_decode_step, old_decoder, unsplit  # noqa: E402
+from service.engine.api import KERNEL_MODES, EngineConfig  # noqa: E402
+from service.engine.attention import Attention  # noqa: E402
 from service.engine.checkpoints.loader import LoadedModel, build_weights, load_model  # noqa: E402
 from service.engine.checkpoints.model_config import ModelConfig  # noqa: E402
-from service.engine.decoder import LlamaDecoder, ModelWeights  # noqa: E402
+from service.engine.decoder import DecoderOptions, LlamaDecoder  # noqa: E402
+from service.engine.kernels import select as select_kernels  # noqa: E402
 from service.engine.kv_cache import SlotKVCache  # noqa: E402
+from service.engine.scheduler import Engine  # noqa: E402
 
-Step = Callable[[SlotKVCache, np.ndarray, np.ndarray], np.ndarray]
 REFERENCE_BOUND_GBPS = 68.5  # issue #13: numpy 2-thread matvec over 1 GiB on this host, unloaded
+ORIG = "orig"  # the 'orig' path: bench/revisions.py's REVISIONS["orig"]
 
 
-def load() -> str:
-    return open("/proc/loadavg").read().split(" ")[0]
+# -- paths ---------------------------------------------------------------------------------------
 
 
-def median_ms(ts: list[float]) -> float:
-    return float(np.median(ts)) * 1e3
-
-
-# -- setup -----------------------------------------------------------------------------------------
-
-
-def make_cache(cfg: ModelConfig, slots: int, length: int, max_context: int = 2048) -> SlotKVCache:
-    cache = SlotKVCache(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, max_context, "float32")
-    cache.ensure(length + 1, slots)  # every slot allocated
-    return cache
-
-
-def inputs(cfg: ModelConfig, b: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens = (np.arange(b, dtype=np.int64) * 7919 + 100) % cfg.vocab_size
-    return tokens, np.full(b, length, dtype=np.int64)
-
-
-VARIANTS: dict[str, dict[str, Any]] = {
-    # name: extra LlamaDecoder keyword arguments, for decode paths measured side by side in one process
-    "fused_gate_up": {"split_gate_up": False},
-    "lm_numpy": {"lm_head": "numpy"},
-    "t1": {"threads": 1},
-    "t2": {"threads": 2},
-    "t1pl": {"threads": 1, "lm_head": "paddle"},
-    "t2pl": {"threads": 2, "lm_head": "paddle"},
-    "t1nt": {"threads": 1, "lm_head": "paddle_nt"},
-    "t2nt": {"threads": 2, "lm_head": "paddle_nt"},
+VARIANTS: dict[str, DecoderOptions] = {
+    # name: decoder options of its own, for decode paths measured side by side in one process
+    "fused_gate_up": DecoderOptions(split_gate_up=False),
+    "lm_numpy": DecoderOptions(lm_head="numpy"),
+    "t1": DecoderOptions(threads=1),
+    "t2": DecoderOptions(threads=2),
+    "t1pl": DecoderOptions(threads=1, lm_head="paddle"),
+    "t2pl": DecoderOptions(threads=2, lm_head="paddle"),
+    "t1nt": DecoderOptions(threads=1, lm_head="paddle_nt"),
+    "t2nt": DecoderOptions(threads=2, lm_head="paddle_nt"),
 }
 # Paddle Inference on the exported step (bench/levers/static_step.py, dropped): name -> StaticDecodeStep options
 STATIC_VARIANTS: dict[str, dict[str, Any]] = {
@@ -110,102 +95,38 @@ STATIC_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-# The decoder and cache before issue #13's levers: this branch's base (29d6c87) plus the trace hook, nothing else.
-ORIG_REV = "57d17f4"
+class BroadcastMaskAttention(Attention):
+    """The masks as first written: left at [B, 1, 1, cap] for Paddle's add to broadcast in every layer."""
 
-
-def original_modules(rev: str = ORIG_REV) -> dict[str, Any]:
-    """service/engine/{kv_cache,model}.py as of `rev`, loaded from git into this process as orig_kv_cache and
-    orig_model (loaded once)."""
-    import importlib.util
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    if "orig_model" in sys.modules:
-        return {"kv_cache": sys.modules["orig_kv_cache"], "model": sys.modules["orig_model"]}
-    root = Path(__file__).resolve().parent.parent
-    tmp = Path(tempfile.mkdtemp(prefix="tokenstream-orig-"))
-    mods = {}
-    for name in ("kv_cache", "model"):
-        src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:service/engine/{name}.py"], check=True,
-                             capture_output=True, text=True).stdout
-        src = src.replace("from service.engine.kv_cache import", "from orig_kv_cache import")
-        (tmp / f"orig_{name}.py").write_text(src)
-    sys.path.insert(0, str(tmp))
-    for name in ("kv_cache", "model"):
-        spec = importlib.util.spec_from_file_location(f"orig_{name}", tmp / f"orig_{name}.py")
-        assert spec is not None
-        assert spec.loader is not None
-        mods[name] = importlib.util.module_from_spec(spec)
-        sys.modules[f"orig_{name}"] = mods[name]
-        spec.loader.exec_module(mods[name])
-    return mods
-
-
-def unsplit(weights: ModelWeights) -> ModelWeights:
-    """The weights with gate_up whole again, for decoders that read it (older revisions, split_gate_up=False) once
-    a fused decoder has split it (it keeps only the halves)."""
-    layers = [layer if layer.gate_up is not None else
-              dataclasses.replace(layer, gate_up=paddle.concat([layer.gate, layer.up], axis=1))
-              for layer in weights.layers]
-    return dataclasses.replace(weights, layers=layers)
-
-
-def original_path(model: LoadedModel, rev: str = ORIG_REV, dec: Any = None, max_context: int = 2048) -> Step:
-    """The decode step as of `rev` with its own SlotKVCache of that revision (same slots and capacity as the
-    cache it is handed); weights shared. For A/B against the code as it was."""
-    mods = original_modules(rev)
-    cfg = model.config
-    dec = dec or mods["model"].LlamaDecoder(cfg, unsplit(model.weights), max_context, "float32")
-    own: dict[tuple[int, int], Any] = {}
-    # Later revisions allocate slots in buckets and take them as `slots`; earlier ones always hold every slot.
-    sized = "slots" in inspect.signature(mods["kv_cache"].SlotKVCache.resize).parameters
-
-    def step(cache: SlotKVCache, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        key = (cache.slots, cache.capacity)
-        if key not in own:
-            c = mods["kv_cache"].SlotKVCache(cfg.num_layers, cache.slots, cfg.num_kv_heads, cfg.head_dim,
-                                             max_context, "float32")
-            if sized:
-                c.resize(cache.capacity, cache.slots, slots=cache.slots)
-            else:
-                c.resize(cache.capacity, 0)
-            own[key] = c
-        return dec.decode_step(own[key], tokens, positions)
-
-    return step
-
-
-class BroadcastMaskDecoder(LlamaDecoder):
     @staticmethod
-    def _mask(allowed: np.ndarray, shape: tuple[int, ...]) -> paddle.Tensor:
+    def mask(allowed: np.ndarray, shape: tuple[int, ...]) -> paddle.Tensor:
         return paddle.to_tensor(np.where(allowed, np.float32(0.0), np.float32(-1e30)))
 
 
-def paths(model: LoadedModel, dec: LlamaDecoder, which: list[str]) -> dict[str, Step]:
-    """The decode paths to time: 'orig' (the decoder as of ORIG_REV, from git), 'plain' (decode_step_plain: that
-    forward op by op, with today's lm_head), 'fast' (what the engine uses), 'broadcast_mask', a VARIANTS key (a
-    decoder of its own on the same weights) or a STATIC_VARIANTS key."""
-    out: dict[str, Step] = {}
+def paths(model: LoadedModel, dec: LlamaDecoder, which: list[str]) -> dict[str, DecodeStep]:
+    """The decode paths to time: 'orig' (the decoder as of REVISIONS["orig"], from git), 'plain'
+    (decode_step_plain: that forward op by op, with today's lm_head), 'fast' (what the engine uses),
+    'broadcast_mask', a VARIANTS key (a decoder of its own on the same weights) or a STATIC_VARIANTS key."""
+    out: dict[str, DecodeStep] = {}
+    cfg = model.config
     for name in which:
         if name == "fast":
             out[name] = dec.decode_step
         elif name == "plain":
             out[name] = getattr(dec, "decode_step_plain", dec.decode_step)
         elif name == "orig":
-            out[name] = original_path(model, ORIG_REV)
+            out[name] = old_decode_step(ORIG, cfg, old_decoder(ORIG, cfg, model.weights))
         elif name == "broadcast_mask":  # the masks as first written: broadcast by Paddle's add in every layer
-            other = BroadcastMaskDecoder(model.config, model.weights, 2048, "float32")
+            other = LlamaDecoder(cfg, model.weights, 2048, "float32")
+            other.attention = BroadcastMaskAttention(cfg)
             out[name] = other.decode_step
         elif name in STATIC_VARIANTS:
             from bench.levers.static_step import static_decode_path
 
             out[name] = static_decode_path(model, dec, **STATIC_VARIANTS[name])
         else:
-            other = LlamaDecoder(model.config, unsplit(model.weights), 2048, "float32", **VARIANTS[name])
-            out[name] = other.decode_step
+            weights = unsplit(model.weights) if not VARIANTS[name].split_gate_up else model.weights
+            out[name] = LlamaDecoder(cfg, weights, 2048, "float32", options=VARIANTS[name]).decode_step
     return out
 
 
@@ -217,7 +138,7 @@ def skeleton(cfg: ModelConfig) -> tuple[ModelConfig, LlamaDecoder]:
            "tie_word_embeddings": True, "max_position_embeddings": 2048}
     small = ModelConfig.from_dict(raw)
     rng = np.random.default_rng(0)
-    h, i, q, kv = 72, 16, 72, 24
+    h, i, q, kv = 72, 16, cfg.num_heads * 8, cfg.num_kv_heads * 8  # head_dim 8
 
     def lin(o: int, n: int) -> paddle.Tensor:
         return paddle.to_tensor((rng.standard_normal((o, n)) / np.sqrt(n)).astype(np.float32))
@@ -238,58 +159,21 @@ def skeleton(cfg: ModelConfig) -> tuple[ModelConfig, LlamaDecoder]:
 # -- parts -----------------------------------------------------------------------------------------
 
 
-def bandwidth(reps: int = 8) -> dict[str, float]:
-    """Practical memory bound: 2-thread numpy matvec over a 1 GiB float32 matrix (as issue #13 measured it)."""
-    a = np.ones((1 << 28) // 4096, dtype=np.float32).reshape(-1, 1)  # warm the allocator
-    del a
-    m = np.ones((65536, 4096), dtype=np.float32)
-    v = np.ones(4096, dtype=np.float32)
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        m @ v
-        ts.append(time.perf_counter() - t)
-    del m
-    return {"GBps_median": m_bytes() / np.median(ts) / 1e9, "GBps_best": m_bytes() / min(ts) / 1e9}
-
-
-def m_bytes() -> int:
-    return 65536 * 4096 * 4
-
-
-def step_bytes(model: LoadedModel, b: int, length: int) -> int:
-    """Bytes a decode step must read: every layer weight, the final norm, the lm_head, B embedding rows, the KV."""
-    cfg, w = model.config, model.weights
-    total = sum(int(np.prod(t.shape)) * 4 for layer in w.layers for t in
-                (layer.input_norm, layer.qkv, layer.o, layer.post_norm, layer.gate_up, layer.gate, layer.up, layer.down)
-                if t is not None)
-    total += int(np.prod(w.lm_head.shape)) * 4 + int(np.prod(w.norm.shape)) * 4 + b * cfg.hidden_size * 4
-    return total + b * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * (length + 1)
-
-
-def step_flops(model: LoadedModel, b: int, length: int) -> float:
-    cfg, w = model.config, model.weights
-    params = sum(int(np.prod(t.shape)) for layer in w.layers
-                 for t in (layer.qkv, layer.o, layer.gate_up, layer.gate, layer.up, layer.down) if t is not None)
-    params += int(np.prod(w.lm_head.shape))
-    return 2.0 * b * params + 4.0 * b * (length + 1) * cfg.num_heads * cfg.head_dim * cfg.num_layers
-
-
 def part_steps(model: LoadedModel, dec: LlamaDecoder, batches: list[int], length: int, reps: int,
                which: list[str], bound_gbps: float) -> dict[str, Any]:
     cfg = model.config
     steps = paths(model, dec, which)
-    cache = make_cache(cfg, max(batches), length)
+    cache = measure.make_cache(cfg, max(batches), length)
     times: dict[tuple[str, int], list[float]] = {(p, b): [] for p in steps for b in batches}
     cpu: dict[tuple[str, int], list[float]] = {(p, b): [] for p in steps for b in batches}
     ref = next(iter(steps))
     for b in batches:  # warm every shape and path once
         for fn in steps.values():
-            fn(cache, *inputs(cfg, b, length)).argmax(-1)
+            fn(cache, *measure.step_inputs(cfg, b, length)).argmax(-1)
     for _ in range(reps):  # round-robin: each path and batch sees the same stretch of host noise
         for b in batches:
             for name, fn in steps.items():
-                tok, pos = inputs(cfg, b, length)
+                tok, pos = measure.step_inputs(cfg, b, length)
                 c = time.thread_time()
                 t = time.perf_counter()
                 fn(cache, tok, pos).argmax(-1)
@@ -298,15 +182,15 @@ def part_steps(model: LoadedModel, dec: LlamaDecoder, batches: list[int], length
     rows = []
     for (name, b), ts in times.items():
         s = float(np.median(ts))
-        nbytes = step_bytes(model, b, length)
+        nbytes = sum(measure.step_bytes(model, b, length).values())
         rows.append({
             "path": name, "batch": b, "length": length, "capacity": cache.capacity, "ms_p50": s * 1e3,
             "ms_p10": float(np.percentile(ts, 10)) * 1e3, "ms_p90": float(np.percentile(ts, 90)) * 1e3,
             "tok_s": b / s, "GBps": nbytes / s / 1e9, "bound_ms": nbytes / bound_gbps / 1e6,
-            "of_bound": nbytes / bound_gbps / 1e9 / s, "GFLOPs": step_flops(model, b, length) / s / 1e9,
+            "of_bound": nbytes / bound_gbps / 1e9 / s, "GFLOPs": measure.step_flops(model, b, length) / s / 1e9,
             "ms_min": min(ts) * 1e3, "ms_all": [t * 1e3 for t in ts],
             # CPU time of the calling thread: less sensitive to the host's load, blind to other threads' work
-            "thread_cpu_ms_p50": median_ms(cpu[(name, b)]),
+            "thread_cpu_ms_p50": measure.median_ms(cpu[(name, b)]),
             # paired with the first path's time in the same round: robust to the host's load drifting
             "vs_first": float(np.median(np.array(times[(ref, b)]) / np.array(ts))),
         })
@@ -348,27 +232,24 @@ def traced_once(dec: Any, fn: Callable[[], Any], per: dict[str, list[float]]) ->
 def part_breakdown(model: LoadedModel, dec: LlamaDecoder, batches: list[int], length: int, reps: int,
                    paths: list[str]) -> dict[str, Any]:
     """Sections of each path ('fast': the engine's decode_step, 'plain': decode_step_plain, 'orig': the decoder
-    as of ORIG_REV), and of the same path on the skeleton model (the floor), traced round by round."""
+    as of REVISIONS["orig"]), and of the same path on the skeleton model (the floor), traced round by round."""
     cfg = model.config
-    cache = make_cache(cfg, max(batches), length)
+    cache = measure.make_cache(cfg, max(batches), length)
     small_cfg, small = skeleton(cfg)
-    small_cache = make_cache(small_cfg, max(batches), length)
-    runs: dict[str, tuple[Any, Step, Any, Step]] = {}  # path -> (decoder, step, skeleton decoder, its step)
+    small_cache = measure.make_cache(small_cfg, max(batches), length)
+    runs: dict[str, tuple[Any, DecodeStep, Any, DecodeStep]] = {}  # path -> (decoder, step, skeleton decoder, its step)
     for path in paths:
         if path == "orig":
-            orig = original_modules()["model"].LlamaDecoder
-            d = orig(cfg, unsplit(model.weights), 2048, "float32")
-            sd = orig(small_cfg, unsplit(small.w), 2048, "float32")
-            small_model = LoadedModel(small_cfg.architecture, model.path, small_cfg, small.w, model.tokenizer, {})
-            runs[path] = (d, original_path(model, dec=d), sd, original_path(small_model, dec=sd))
+            d, sd = old_decoder(ORIG, cfg, model.weights), old_decoder(ORIG, small_cfg, small.w)
+            runs[path] = (d, old_decode_step(ORIG, cfg, d), sd, old_decode_step(ORIG, small_cfg, sd))
         elif path == "plain":
             runs[path] = (dec, dec.decode_step_plain, small, small.decode_step_plain)
         else:
             runs[path] = (dec, dec.decode_step, small, small.decode_step)
     out: dict[str, Any] = {p: {} for p in paths}
     for b in batches:
-        tok, pos = inputs(cfg, b, length)
-        stok, spos = inputs(small_cfg, b, length)
+        tok, pos = measure.step_inputs(cfg, b, length)
+        stok, spos = measure.step_inputs(small_cfg, b, length)
         per: dict[str, tuple[dict[str, list[float]], dict[str, list[float]]]] = {p: ({}, {}) for p in paths}
         for _, step, _, small_step in runs.values():
             for _ in range(2):
@@ -379,57 +260,20 @@ def part_breakdown(model: LoadedModel, dec: LlamaDecoder, batches: list[int], le
                 traced_once(d, functools.partial(step, cache, tok, pos), per[p][0])
                 traced_once(sd, functools.partial(small_step, small_cache, stok, spos), per[p][1])
         for p in paths:
-            out[p][str(b)] = {"sections": {k: median_ms(v) for k, v in per[p][0].items()},
-                              "floor": {k: median_ms(v) for k, v in per[p][1].items()}}
+            out[p][str(b)] = {"sections": {k: measure.median_ms(v) for k, v in per[p][0].items()},
+                              "floor": {k: measure.median_ms(v) for k, v in per[p][1].items()}}
     return out
 
 
 def part_engine(model: LoadedModel, batches: list[int], steps: int) -> dict[str, Any]:
-    """The Engine's iteration in steady decode at each batch, with decode_step timed inside the same iterations:
-    the rest is the scheduler, sampling, detokenizing and delivery (chunks dropped on the engine thread)."""
-    from service.engine.engine import Engine, EngineConfig
-    from service.engine.types import GenerationRequest
-
+    """The Engine's iteration in steady decode at each batch, with the decoder's step timed inside the same
+    iterations: the rest is the scheduler, sampling, detokenizing and delivery."""
     eng = Engine(model, EngineConfig(max_slots=max(batches), max_context=2048))
     eng.start(warmup=True)
-    out: dict[str, Any] = {}
     try:
-        for b in batches:
-            inner = eng.decoder.decode_step
-            spent: list[float] = []
-
-            def timed(*a: Any, inner: Any = inner, spent: list[float] = spent) -> Any:
-                t = time.perf_counter()
-                try:
-                    return inner(*a)
-                finally:
-                    spent.append(time.perf_counter() - t)
-
-            handles = []
-            for i in range(b):
-                ids = [(i * 31 + j * 7) % model.config.vocab_size for j in range(20)]
-                req = GenerationRequest(prompt_ids=ids, max_new_tokens=steps * 4 + 64)
-                handles.append(eng.submit(req, lambda chunks: None))
-            assert eng.wait_until(lambda st, b=b: st.active == b and st.prefilling == 0 and st.waiting == 0, 300)
-            eng.decoder.decode_step = timed  # type: ignore[method-assign]
-            try:
-                s0 = eng.stats().steps
-                t0 = time.perf_counter()
-                eng.wait_until(lambda st, s0=s0: st.steps >= s0 + steps, 600)
-                t1 = time.perf_counter()
-                n = eng.stats().steps - s0
-            finally:
-                eng.decoder.decode_step = inner  # type: ignore[method-assign]
-            for h in handles:
-                h.cancel()
-            eng.wait_until(lambda st: st.active == 0 and st.waiting == 0 and st.prefilling == 0, 120)
-            it = (t1 - t0) / n
-            model_s = sum(spent[:n]) / max(1, min(n, len(spent)))
-            out[str(b)] = {"iteration_ms": it * 1e3, "decode_step_ms": model_s * 1e3,
-                           "outside_ms": (it - model_s) * 1e3, "tok_s": b / it}
+        return {str(b): measure.engine_iteration(eng, b, steps) for b in batches}
     finally:
         eng.stop()
-    return out
 
 
 def part_prefill(model: LoadedModel, dec: LlamaDecoder, reps: int, decode_batch: int = 8,
@@ -443,12 +287,18 @@ def part_prefill(model: LoadedModel, dec: LlamaDecoder, reps: int, decode_batch:
 
     cfg = model.config
     b = decode_batch
-    cache = make_cache(cfg, b + 8, 300)
+    cache = measure.make_cache(cfg, b + 8, 300)
     rng = np.random.default_rng(1)
     p20 = [rng.integers(0, cfg.vocab_size, 20).astype(np.int64) for _ in range(8)]
     p256 = rng.integers(0, cfg.vocab_size, 256).astype(np.int64)
-    tok, pos = inputs(cfg, b, length)
+    tok, pos = measure.step_inputs(cfg, b, length)
     none = np.zeros(0, dtype=np.int64)
+    def decode_with_chunk(c: int) -> Any:
+        return dec.step(cache, tok, pos, [PrefillChunk(b, p256[:c], 0, True)])
+
+    def chunk_alone(c: int) -> Any:
+        return dec.prefill(cache, b, p256[:c], 0, True)
+
     cases: dict[str, Callable[[], Any]] = {
         "1x20": lambda: dec.prefill(cache, b, p20[0], 0, True),
         "1x256": lambda: dec.prefill(cache, b, p256, 0, True),
@@ -458,9 +308,8 @@ def part_prefill(model: LoadedModel, dec: LlamaDecoder, reps: int, decode_batch:
         f"decode B={b}": lambda: dec.decode_step(cache, tok, pos),
     }
     for c in (16, 32, 64, 128, 256):
-        cases[f"chunk {c} alone"] = lambda c=c: dec.prefill(cache, b, p256[:c], 0, True)
-        cases[f"decode B={b} + chunk {c}"] = lambda c=c: dec.step(cache, tok, pos,
-                                                                  [PrefillChunk(b, p256[:c], 0, True)])
+        cases[f"chunk {c} alone"] = functools.partial(chunk_alone, c)
+        cases[f"decode B={b} + chunk {c}"] = functools.partial(decode_with_chunk, c)
     times: dict[str, list[float]] = {k: [] for k in cases}
     for fn in cases.values():
         fn()
@@ -469,10 +318,10 @@ def part_prefill(model: LoadedModel, dec: LlamaDecoder, reps: int, decode_batch:
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
-    return {k: {"ms_p50": median_ms(v), "ms_min": min(v) * 1e3} for k, v in times.items()}
+    return {k: {"ms_p50": measure.median_ms(v), "ms_min": min(v) * 1e3} for k, v in times.items()}
 
 
-def arrivals_once(eng: Any, cfg: ModelConfig, runners: int, newcomers: int, prompt_len: int) -> dict[str, float]:
+def arrivals_once(eng: Engine, cfg: ModelConfig, runners: int, newcomers: int, prompt_len: int) -> dict[str, float]:
     """`runners` streams decode; then `newcomers` prompts of `prompt_len` tokens arrive at once. Returns the
     runners' longest gap between tokens while the newcomers were being let in, their usual gap, and the
     newcomers' time to first token."""
@@ -515,26 +364,26 @@ def arrivals_once(eng: Any, cfg: ModelConfig, runners: int, newcomers: int, prom
             "admission_s": t1 - t0}
 
 
-def part_arrivals(model: LoadedModel, reps: int) -> dict[str, Any]:
-    """The scheduler today (Engine) against the recommended one (bench/levers/mixed_engine.py): 8 streams decode
-    while 8 prompts of 20 tokens, or one of 256, arrive at once."""
-    from bench.levers.mixed_engine import MixedEngine
-    from service.engine.engine import Engine, EngineConfig
+STALLS = (1.0, EngineConfig.prefill_stall_steps, 3.0)  # prefill_stall_steps compared by 'arrivals'
 
+
+def part_arrivals(model: LoadedModel, reps: int, runners: int = 8) -> dict[str, Any]:
+    """The engine's prompt budget (prompt chunks inside the decode step, a step allowed prefill_stall_steps decode
+    steps of extra time) at STALLS: `runners` streams decode while 8 prompts of 20 tokens, or one of 256, arrive
+    at once."""
     cfg = model.config
-    config = EngineConfig(max_slots=32, max_context=2048)
-    engines = {"engine today": Engine(model, config),
-               "mixed, stall <= 1 step": MixedEngine(model, config, stall_factor=1.0),
-               "mixed, stall <= 3 steps": MixedEngine(model, config, stall_factor=3.0)}
-    for eng in engines.values():
-        eng.start(warmup=True)
-        arrivals_once(eng, cfg, 8, 8, 20)  # learns the step and prefill speeds; not recorded
+    engines = {f"stall <= {stall:g} steps": Engine(model, EngineConfig(max_slots=32, max_context=2048,
+                                                                        prefill_stall_steps=stall))
+               for stall in STALLS}
     out: dict[str, Any] = {}
     try:
+        for eng in engines.values():
+            eng.start(warmup=True)
+            arrivals_once(eng, cfg, runners, 8, 20)  # learns the step and prefill speeds; not recorded
         for scenario, (n, length) in {"8 x 20 tokens": (8, 20), "1 x 256 tokens": (1, 256)}.items():
             for _ in range(reps):
                 for name, eng in engines.items():
-                    out.setdefault(f"{scenario}: {name}", []).append(arrivals_once(eng, cfg, 8, n, length))
+                    out.setdefault(f"{scenario}: {name}", []).append(arrivals_once(eng, cfg, runners, n, length))
     finally:
         for eng in engines.values():
             eng.stop()
@@ -569,7 +418,7 @@ def part_resize(cfg: ModelConfig, reps: int, max_slots: int = 32) -> dict[str, A
             for _ in range(reps):
                 ts["first"].append(first(used, a, b))
                 ts["now"].append(now(used, a, b))
-            out[f"{used} streams, {a}->{b}"] = {k: median_ms(v) for k, v in ts.items()}
+            out[f"{used} streams, {a}->{b}"] = {k: measure.median_ms(v) for k, v in ts.items()}
     return out
 
 
@@ -584,7 +433,7 @@ def part_check(model: LoadedModel, dec: LlamaDecoder, decode_steps: int = 12) ->
     none = np.zeros(0, dtype=np.int64)
     lens = [3, 17, 60, 64, 9]
     prompts = [rng.integers(0, cfg.vocab_size, n).astype(np.int64) for n in lens]
-    ref, new = make_cache(cfg, 8, 200), make_cache(cfg, 8, 200)
+    ref, new = measure.make_cache(cfg, 8, 200), measure.make_cache(cfg, 8, 200)
     worst: dict[str, float] = {}
     agree = True
 
@@ -670,17 +519,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--breakdown-paths", default="fast", help="'fast' and/or 'plain'")
     ap.add_argument("--length", type=int, default=84, help="cached positions per row (20-token prompt + 64)")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--kernels", default="auto", choices=KERNEL_MODES, help="the fused kernels 'fast' runs with: "
+                    "'auto' those this CPU proved, as the engine does (service/engine/kernels.py)")
+    ap.add_argument("--bandwidth-mb", type=int, default=256, help="array size of the 'bandwidth' part")
     ap.add_argument("--json", default=None, help="write the results here too")
     args = ap.parse_args(argv)
     parts = args.parts.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     paddle.set_device("cpu")
     model = load_model(args.model_dir or engine_model_path("smollm2"))
-    dec = LlamaDecoder(model.config, model.weights, 2048, "float32")
-    results: dict[str, Any] = {"load_start": load(), "env": {k: os.environ.get(k) for k in
+    dec = LlamaDecoder(model.config, model.weights, 2048, "float32", kernels=select_kernels(args.kernels))
+    results: dict[str, Any] = {"load_start": loadavg(), "env": {k: os.environ.get(k) for k in
                                                             ("MKL_DEBUG_CPU_TYPE", "OMP_NUM_THREADS",
                                                              "KMP_BLOCKTIME")}}
-    print(f"load average {load()}, {model.config.num_layers} layers, hidden {model.config.hidden_size}, "
+    print(f"load average {loadavg()}, {model.config.num_layers} layers, hidden {model.config.hidden_size}, "
           f"length {args.length}")
     bound = REFERENCE_BOUND_GBPS
     with paddle.no_grad():
@@ -690,9 +542,10 @@ def main(argv: list[str] | None = None) -> int:
                   ", ".join(f"{k} {v:.1e}" for k, v in chk["max_abs_diff"].items()) +
                   f"; greedy tokens agree: {chk['greedy_agree']}")
         if "bandwidth" in parts:
-            results["bandwidth"] = bw = bandwidth()
-            print(f"memory bound: 2-thread numpy matvec over 1 GiB: {bw['GBps_median']:.1f} GB/s median, "
-                  f"{bw['GBps_best']:.1f} best (issue #13 reference {REFERENCE_BOUND_GBPS}; shares below use it)")
+            results["bandwidth"] = bw = measure.memory_bandwidth(args.bandwidth_mb)
+            print(f"memory bound over {args.bandwidth_mb} MB: {bw['bound_GBps']:.1f} GB/s (GEMV "
+                  f"{bw['gemv_read_GBps_best']:.1f}, copy {bw['numpy_copy_GBps_best']:.1f}, sum "
+                  f"{bw['numpy_read_GBps_best']:.1f}; issue #13 reference {REFERENCE_BOUND_GBPS}: shares below use it)")
         if "steps" in parts:
             results["steps"] = part_steps(model, dec, batches, args.length, args.reps, args.paths.split(","), bound)
             print_steps(results["steps"])
@@ -719,10 +572,11 @@ def main(argv: list[str] | None = None) -> int:
         del dec
         results["engine"] = part_engine(model, [b for b in batches if b > 1] or batches, steps=args.reps)
         for b, v in results["engine"].items():
-            print(f"engine B={b:>3}: iteration {v['iteration_ms']:.1f} ms, decode_step {v['decode_step_ms']:.1f} ms, "
-                  f"outside the model {v['outside_ms']:.1f} ms ({v['tok_s']:.1f} tok/s)")
-    results["load_end"] = load()
-    print(f"load average at the end {load()}")
+            print(f"engine B={b:>3}: iteration {v['ms_per_iteration']:.1f} ms, the decoder's step "
+                  f"{v['decode_step_ms']:.1f} ms, outside the model {v['outside_model_ms']:.1f} ms "
+                  f"({v['tokens_per_s']:.1f} tok/s)")
+    results["load_end"] = loadavg()
+    print(f"load average at the end {loadavg()}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -26,6 +26,7 @@ from bench.common import (
     RESULTS,
     bench_env,
     engine_model_path,
+    engines,
     free_port,
     log,
     median,
@@ -36,6 +37,7 @@ from bench.common import (
     stop_process,
     write_json,
 )
+from bench.host import cpu_name
 
 PY = sys.executable
 PEERS = ("llamacpp", "hf", "paddle")
@@ -44,8 +46,16 @@ MIN_PHASE_S = 120.0  # a phase that starts past the budget still gets this long
 
 # -- plans -----------------------------------------------------------------------------------------
 
-def plan_for(model: str, quick: bool) -> dict[str, Any]:
+SMOKE = {"sweep": [1, 2], "new_tokens": 4, "rounds": 1, "ratio_rounds": 1, "arrivals_requests": 1,
+         "inproc_parts": "sweep,steps,profile,gil", "step_length": 16, "reps": 1, "iter_steps": 2, "gil_seconds": 0.2,
+         "llamacpp_variants": "f32", "bench_reps": 0, "rss_requests": 8, "rss_warmup": 8, "rss_new_tokens": 2,
+         "naive": [4], "seq_rounds": 1, "streamer_requests": 1}
+
+
+def plan_for(model: str, quick: bool, smoke: bool = False) -> dict[str, Any]:
     common = {"arrivals_stagger_s": 0.2, "arrivals_jitter": 0.25, "max_slots": 32}
+    if smoke:  # every phase once, as small as it goes: that the harness runs (`make test`), no figures
+        return {**common, **SMOKE}
     if model == "smollm2":
         if quick:
             return {**common, "sweep": [1, 8, 32], "new_tokens": 64, "rounds": 1, "ratio_rounds": 1,
@@ -109,6 +119,7 @@ def run_py(module: str, args: list[str], out: Path, logdir: Path, timeout: float
     """Run `python -m module args --out out`; return its JSON, or None (and log why) on failure or timeout."""
     name = out.stem
     t = time.monotonic()
+    rc: int | str
     with open(logdir / f"{name}.log", "w") as lf:
         try:
             rc = subprocess.run([PY, "-m", module, *args, "--out", str(out)], cwd=REPO, env=bench_env(),
@@ -158,8 +169,9 @@ def prepare(key: str, peers: set[str]) -> dict[str, Any]:
     return out
 
 
-def bench_model(key: str, quick: bool, peers: set[str], raw: Path, budget_end: float) -> dict[str, Any]:
-    plan = plan_for(key, quick)
+def bench_model(key: str, quick: bool, peers: set[str], raw: Path, budget_end: float,
+                smoke: bool = False) -> dict[str, Any]:
+    plan = plan_for(key, quick, smoke)
     res: dict[str, Any] = {"model": key, "params": param_counts(key), "plan": plan}
     res["prepare"] = prepare(key, peers)
     log(f"[{key}] prepared in {res['prepare']['seconds']:.0f} s: {res['prepare']['engine_model']}")
@@ -240,26 +252,6 @@ def bench_model(key: str, quick: bool, peers: set[str], raw: Path, budget_end: f
 
 # -- derived figures -------------------------------------------------------------------------------
 
-def engines(res: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Every engine's closed-loop run at each concurrency: {engine: {"8": run}} with tokens_per_s, ttft_ms,
-    itl_ms, idle and outputs. The keys are the labels used in the tables and charts."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    sweep = ((res.get("inproc") or {}).get("sweep")) or {}
-    for side, label in (("inproc", "tokenstream, in-process"), ("grpc", "tokenstream over gRPC")):
-        runs = {c: v[side] for c, v in sweep.items() if isinstance(v, dict) and side in v}
-        if runs:
-            out[label] = runs
-    hf = ((res.get("hf") or {}).get("batches")) or {}
-    if hf:
-        out["transformers generate()"] = hf
-    lc = res.get("llamacpp") or {}
-    for v, label in (("f32", "llama.cpp F32 (llama-server)"), ("q4_1", "llama.cpp Q4_1 (llama-server)")):
-        runs = ((lc.get(v) or {}).get("server")) or {}
-        if runs:
-            out[label] = runs
-    return out
-
-
 def agreement(res: dict[str, Any]) -> dict[str, Any]:
     """Greedy token agreement: every engine's outputs against ours in-process at the same prompt.
 
@@ -309,6 +301,11 @@ def f(x: Any, fmt: str = ".1f") -> str:
 
 def tps(run: dict[str, Any] | None) -> float | None:
     return None if not run else run.get("tokens_per_s")
+
+
+def div(a: float | None, b: float | None) -> float | None:
+    """a / b, or None where either is missing (or b is 0)."""
+    return a / b if a is not None and b else None
 
 
 def busy_mark(run: dict[str, Any] | None) -> str:
@@ -376,8 +373,8 @@ def report(all_res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
                 continue
             b = v.get("bench") or {}
             srv = v.get("server") or {}
-            b1 = f"{b['tokens_per_s']:.1f}{busy_mark(b)} ({b['ms_per_token']:.1f} ms)" if b else cell(srv.get("1"))
-            w(f"| {label} | {b1} | {cell(srv.get('8'))} | {cell(srv.get('32'))} |")
+            first = f"{b['tokens_per_s']:.1f}{busy_mark(b)} ({b['ms_per_token']:.1f} ms)" if b else cell(srv.get("1"))
+            w(f"| {label} | {first} | {cell(srv.get('8'))} | {cell(srv.get('32'))} |")
         w("")
 
         # Every engine at every concurrency.
@@ -399,9 +396,9 @@ def report(all_res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         b1 = tps(ours.get("1"))
         lb = (lcf.get("bench") or {}).get("tokens_per_s")
         if lb:
-            r = b1 / lb if b1 else None
-            w(f"batch 1: ours in-process {f(b1)} / llama-bench F32 {f(lb)} tok/s = {f(r, '.2f')}x  [target >= 1.0: "
-              f"{check(key, 'batch 1 vs llama.cpp F32', r, '>= 1.0', lambda x: x >= 1.0)}]")
+            vs_lb = div(b1, lb)
+            w(f"batch 1: ours in-process {f(b1)} / llama-bench F32 {f(lb)} tok/s = {f(vs_lb, '.2f')}x  [target >= 1.0: "
+              f"{check(key, 'batch 1 vs llama.cpp F32', vs_lb, '>= 1.0', lambda x: x >= 1.0)}]")
         steps = inproc.get("steps")
         if steps and b1:
             row1 = next((r for r in steps["rows"] if r["batch"] == 1), None)
@@ -414,12 +411,12 @@ def report(all_res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         for c in ("8", "32"):
             theirs = tps((lcf.get("server") or {}).get(c))
             if theirs:
-                r = tps(grpc_.get(c)) / theirs if tps(grpc_.get(c)) else None
+                vs_ls = div(tps(grpc_.get(c)), theirs)
                 w(f"{c} streams: ours over gRPC {f(tps(grpc_.get(c)))} / llama-server F32 -np {c} {f(theirs)} tok/s = "
-                  f"{f(r, '.2f')}x  [target >= 1.0: "
-                  f"{check(key, f'{c} streams vs llama-server F32', r, '>= 1.0', lambda x: x >= 1.0)}]")
+                  f"{f(vs_ls, '.2f')}x  [target >= 1.0: "
+                  f"{check(key, f'{c} streams vs llama-server F32', vs_ls, '>= 1.0', lambda x: x >= 1.0)}]")
         if hf:
-            ratios = {c: tps(ours.get(c)) / tps(hf[c]) for c in cs if tps(ours.get(c)) and tps(hf.get(c))}
+            ratios = {c: r for c in cs if (r := div(tps(ours.get(c)), tps(hf.get(c)))) is not None}
             worst = min(ratios.values()) if ratios else None
             w("ours in-process / transformers generate(): " + ", ".join(f"{c}: {r:.2f}x" for c, r in ratios.items())
               + f"  [target >= 1.0 at every batch size: "
@@ -521,15 +518,15 @@ def report(all_res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         if prof:
             for b in ("8", "32"):
                 pb = prof.get(b)
-                parts = (prof.get("parts") or {}).get(b) or {}
+                matmuls = (prof.get("parts") or {}).get(b) or {}
                 if not pb:
                     continue
                 top = ", ".join(f"{r['func']} {100 * r['share']:.0f}%" for r in pb["top"][:3])
                 w(f"  profile batch {b}: {pb['total_ms_per_step']:.1f} ms/step (cProfile); top: {top}")
-                w(f"    the step's GEMMs timed alone: lm_head {f(parts.get('lm_head_ms'))} ms (numpy BLAS "
-                  f"{f(parts.get('numpy_lm_head_ms'))}), mlp {f(parts.get('mlp_ms_all_layers'))} ms (numpy "
-                  f"{f(parts.get('numpy_mlp_ms_all_layers'))}), qkv+o {f(parts.get('qkv_o_ms_all_layers'))} ms, "
-                  f"attention {f(parts.get('attention_ms_all_layers'))} ms")
+                w(f"    the step's GEMMs timed alone: lm_head {f(matmuls.get('lm_head_ms'))} ms (numpy BLAS "
+                  f"{f(matmuls.get('numpy_lm_head_ms'))}), mlp {f(matmuls.get('mlp_ms_all_layers'))} ms (numpy "
+                  f"{f(matmuls.get('numpy_mlp_ms_all_layers'))}), qkv+o {f(matmuls.get('qkv_o_ms_all_layers'))} ms, "
+                  f"attention {f(matmuls.get('attention_ms_all_layers'))} ms")
         rss = res.get("rss")
         if rss:
             g = rss["growth"]
@@ -572,6 +569,8 @@ def report(all_res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.run", description=__doc__)
     p.add_argument("--quick", action="store_true", help="fewer concurrencies and tokens (< 5 minutes with peers)")
+    p.add_argument("--smoke", action="store_true", help="every phase once at its smallest (the smoke run of `make "
+                   "test`, best on --models tiny): checks that the bench runs, its figures mean nothing")
     p.add_argument("--models", default="", help=f"comma-separated subset of {','.join(MODELS)} "
                    f"(default: {DEFAULT_MODEL}; tiny and base are random-weight models for scale tests)")
     p.add_argument("--peers", default="", help=f"optional peers, comma-separated: {','.join(PEERS)}")
@@ -585,12 +584,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", default="", help="only print the table of an earlier results JSON (and redraw charts)")
     args = p.parse_args(argv)
     if args.report:
-        all_res = json.loads(Path(args.report).read_text())
-        idle = all_res.get("idle") or IDLE_DEFAULTS
-        os.environ["TOKENSTREAM_BENCH_IDLE"] = f"{idle['threshold']},{idle['max_wait_s']}"
-        print(report(all_res)[0])
+        earlier = json.loads(Path(args.report).read_text())
+        was = earlier.get("idle") or IDLE_DEFAULTS
+        os.environ["TOKENSTREAM_BENCH_IDLE"] = f"{was['threshold']},{was['max_wait_s']}"
+        print(report(earlier)[0])
         if args.charts:
-            print(charts(all_res, Path(args.charts)))
+            print(charts(earlier, Path(args.charts)))
         return 0
     os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     models = [m for m in (args.models or DEFAULT_MODEL).split(",") if m]
@@ -605,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             p.error(f"--idle {args.idle!r}: expected THRESHOLD,MAX_WAIT_S, for example 0.15,8")
     os.environ["TOKENSTREAM_BENCH_IDLE"] = f"{idle['threshold']},{idle['max_wait_s']}"  # for every phase process
-    mode = "quick" if args.quick else "full"
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     raw = Path(args.out) / f"{stamp}-{mode}"
     raw.mkdir(parents=True, exist_ok=True)
@@ -618,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for key in models:
         log(f"[{key}] start ({mode})")
-        all_res["models"][key] = bench_model(key, args.quick, peers, raw, t0 + budget * 60)
+        all_res["models"][key] = bench_model(key, args.quick, peers, raw, t0 + budget * 60, args.smoke)
         write_json(raw.with_suffix(".json"), all_res)
     all_res["host"]["loadavg_end"] = os.getloadavg()
     all_res["seconds"] = time.monotonic() - t0
@@ -634,16 +633,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs, load average {all_res['host']['loadavg_start'][0]:.1f} at start, "
           f"{all_res['host']['loadavg_end'][0]:.1f} at end; results: {raw.with_suffix('.json')}")
     return 0
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def charts(all_res: dict[str, Any], outdir: Path) -> str:

@@ -32,7 +32,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import re
 import sys
 import time
@@ -41,6 +40,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a file: the repository's packages (the service, for --verify; bench.host)
+
+from bench.host import cpu_name  # noqa: E402  (standard library only: the one bench module scripts import)
+
 EOS = "<|endoftext|>"
 SPECIALS = [EOS, "<|im_start|>", "<|im_end|>"]
 
@@ -169,6 +172,13 @@ class Corpus:
     def chars(self, split: str) -> dict[str, int]:
         docs = self.train if split == "train" else self.heldout
         return {k: sum(len(d) for d in v) for k, v in docs.items()}
+
+
+def smoke_corpus() -> Corpus:
+    """The pydoc topics alone (the standard library's, always there), held out as in build_corpus: for --smoke."""
+    topics = load_pydoc_topics()
+    return Corpus({"pydoc": [t for i, t in enumerate(topics) if i % 40 != 7]},
+                  {"pydoc": [t for i, t in enumerate(topics) if i % 40 == 7]}, [])
 
 
 def build_corpus(corpus_dir: Path | None, shakespeare_chars: int) -> Corpus:
@@ -455,16 +465,6 @@ def greedy(model, tok, prompt: str, n: int) -> str:
     return tok.decode(out, skip_special_tokens=False)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "models" / "tokenstream-demo")
@@ -506,7 +506,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-verify", action="store_true", help="skip loading the result with the service engine")
     ap.add_argument("--bench", type=int, default=0, help="only time this many steps and exit")
     ap.add_argument("--card-only", action="store_true", help="rewrite MODEL_CARD.md from --out/training_log.json")
+    ap.add_argument("--smoke", action="store_true", help="the smoke run of `make test`: a tiny model, a few steps on "
+                    "the pydoc topics alone (no corpus packages), written to --out and verified; no model card")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.steps, args.vocab_size, args.hidden, args.intermediate = 4, 384, 32, 64
+        args.layers, args.heads, args.kv_heads, args.batch, args.seq, args.warmup = 2, 2, 1, 2, 32, 1
+        args.mix = "pydoc=1"
     if args.card_only:
         write_card(args.out, json.loads((args.out / "training_log.json").read_text()))
         return 0
@@ -527,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     try:
-        corpus = build_corpus(args.corpus_dir, args.shakespeare_chars)
+        corpus = smoke_corpus() if args.smoke else build_corpus(args.corpus_dir, args.shakespeare_chars)
     except CorpusMissingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -660,15 +666,17 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "weight_decay": args.weight_decay,
         "argv": sys.argv[1:] if argv is None else argv,
-        "hardware": f"{_cpu_name()}, {os.cpu_count()} logical CPUs, {args.threads} thread(s) used",
+        "hardware": f"{cpu_name()}, {os.cpu_count()} logical CPUs, {args.threads} thread(s) used",
         "paddle": paddle.__version__,
         "samples_training_forward": samples,
     }
     write_outputs(args.out, model, spec, tok, result)
-    write_card(args.out, result)  # rewritten below with the engine's samples once verification passes
+    if not args.smoke:
+        write_card(args.out, result)  # rewritten below with the engine's samples once verification passes
     if not args.no_verify:
         verify(args.out, model, tok, result)
-        write_card(args.out, result)
+        if not args.smoke:
+            write_card(args.out, result)
     return 0
 
 
@@ -749,7 +757,6 @@ def verify(out: Path, model, tok, result: dict) -> None:
     import numpy as np
     import paddle
 
-    sys.path.insert(0, str(REPO))
     from service.engine.api import EngineConfig
     from service.engine.checkpoints.loader import load_model
     from service.engine.decoder import LlamaDecoder

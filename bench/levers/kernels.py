@@ -15,26 +15,24 @@ from __future__ import annotations
 
 import os
 
-# MKL's AVX2 kernels on AMD, as the server sets them; must precede the first paddle import.
-with open("/proc/cpuinfo") as _f:
-    if "AuthenticAMD" in _f.read(4096):
-        os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+from bench.host import loadavg, mkl_for_amd
+
+mkl_for_amd()  # MKL's AVX2 kernels on AMD, as the server sets them; before the first Paddle import
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import argparse
-import json
-import time
-from collections.abc import Callable
-from pathlib import Path
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
-import numpy as np
-import paddle
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
 
-from bench.common import engine_model_path, quiet
-from service.engine.checkpoints.loader import load_model
-from service.engine.decoder import LlamaDecoder
-from service.engine.kernels import Kernels, choose, cpu_flags
-from service.engine.kv_cache import SlotKVCache
+from bench.common import engine_model_path, quiet  # noqa: E402
+from bench.measure import make_cache, step_inputs  # noqa: E402
+from service.engine.checkpoints.loader import load_model  # noqa: E402
+from service.engine.decoder import LlamaDecoder  # noqa: E402
+from service.engine.kernels import PLAIN, Kernels, choose, cpu_flags  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,27 +40,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--length", type=int, default=128, help="positions already in each row's cache")
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--model-dir", default=None, help="checkpoint (default: SmolLM2-135M from its GGUF)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     quiet()
     batches = [int(b) for b in args.batches.split(",")]
-    model = load_model(engine_model_path("smollm2"))
+    model = load_model(args.model_dir or engine_model_path("smollm2"))
     cfg, w = model.config, model.weights
     choices = choose("auto")
     fused = Kernels.from_choices(choices)
-    decs = {"plain": LlamaDecoder(cfg, w, 2048, "float32", kernels=Kernels())}
-    if fused != Kernels():
+    decs = {"plain": LlamaDecoder(cfg, w, 2048, "float32", kernels=PLAIN)}
+    if fused != PLAIN:
         decs["fused"] = LlamaDecoder(cfg, w, 2048, "float32", kernels=fused)
     steps: dict[str, Callable[..., np.ndarray]] = {name: d.decode_step for name, d in decs.items()}
     steps["plain_path"] = decs["plain"].decode_step_plain
-    cache = SlotKVCache(cfg.num_layers, max(batches), cfg.num_kv_heads, cfg.head_dim, 2048, "float32")
-    cache.ensure(args.length + 1, max(batches))
+    cache = make_cache(cfg, max(batches), args.length)
     times: dict[tuple[str, int], list[float]] = {(p, b): [] for p in steps for b in batches}
 
     def once(path: str, b: int) -> float:
-        toks = (np.arange(b, dtype=np.int64) * 7919 + 100) % cfg.vocab_size
+        toks, pos = step_inputs(cfg, b, args.length)
         t = time.perf_counter()
-        steps[path](cache, toks, np.full(b, args.length, dtype=np.int64)).argmax(-1)
+        steps[path](cache, toks, pos).argmax(-1)
         return time.perf_counter() - t
 
     with paddle.no_grad():
@@ -74,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     avx512 = "avx512f" in cpu_flags()
     print(f"CPU: {'AVX-512' if avx512 else 'no AVX-512'}; kernels: "
           + ", ".join(f"{c.name} {'fused' if c.fused else 'plain'}" for c in choices.values())
-          + f"; load {Path('/proc/loadavg').read_text().split()[0]}")
+          + f"; load {loadavg()}")
     rows = []
     print(f"{'path':12s} " + " ".join(f"{'B' + str(b) + ' ms':>10s} {'vs plain':>8s}" for b in batches))
     for path in steps:

@@ -129,7 +129,7 @@ class StaticDecodeStep:
         b_spec = [spec(b, f"b{i}") for i, b in enumerate(biases)]
         cache_spec = [[InputSpec([None, kv, None, d], cos.dtype, name=f"{kind}{i}") for i in range(cfg.num_layers)]
                       for kind in ("k", "v")]
-        specs = [InputSpec([None], "int64", name="tokens"), InputSpec([None], "int64", name="positions"),
+        specs: list[Any] = [InputSpec([None], "int64", name="tokens"), InputSpec([None], "int64", name="positions"),
                  cache_spec[0], cache_spec[1], w_spec, b_spec, spec(weights.embed, "embed"),
                  spec(weights.norm, "norm"), spec(cos, "cos"), spec(sin, "sin"),
                  spec(weights.lm_head, "lm_head") if with_lm_head else None]
@@ -151,9 +151,9 @@ class StaticDecodeStep:
         self._keep = [weights.embed, weights.norm, cos, sin, *biases, *(t for ws in per_layer for t in ws)]
         for ws_spec, ws in zip(w_spec, per_layer, strict=True):
             for s, t in zip(ws_spec, ws, strict=True):
-                handles[s.name].share_external_data(t)
+                handles[str(s.name)].share_external_data(t)
         for s, t in zip(b_spec, biases, strict=True):
-            handles[s.name].share_external_data(t)
+            handles[str(s.name)].share_external_data(t)
         shared = [("embed", weights.embed), ("norm", weights.norm), ("cos", cos), ("sin", sin)]
         if with_lm_head:
             shared.append(("lm_head", weights.lm_head))
@@ -188,7 +188,9 @@ class StaticDecodeStep:
 def static_decode_path(model: Any, dec: Any, **options: Any) -> Any:
     """A decode_step(cache, tokens, positions) -> logits [B, V] that runs the program above, for the profile."""
     cfg = model.config
-    st = StaticDecodeStep(cfg, model.weights, dec.cos, dec.sin, **options)
+    from bench.revisions import unsplit
+
+    st = StaticDecodeStep(cfg, unsplit(model.weights), dec.cos, dec.sin, **options)  # the program reads gate_up
     d = cfg.head_dim
 
     def step(cache: Any, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -3,9 +3,9 @@
     python -m bench.levers.true_lengths                          # layer, check, steps (the PROFILE.md table)
     python -m bench.levers.true_lengths --parts steps --reps 15 --cases mixed8,mixed32
 
-Today's path (`padded`, LlamaDecoder(true_lengths=False)): every decode row attends over the cache's whole
+The path before (`padded`, DecoderOptions(true_lengths=False)): every decode row attends over the cache's whole
 capacity, a power-of-two bucket above the LONGEST row, with a mask. The lever (`grouped`, the default): the decode
-rows split into at most two groups by LlamaDecoder._decode_groups' cost model, the short rows over their own
+rows split into at most two groups by Attention.decode_groups' cost model, the short rows over their own
 longest length rounded up to 32 positions, their keys and values gathered block by block into a compact copy,
 the rest over the capacity as before. `gather_any` is the same with the cost model off (gather whenever any
 row is shorter than the capacity): variant (a) of the brief, "slice the keys to the longest length", done by
@@ -18,39 +18,40 @@ Parts:
           over caches holding prefilled random prompts.
   steps   the whole decode step per path and case, interleaved round by round (A/B on the same host noise):
           median ms, and the median per-round ratios padded / path and first / path, the first path being
-          `before@REV`: the decoder and cache as of where this branch left main, loaded from git.
+          `before@REV`: the decoder and cache the lever was built on (bench/revisions.py), loaded from git.
 """
 
 from __future__ import annotations
 
 import os
 
-# MKL's AVX2 kernels on AMD, as the server and bench.profile_step set them; must precede the first paddle import.
-with open("/proc/cpuinfo") as _f:
-    if "AuthenticAMD" in _f.read(4096):
-        os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+from bench.host import loadavg, mkl_for_amd
+
+mkl_for_amd()  # MKL's AVX2 kernels on AMD, as the server sets them; before the first Paddle import
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import argparse
-import json
-import time
-from collections.abc import Callable
-from typing import Any
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
-import numpy as np
-import paddle
-import paddle.nn.functional as F
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+import paddle.nn.functional as F  # noqa: E402
 
-from bench.common import engine_model_path
-from bench.profile_step import load, median_ms, original_path
-from service.engine.checkpoints.loader import LoadedModel, load_model
-from service.engine.decoder import LlamaDecoder
-from service.engine.kv_cache import SlotKVCache
+from bench.common import engine_model_path  # noqa: E402
+from bench.measure import median_ms, step_inputs  # noqa: E402
+from bench.revisions import DecodeStep, old_decode_step, old_decoder  # noqa: E402
+from service.engine.attention import Attention  # noqa: E402
+from service.engine.checkpoints.loader import LoadedModel, load_model  # noqa: E402
+from service.engine.decoder import DecoderOptions, LlamaDecoder  # noqa: E402
+from service.engine.kv_cache import SlotKVCache  # noqa: E402
 
 MAX_CONTEXT = 2048
 
 
-class GatherAny(LlamaDecoder):
+class GatherAny(Attention):
     """Variant (a): every row over the longest row's length rounded up to 32, gathered whenever shorter than cap."""
 
     GATHER_COST = 1.0
@@ -101,23 +102,20 @@ def prefilled_cache(model: LoadedModel, dec: LlamaDecoder, positions: np.ndarray
     return cache
 
 
-def step_inputs(model: LoadedModel, positions: np.ndarray) -> np.ndarray:
-    b = int(positions.shape[0])
-    return (np.arange(b, dtype=np.int64) * 7919 + 100) % model.config.vocab_size
-
-
 def decoders(model: LoadedModel) -> dict[str, LlamaDecoder]:
     cfg, w = model.config, model.weights
-    return {"padded": LlamaDecoder(cfg, w, MAX_CONTEXT, "float32", true_lengths=False),
+    gather_any = LlamaDecoder(cfg, w, MAX_CONTEXT, "float32")
+    gather_any.attention = GatherAny(cfg)
+    return {"padded": LlamaDecoder(cfg, w, MAX_CONTEXT, "float32", options=DecoderOptions(true_lengths=False)),
             "grouped": LlamaDecoder(cfg, w, MAX_CONTEXT, "float32"),
-            "gather_any": GatherAny(cfg, w, MAX_CONTEXT, "float32")}
+            "gather_any": gather_any}
 
 
-BASE_REV = "f6568e7"  # the commit this lever was built on: the 'before' path
+BEFORE = "true_lengths_base"  # bench/revisions.py: the commit this lever was built on, the 'before' path
 
 
 def plan_of(dec: LlamaDecoder, cache: SlotKVCache, positions: np.ndarray) -> str:
-    groups, _ = dec._decode_groups(cache, positions)
+    groups, _ = dec.attention.decode_groups(cache, positions)
     return " + ".join(f"{int(g.mask.shape[0])}x{int(g.mask.shape[-1])}" + ("" if g.blocks is None else "g")
                       for g in groups)
 
@@ -165,7 +163,7 @@ def part_check(model: LoadedModel, decs: dict[str, LlamaDecoder], cases: list[st
     out = {}
     for name in cases:
         pos = case_positions(name)
-        tok = step_inputs(model, pos)
+        tok = step_inputs(model.config, len(pos), 0)[0]
         cache = prefilled_cache(model, decs["padded"], pos)
         ref = decs["padded"].decode_step(cache, tok, pos)
         out[name] = {p: float(np.abs(dec.decode_step(cache, tok, pos) - ref).max())
@@ -181,26 +179,28 @@ def part_steps(model: LoadedModel, decs: dict[str, LlamaDecoder], cases: list[st
                before: str | None) -> dict[str, Any]:
     """Interleaved whole steps; `before`: also the decoder and cache as of that git revision (its own cache of the
     same slots and capacity, zeros in it: values do not change the time)."""
-    steps: dict[str, Callable[[SlotKVCache, np.ndarray, np.ndarray], np.ndarray]] = {}
+    steps: dict[str, DecodeStep] = {}
     if before:
-        steps[f"before@{before}"] = original_path(model, before, max_context=MAX_CONTEXT)
+        cfg = model.config
+        dec = old_decoder(before, cfg, model.weights, MAX_CONTEXT)
+        steps[f"before@{before}"] = old_decode_step(before, cfg, dec, MAX_CONTEXT)
     steps |= {p: dec.decode_step for p, dec in decs.items()}
     setup = {}
     for name in cases:
         pos = case_positions(name)
-        setup[name] = (filled_cache(model, pos), step_inputs(model, pos), pos)
+        setup[name] = (filled_cache(model, pos), step_inputs(model.config, len(pos), 0)[0], pos)
     times: dict[tuple[str, str], list[float]] = {(c, p): [] for c in cases for p in steps}
     for cache, tok, pos in setup.values():  # warm every shape and path
         for fn in steps.values():
             fn(cache, tok, pos)
-    loads = [load()]
+    loads = [loadavg()]
     for _ in range(reps):  # round-robin: each path and case sees the same stretch of host noise
         for c, (cache, tok, pos) in setup.items():
             for p, fn in steps.items():
                 t = time.perf_counter()
                 fn(cache, tok, pos).argmax(-1)
                 times[(c, p)].append(time.perf_counter() - t)
-        loads.append(load())
+        loads.append(loadavg())
     rows = []
     first = next(iter(steps))
     for c, (cache, _, pos) in setup.items():
@@ -220,14 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="layer,check,steps")
     ap.add_argument("--cases", default=",".join(CASES), help="u85_B (cap 128), u140_B (cap 256), mixedB (cap 1024)")
     ap.add_argument("--reps", type=int, default=9)
-    ap.add_argument("--before", default=None, help="git revision of the 'before' path (default: BASE_REV, the "
-                    "commit the lever was built on; 'none' to leave it out)")
+    ap.add_argument("--before", default=BEFORE, help="the 'before' path: a name in bench/revisions.py or a git "
+                    f"revision (default: {BEFORE}, the commit the lever was built on; 'none' to leave it out)")
+    ap.add_argument("--model-dir", default=None, help="checkpoint (default: SmolLM2-135M from its GGUF)")
     ap.add_argument("--json", default=None, help="write the results here too")
     args = ap.parse_args(argv)
     parts, cases = args.parts.split(","), args.cases.split(",")
     paddle.set_device("cpu")
-    results: dict[str, Any] = {"load_start": load()}
-    print(f"load average {load()}")
+    results: dict[str, Any] = {"load_start": loadavg()}
+    print(f"load average {loadavg()}")
     with paddle.no_grad():
         if "layer" in parts:
             results["layer"] = rows = part_layer(max(10, args.reps * 3))
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 print("  " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
         if "check" in parts or "steps" in parts:
-            model = load_model(engine_model_path("smollm2"))
+            model = load_model(args.model_dir or engine_model_path("smollm2"))
             decs = decoders(model)
         if "check" in parts:
             results["check"] = chk = part_check(model, decs, cases)
@@ -243,15 +244,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"check {c:8}: max |logit diff| vs padded: grouped {v['grouped']:.1e}, gather_any "
                       f"{v['gather_any']:.1e} (largest logit {v['logit_max']:.1f}); greedy agree {v['greedy_agree']}")
         if "steps" in parts:
-            before = None if args.before == "none" else args.before or BASE_REV
+            before = None if args.before == "none" else args.before
             results["steps"] = st = part_steps(model, decs, cases, args.reps, before)
             print(f"whole decode step, {args.reps} interleaved rounds, load {st['loads'][0]}..{st['loads'][-1]}")
             print("case      path              cap  plan                    ms p50  padded/path  first/path")
             for r in st["rows"]:
                 print(f"{r['case']:9} {r['path']:16} {r['capacity']:5}  {r['plan']:22} {r['ms_p50']:8.1f} "
                       f"{r['ratio']:8.2f}x {r['vs_first']:10.2f}x")
-    results["load_end"] = load()
-    print(f"load average at the end {load()}")
+    results["load_end"] = loadavg()
+    print(f"load average at the end {loadavg()}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

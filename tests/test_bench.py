@@ -1,0 +1,114 @@
+"""Smoke runs of every bench entry point: each runs in its own process at its smallest settings, on the tiny random
+model, and must exit 0 and write its output. Nothing about speed is asserted (the figures of a smoke run mean
+nothing): this only keeps a bench that crashes from passing CI.
+
+Not covered: bench.peers_llamacpp, which runs the SmolLM2 GGUF only (its F32 conversion and the HF directory its
+tokenizer comes from take minutes the first time); `make bench PEERS=llamacpp` runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.common import REPO, bench_env, random_model_dir
+
+TIMEOUT_S = 420
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Path:
+    return random_model_dir("tiny")
+
+
+def run(*args: str, timeout: float = TIMEOUT_S) -> str:
+    """Run `python ARGS` from the repository root as the bench runs its phases; fail with its output on error."""
+    env = bench_env()
+    env["TOKENSTREAM_BENCH_IDLE"] = "1,0"  # never wait for an idle machine: nothing is timed for real
+    done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    assert done.returncode == 0, f"{' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}\n" \
+                                 f"{done.stderr[-5000:]}"
+    return done.stdout
+
+
+def read_json(path: Path) -> dict:
+    assert path.exists(), f"{path} was not written"
+    return json.loads(path.read_text())
+
+
+def test_run_and_report(tiny: Path, tmp_path: Path) -> None:
+    """bench.run with every phase of a random model (server, in-process sweep, steps, profile, GIL, RSS, arrivals,
+    sequence, the paddleformers peer), its table and charts; then --report on its results."""
+    out = run("-m", "bench.run", "--smoke", "--models", "tiny", "--idle", "1,0", "--out", str(tmp_path),
+              "--charts", str(tmp_path / "charts"))
+    results = sorted(tmp_path.glob("*-smoke.json"))
+    assert len(results) == 1
+    res = read_json(results[0])["models"]["tiny"]
+    for phase in ("inproc", "arrivals", "sequence", "paddleformers"):
+        assert res.get(phase), f"phase {phase} left no results: {out[-2000:]}"
+        assert res[phase]["_meta"]["rc"] == 0, phase
+    assert set(res["inproc"]) >= {"sweep", "steps", "profile", "gil"}
+    assert sorted(p.name for p in (tmp_path / "charts").glob("*.png")) == ["arrivals-tiny.png", "throughput-tiny.png"]
+    assert "Targets:" in run("-m", "bench.run", "--report", str(results[0]), "--charts", "")
+
+
+def test_profile_step(tiny: Path, tmp_path: Path) -> None:
+    """Every part of bench.profile_step, with every kind of path: the old revision from git ('orig'), a
+    DecoderOptions variant, the broadcast mask, the Paddle Inference step (bench/levers/static_step.py)."""
+    out = tmp_path / "profile.json"
+    run("-m", "bench.profile_step", "--model-dir", str(tiny), "--batches", "1,2", "--reps", "1", "--length", "20",
+        "--parts", "check,bandwidth,steps,breakdown,prefill,resize,engine,arrivals", "--bandwidth-mb", "8",
+        "--paths", "fast,plain,orig,broadcast_mask,t1,fused_gate_up,static1", "--breakdown-paths", "fast,orig",
+        "--json", str(out))
+    res = read_json(out)
+    assert {r["path"] for r in res["steps"]["rows"]} == {"fast", "plain", "orig", "broadcast_mask", "t1",
+                                                         "fused_gate_up", "static1"}
+    assert res["check"]["greedy_agree"]
+    assert set(res) >= {"bandwidth", "breakdown_fast", "breakdown_orig", "prefill", "resize", "engine", "arrivals"}
+
+
+def test_lever_true_lengths(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "true_lengths.json"
+    run("-m", "bench.levers.true_lengths", "--model-dir", str(tiny), "--cases", "u85_1,mixed8", "--reps", "1",
+        "--json", str(out))
+    res = read_json(out)
+    assert any(r["path"].startswith("before@") for r in res["steps"]["rows"])  # the old revision, from git
+    assert set(res) >= {"layer", "check"}
+
+
+def test_lever_kernels(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "kernels.json"
+    run("-m", "bench.levers.kernels", "--model-dir", str(tiny), "--batches", "1,2", "--reps", "1", "--length", "8",
+        "--json", str(out))
+    assert {r["path"] for r in read_json(out)["rows"]} >= {"plain", "plain_path"}
+
+
+def test_http_vs_grpc(tmp_path: Path) -> None:
+    out = tmp_path / "http_vs_grpc.json"
+    run("-m", "bench.http_vs_grpc", "--streams", "1", "--rounds", "1", "--new-tokens", "2", "--out", str(out))
+    assert read_json(out)["summary"]
+
+
+def test_flood(tmp_path: Path) -> None:
+    out = tmp_path / "flood.json"
+    run("-m", "bench.flood", "--quick", "--out", str(out))
+    res = read_json(out)
+    assert res["burst"]["finished"] == res["plan"]["burst_streams"]
+
+
+def test_peer_transformers(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "hf.json"
+    run("-m", "bench.peers_hf", "--model-dir", str(tiny), "--batches", "1", "--new-tokens", "2", "--out", str(out))
+    assert read_json(out)["batches"]
+
+
+def test_train_demo_smoke(tmp_path: Path) -> None:
+    """scripts/train_demo.py --smoke: a tiny model trained a few steps on the pydoc topics, loaded by the engine."""
+    out = run("scripts/train_demo.py", "--smoke", "--out", str(tmp_path / "demo"), "--minutes", "3")
+    assert "verify: engine vs training forward" in out
+    assert (tmp_path / "demo" / "model.safetensors").exists()
