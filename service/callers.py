@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from service.config import Config
@@ -38,7 +39,7 @@ def peer_ip(peer: str) -> str:
         return host
 
 
-def identify(config: Config, headers: dict[str, str], peer_address: str, authenticated_token: str | None) -> Caller:
+def identify(config: Config, headers: Mapping[str, str], peer_address: str, authenticated_token: str | None) -> Caller:
     """`headers` are the call's metadata or HTTP headers with lower-case names."""
     if authenticated_token:
         caller = f"token:{_digest(authenticated_token)}"
@@ -51,6 +52,6 @@ def identify(config: Config, headers: dict[str, str], peer_address: str, authent
     return Caller(caller, wanted if wanted in classes else DEFAULT_CLASS)
 
 
-def bearer_token(headers: dict[str, str]) -> str | None:
+def bearer_token(headers: Mapping[str, str]) -> str | None:
     scheme, _, token = headers.get("authorization", "").partition(" ")
     return token.strip() or None if scheme.lower() == "bearer" else None

@@ -25,10 +25,12 @@ from service.engine.checkpoints.loader import load_model
 from service.engine.checkpoints.registry import locate
 from service.engine.hooks import EngineHooks
 from service.engine.scheduler import Engine
-from service.generation import Generations, ServerState
+from service.generation import GenerateRunner
 from service.metrics import Metrics
+from service.request_telemetry import RequestTelemetry
 from service.security import BearerAuthInterceptor, load_tokens, server_credentials
 from service.servicer import GenerationServicer, add_to_server
+from service.state import ServerState
 from service.telemetry import get_tracer
 from tokenstream.v1 import generation_pb2 as pb
 
@@ -135,7 +137,7 @@ async def start_server(
     interceptors = []
     if tracer_provider is not None:
         # Health checks are probes, not requests: keep them out of traces. Generate makes its own server span
-        # (service/generation.py), shared with the HTTP front.
+        # (service/request_telemetry.py), shared with the HTTP front.
         interceptors.append(aio_server_interceptor(tracer_provider=tracer_provider, filter_=filters.negate(
             filters.any_of(filters.health_check(), filters.method_name("Generate")))))
     tokens = load_tokens(config)
@@ -160,8 +162,8 @@ async def start_server(
     for name in ("", SERVICE_NAME):
         await health.set(name, NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    generations = Generations(state, tracer, metrics)
-    add_to_server(GenerationServicer(generations), server)
+    runner = GenerateRunner(state, RequestTelemetry(tracer, metrics))
+    add_to_server(GenerationServicer(runner), server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
@@ -182,7 +184,7 @@ async def start_server(
     if config.http_port != 0:  # -1 picks a free port (tests); imported only when on
         from service.http.app import start_http
 
-        http = await start_http(config, generations, tokens)
+        http = await start_http(config, runner, tokens)
     running = RunningServer(server, port, state, health, asyncio.create_task(load()), metrics, http=http,
                             http_port=http.port if http is not None else 0)
     if config.metrics_port != 0:  # -1 picks a free port (tests)

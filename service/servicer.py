@@ -1,22 +1,30 @@
-"""GenerationService over grpc.aio: async-generator methods, so the stock OTel interceptor sees every message.
+"""GenerationService over grpc.aio: protobuf in, GenerateParams and a CallInfo to the shared lifecycle, chunks out.
 
-The gRPC front only translates: metadata and deadline in, chunks out as GenerateResponse messages, exceptions to
-statuses (errors.py). The request's life itself is service/generation.py, shared with the HTTP front.
+Async-generator methods, so the stock OTel interceptor sees every message; exceptions become statuses in errors.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
+from google.protobuf import message as protobuf
+from google.rpc import code_pb2
 
-from service.callers import bearer_token, identify, peer_ip
+from service.callers import peer_ip
+from service.calls import Front, read_call
 from service.engine.types import Chunk, Finish
-from service.errors import InvalidRequestError, NotReadyError, ShuttingDownError, abort
-from service.generation import CallInfo, Generations, ServerState
-from service.validation import check_decodable, max_new_tokens_limit, tolerant, validate_tokenize
+from service.errors import FieldViolation, InvalidRequestError, NotReadyError, ShuttingDownError, abort
+from service.generation import GenerateRunner
+from service.validation import (
+    GenerateParams,
+    Message,
+    Sampling,
+    check_tokenize,
+    max_new_tokens_limit,
+    recommended_sampling,
+)
 from tokenstream.v1 import generation_pb2 as pb
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 
@@ -29,6 +37,53 @@ FINISH_TO_PROTO = {
     Finish.CANCELLED: pb.FINISH_REASON_CANCELLED,
     Finish.ERROR: pb.FINISH_REASON_ERROR,
 }
+
+
+GRPC = Front("grpc", "rpc.grpc.status_code", code_pb2.Code.Value)
+
+
+class UndecodableRequest:
+    """Stands in for request bytes that are not a valid message (bad wire format, or invalid UTF-8 in a string),
+    so the servicer can answer INVALID_ARGUMENT instead of gRPC's generic deserialization failure."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def tolerant(parse: Callable[[bytes], protobuf.Message]) -> Callable[[bytes], protobuf.Message | UndecodableRequest]:
+    def deserialize(data: bytes) -> protobuf.Message | UndecodableRequest:
+        try:
+            return parse(data)
+        except protobuf.DecodeError as exc:
+            return UndecodableRequest(str(exc))
+
+    return deserialize
+
+
+def check_decodable(req: object) -> None:
+    if isinstance(req, UndecodableRequest):
+        raise InvalidRequestError([FieldViolation("request", f"not a valid message: {req.error}")])
+
+
+def to_params(req: pb.GenerateRequest) -> GenerateParams:
+    """The request as the shared model has it. Proto3 scalars without presence read 0 as unset."""
+    check_decodable(req)
+    s, st, r = req.sampling, req.stopping, req.response
+    return GenerateParams(
+        prompt=req.prompt,
+        messages=tuple(Message(m.role, m.content) for m in req.messages),
+        sampling=Sampling(temperature=s.temperature if s.HasField("temperature") else None, top_k=s.top_k or None,
+                          top_p=s.top_p or None, repetition_penalty=s.repetition_penalty or None,
+                          seed=s.seed if s.HasField("seed") else None),
+        max_new_tokens=st.max_new_tokens if st.HasField("max_new_tokens") else None,
+        min_new_tokens=st.min_new_tokens,
+        time_limit_ms=st.time_limit_ms if st.HasField("time_limit_ms") else None,
+        stop_sequences=tuple(st.stop_sequences),
+        include_stop_sequence=st.include_stop_sequence,
+        logprobs=r.logprobs,
+        top_n=r.top_n,
+        echo_prompt_tokens=r.echo_prompt_tokens,
+    )
 
 
 def to_response(chunk: Chunk) -> pb.GenerateResponse:
@@ -59,22 +114,23 @@ GENERATE = f"/{pb.DESCRIPTOR.services_by_name['GenerationService'].full_name}/Ge
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    def __init__(self, generations: Generations) -> None:
-        self.generations = generations
-        self.state: ServerState = generations.state
+    def __init__(self, runner: GenerateRunner) -> None:
+        self.runner = runner
+        self.state = runner.state
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        token = bearer_token(metadata) if self.state.auth_on else None
-        caller = identify(self.state.config, metadata, peer_ip(context.peer() or ""), token)
-        call = CallInfo(request_id=metadata.get("x-request-id") or uuid.uuid4().hex,
-                        remaining_s=context.time_remaining(), front="grpc", caller=caller, span_name=GENERATE,
-                        carrier=metadata,
-                        span_attributes={"rpc.system": "grpc", "rpc.service": GENERATE.split("/")[1],
-                                         "rpc.method": "Generate"})
-        run = self.generations.run(request, call)
+        call = read_call(self.state, metadata, peer_ip(context.peer() or ""), GRPC, GENERATE,
+                         {"rpc.system": "grpc", "rpc.service": GENERATE.split("/")[1], "rpc.method": "Generate"},
+                         remaining_s=context.time_remaining())
+        try:
+            params = to_params(request)
+        except InvalidRequestError as exc:
+            self.runner.reject(call, exc)
+            await abort(context, exc)
+        run = self.runner.run(params, call)
         try:
             async for chunk in run:
                 yield to_response(chunk)
@@ -92,7 +148,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> pb.TokenizeResponse:
         try:
             engine = self.state.ready_engine()
-            validate_tokenize(request, self.state.config)
+            check_decodable(request)
+            check_tokenize(request.text, self.state.config)
         except (NotReadyError, ShuttingDownError, InvalidRequestError) as exc:
             await abort(context, exc)
         enc = engine.tokenizer.encode_full(request.text)
@@ -126,20 +183,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             max_batch_size=info.max_slots,
             has_chat_template=info.has_chat_template,
             max_top_n=cfg.max_top_n,
-            recommended_sampling=recommended_sampling(info.generation_defaults),
+            recommended_sampling=to_sampling_params(recommended_sampling(info.generation_defaults)),
         )
 
 
-def recommended_sampling(defaults: dict[str, object]) -> pb.SamplingParams | None:
-    """generation_config-style defaults as SamplingParams; None when the model recommends no sampling."""
-    if not defaults.get("do_sample", "temperature" in defaults):
+def to_sampling_params(sampling: Sampling | None) -> pb.SamplingParams | None:
+    if sampling is None:
         return None
-    params = pb.SamplingParams()
-    for key, kind in (("temperature", float), ("top_k", int), ("top_p", float), ("repetition_penalty", float)):
-        value = defaults.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            setattr(params, key, kind(value))
-    return params
+    return pb.SamplingParams(**{k: v for k, v in vars(sampling).items() if v is not None})
 
 
 def add_to_server(servicer: GenerationServicer, server: grpc.aio.Server) -> None:

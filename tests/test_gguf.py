@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 
-from service.engine import gguf as gguf_reader
 from service.engine.api import ChatTemplateError
+from service.engine.checkpoints import gguf as gguf_reader
 from service.engine.checkpoints.loader import CheckpointNotFoundError, LoadedModel, load_model
 from service.engine.progress import Progress
 from service.engine.tokenizer import Tokenizer

@@ -215,6 +215,16 @@ def test_bad_fields_are_openai_errors_naming_the_param(http_server: ServerThread
     assert error["type"] == ("invalid_request_error" if status == 400 else "not_found_error")
 
 
+def test_a_malformed_request_id_is_replaced_by_a_fresh_one(http_server: ServerThread) -> None:
+    url = base_url(http_server) + "/v1/chat/completions"
+    kept = httpx.post(url, json={"messages": CHAT, "max_tokens": 2}, headers={"x-request-id": "req-7"}, timeout=60)
+    assert kept.status_code == 200 and kept.headers["x-request-id"] == "req-7"
+    response = httpx.post(url, json={"messages": CHAT, "max_tokens": 2}, headers={"x-request-id": "x" * 129},
+                          timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-request-id"] != "x" * 129 and len(response.headers["x-request-id"]) == 32
+
+
 def test_the_sdk_raises_typed_errors_with_the_param(http_server: ServerThread) -> None:
     sdk, name = client(http_server), model_name(http_server)
     with pytest.raises(openai.BadRequestError) as bad:

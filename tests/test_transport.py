@@ -149,3 +149,14 @@ def test_model_info_reports_effective_limits_and_recommended_sampling(front: Ser
     assert info.recommended_sampling.temperature == pytest.approx(0.6)
     assert info.recommended_sampling.top_p == pytest.approx(0.9)
 
+
+def test_the_request_id_is_checked_as_on_http(front: ServerThread, fake: FakeEngine) -> None:
+    """A good x-request-id reaches the engine (and so logs and spans); an oversized or non-printable one is replaced
+    by a fresh id, as the HTTP front does (before, gRPC took anything up to the 8 KB metadata limit)."""
+    bad = ("x" * 129, "has space", "x" * 7000)
+    for rid in ("req-1", *bad):
+        call(front, metadata=[("x-request-id", rid)])
+    got = [r.request_id for r in fake.requests]
+    assert got[0] == "req-1"
+    assert len(got) == 4 and not set(got[1:]) & set(bad)
+    assert all(len(r) == 32 and r.isalnum() for r in got[1:])  # fresh uuid4 hex ids

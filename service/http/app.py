@@ -1,9 +1,9 @@
 """The HTTP front: OpenAI-compatible /v1 endpoints (JSON and SSE) and the chat page, served by uvicorn on the
 gRPC server's own event loop, onto the same engine.
 
-Like the gRPC servicer it only translates: headers into a CallInfo, JSON into a GenerateRequest (requests.py),
-chunks back into OpenAI objects (responses.py), exceptions into HTTP errors (errors.to_http). A request's life, with its
-admission, span, metrics and log line, is service/generation.py, shared with gRPC.
+Like the gRPC servicer it only translates: headers into a CallInfo (calls.py), JSON into GenerateParams
+(requests.py), chunks back into OpenAI objects (responses.py), exceptions into HTTP errors (errors.to_http). A request's
+life, with its admission, span, metrics and log line, is service/generation.py, shared with gRPC.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import logging
 import re
 import socket
 import time
-import uuid
 from collections.abc import AsyncGenerator, Iterator
 from importlib import resources
 from typing import Any
@@ -31,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from service.callers import bearer_token, identify
+from service.calls import CallInfo, Front, read_call
 from service.config import Config
 from service.engine.types import Chunk, Finish
 from service.errors import (
@@ -39,13 +38,14 @@ from service.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     UnauthenticatedError,
+    http_status,
     to_http,
 )
-from service.generation import CallInfo, Generations
+from service.generation import GenerateRunner
 from service.http.requests import Parsed, parse_chat, parse_completion
 from service.http.responses import Responder, engine_error, model_card
 from service.security import authorized, http_tls_options
-from service.servicer import recommended_sampling
+from service.validation import recommended_sampling
 
 log = logging.getLogger("tokenstream.requests")
 server_log = logging.getLogger("tokenstream.server")
@@ -53,7 +53,7 @@ server_log = logging.getLogger("tokenstream.server")
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
 SEND_BUFFER_BYTES = 256 * 1024
-_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # a caller's x-request-id is kept when it is short, visible ASCII
+HTTP = Front("http", "http.response.status_code", http_status)
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -79,11 +79,11 @@ def _page() -> tuple[bytes, str]:
 
 
 class HttpFront:
-    """The Starlette app: routes, auth, and the translation of each request onto Generations.run."""
+    """The Starlette app: routes, auth, and the translation of each request onto GenerateRunner.run."""
 
-    def __init__(self, generations: Generations, tokens: tuple[bytes, ...]) -> None:
-        self.generations = generations
-        self.state = generations.state
+    def __init__(self, runner: GenerateRunner, tokens: tuple[bytes, ...]) -> None:
+        self.runner = runner
+        self.state = runner.state
         self.tokens = tokens
         self.created = int(time.time())
         self.page, self.csp = _page()
@@ -137,16 +137,10 @@ class HttpFront:
     # -- generation --------------------------------------------------------------------------------------------
 
     async def _generate(self, request: Request, chat: bool) -> Response:
-        headers = dict(request.headers)  # lower-case names
-        given = headers.get("x-request-id", "")
-        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-        token = bearer_token(headers) if self.state.auth_on else None
         peer = request.client.host if request.client else "unknown"
-        call = CallInfo(request_id=request_id, remaining_s=None, front="http",
-                        caller=identify(self.config, headers, peer, token),
-                        span_name=f"POST {request.url.path}", carrier=headers,
-                        span_attributes={"http.request.method": "POST", "http.route": request.url.path,
-                                         "url.scheme": request.url.scheme, "network.peer.address": peer})
+        call = read_call(self.state, dict(request.headers), peer, HTTP, f"POST {request.url.path}",
+                         {"http.request.method": "POST", "http.route": request.url.path,
+                          "url.scheme": request.url.scheme, "network.peer.address": peer})
         parsed: Parsed | None = None
         try:
             self._authorize(request)
@@ -157,20 +151,20 @@ class HttpFront:
             parsed = parse(body, engine.info.name, recommended)
         except Exception as exc:  # noqa: BLE001 -- mapped in errors.py
             return self._rejected(call, exc, parsed)
-        responder = Responder(parsed, engine.info.name, request_id)
-        return GenerationResponse(self.generations.run(parsed.request, call), parsed, responder, request_id)
+        responder = Responder(parsed, engine.info.name, call.request_id)
+        return GenerationResponse(self.runner.run(parsed.params, call), parsed, responder, call.request_id)
 
     def _authorize(self, request: Request) -> None:
         if self.tokens and not authorized(self.tokens, request.headers.get("authorization", "")):
             raise UnauthenticatedError("missing or invalid bearer token (Authorization: Bearer <token>)")
 
     def _rejected(self, call: CallInfo, exc: BaseException, parsed: Parsed | None) -> Response:
-        """A request refused before it reached Generations.run: its error, and (unless it was not authenticated,
+        """A request refused before it reached GenerateRunner.run: its error, and (unless it was not authenticated,
         as on the gRPC front) the same span, metric and log line as a request that run refuses."""
         error = _error_response(exc, call.request_id, parsed)
         if isinstance(exc, UnauthenticatedError):
             return error
-        self.generations.reject(call, exc)
+        self.runner.reject(call, exc)
         return error
 
     # -- errors that Starlette raises (unknown route, wrong method) or lets through --------------------------------
@@ -331,9 +325,9 @@ class HttpServer:
         await self._task
 
 
-async def start_http(config: Config, generations: Generations, tokens: tuple[bytes, ...]) -> HttpServer:
+async def start_http(config: Config, runner: GenerateRunner, tokens: tuple[bytes, ...]) -> HttpServer:
     """Bind config.host:config.http_port (-1: a free port) and serve the HTTP front, with the same TLS as gRPC."""
-    front = HttpFront(generations, tokens)
+    front = HttpFront(runner, tokens)
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     # proto named: asyncio sets TCP_NODELAY only on connections whose socket says IPPROTO_TCP, and without it
     # Nagle holds each SSE frame written after the headers until the client's delayed ACK (+40 ms TTFT, measured).

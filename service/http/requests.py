@@ -1,9 +1,8 @@
-"""OpenAI JSON in, the service's own GenerateRequest out.
+"""OpenAI JSON in, the shared GenerateParams out.
 
-The HTTP front validates only what the gRPC contract cannot express (JSON shape and types, OpenAI parameters this
-server refuses, `n`, `stream`, `model`). Everything else (ranges, limits, prompts, messages) is checked by the one
-validation layer both fronts share (service/validation.py), whose field paths `Parsed.param_name` spells the OpenAI
-way.
+Only the OpenAI shape is checked here (JSON types, parameters this server refuses, `n`, `stream`, `model`).
+Every range, limit and default of the request itself is checked by the one request model both fronts share
+(service/validation.py), whose field paths `Parsed.param_name` spells the OpenAI way.
 
 Unset sampling parameters take the model's recommended values (GetModelInfo.recommended_sampling, from its
 generation_config), else OpenAI's documented defaults (temperature 1, top_p 1): an OpenAI client that sets nothing
@@ -17,11 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.errors import FieldViolation, InvalidRequestError, ModelNotFoundError
-from service.validation import MAX_REPETITION_PENALTY
-from tokenstream.v1 import generation_pb2 as pb
+from service.validation import GenerateParams, Message, Sampling
 
-UINT32_MAX = 2**32 - 1
-UINT64_MAX = 2**64 - 1
+# OpenAI's documented default: a client that sets nothing samples, as it would elsewhere.
+OPENAI_SAMPLING = Sampling(temperature=1.0)
 
 _COMMON = frozenset({
     "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "n",
@@ -39,7 +37,7 @@ class Parsed:
     """One OpenAI request, translated."""
 
     chat: bool
-    request: pb.GenerateRequest
+    params: GenerateParams
     stream: bool = False
     include_usage: bool = False  # a last chunk with usage (stream_options.include_usage)
     continuous_usage: bool = False  # usage on every chunk (stream_options.continuous_usage_stats, as vLLM)
@@ -47,7 +45,7 @@ class Parsed:
 
     @property
     def logprobs(self) -> bool:
-        return self.request.response.logprobs
+        return self.params.logprobs
 
     def param_name(self, path: str) -> str | None:
         """A shared-validation field path as this request spells it: "stopping.stop_sequences[1]" -> "stop[1]"."""
@@ -100,30 +98,27 @@ class _Reader:
             self.violation(name, why)
 
 
-def parse_chat(body: Any, served_model: str, recommended: pb.SamplingParams | None) -> Parsed:
-    """POST /v1/chat/completions -> a GenerateRequest with messages; InvalidRequestError naming every bad param."""
+def parse_chat(body: Any, served_model: str, recommended: Sampling | None) -> Parsed:
+    """POST /v1/chat/completions -> GenerateParams with messages; InvalidRequestError naming every bad param."""
     r = _reader(body, CHAT_PARAMS)
-    request = pb.GenerateRequest()
+    request = GenerateParams()
     messages = r.body.get("messages")
     if not isinstance(messages, list) or not messages:
         r.violation("messages", "must be a non-empty array of {role, content} objects")
     else:
-        for i, message in enumerate(messages):
-            _message(r, i, message, request)
+        request.messages = tuple(_message(r, i, message) for i, message in enumerate(messages))
     both = r.body.get("max_tokens") is not None and r.body.get("max_completion_tokens") is not None
     if both:
         r.violation("max_completion_tokens", "set max_tokens or max_completion_tokens, not both")
     max_name = "max_completion_tokens" if r.body.get("max_completion_tokens") is not None else "max_tokens"
-    _max_tokens(r, max_name, request)
+    request.max_new_tokens = r.integer(max_name)
     logprobs = r.boolean("logprobs")
     top = r.integer("top_logprobs")
     if top is not None:
-        if top < 0:
-            r.violation("top_logprobs", "must be a non-negative integer")
-        elif not logprobs:
+        if top >= 0 and not logprobs:
             r.violation("top_logprobs", "needs logprobs: true")
-        request.response.top_n = min(max(top, 0), UINT32_MAX)
-    request.response.logprobs = bool(logprobs)
+        request.top_n = top
+    request.logprobs = bool(logprobs)
     r.refuse_unless("response_format", [{"type": "text"}], "only {\"type\": \"text\"} is supported")
     r.refuse_unless("tools", [[]], "tools are not supported")
     r.refuse_unless("tool_choice", ["none"], "tools are not supported")
@@ -131,10 +126,10 @@ def parse_chat(body: Any, served_model: str, recommended: pb.SamplingParams | No
     return _finish(r, True, request, served_model, recommended, max_name)
 
 
-def parse_completion(body: Any, served_model: str, recommended: pb.SamplingParams | None) -> Parsed:
-    """POST /v1/completions -> a GenerateRequest with a prompt; InvalidRequestError naming every bad param."""
+def parse_completion(body: Any, served_model: str, recommended: Sampling | None) -> Parsed:
+    """POST /v1/completions -> GenerateParams with a prompt; InvalidRequestError naming every bad param."""
     r = _reader(body, COMPLETION_PARAMS)
-    request = pb.GenerateRequest()
+    request = GenerateParams()
     prompt = r.body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]  # a batch of one
@@ -144,13 +139,11 @@ def parse_completion(body: Any, served_model: str, recommended: pb.SamplingParam
         r.violation("prompt", "token-id prompts are not supported; send the text")
     else:
         r.violation("prompt", "must be a string (one prompt per request)")
-    _max_tokens(r, "max_tokens", request)
+    request.max_new_tokens = r.integer("max_tokens")
     logprobs = r.integer("logprobs")
-    if logprobs is not None:
-        if logprobs < 0:
-            r.violation("logprobs", "must be a non-negative integer (the number of alternatives per token)")
-        request.response.logprobs = True
-        request.response.top_n = min(max(logprobs, 0), UINT32_MAX)
+    if logprobs is not None:  # the number of alternatives per token
+        request.logprobs = True
+        request.top_n = logprobs
     r.refuse_unless("echo", [False], "echo is not supported")
     r.refuse_unless("suffix", [""], "suffix is not supported")
     r.refuse_unless("best_of", [1], "must be 1")
@@ -167,11 +160,11 @@ def _reader(body: Any, known: frozenset[str]) -> _Reader:
     return r
 
 
-def _message(r: _Reader, i: int, message: Any, request: pb.GenerateRequest) -> None:
+def _message(r: _Reader, i: int, message: Any) -> Message:
     where = f"messages[{i}]"
     if not isinstance(message, dict):
         r.violation(where, "must be an object with role and content")
-        return
+        return Message("", "")
     for name in message:
         if name not in ("role", "content", "name"):
             r.violation(f"{where}.{name}", "is not supported (messages have role, content and name)")
@@ -195,18 +188,11 @@ def _message(r: _Reader, i: int, message: Any, request: pb.GenerateRequest) -> N
     else:
         r.violation(f"{where}.content", "must be a string or an array of text parts")
         text = ""
-    request.messages.add(role=role, content=text)
+    return Message(role, text)
 
 
-def _max_tokens(r: _Reader, name: str, request: pb.GenerateRequest) -> None:
-    value = r.integer(name)
-    if value is not None:
-        # Out-of-range values are clamped into the field's range, where the shared layer reports them.
-        request.stopping.max_new_tokens = min(max(value, 0), UINT32_MAX)
-
-
-def _finish(r: _Reader, chat: bool, request: pb.GenerateRequest, served_model: str,
-            recommended: pb.SamplingParams | None, max_name: str) -> Parsed:
+def _finish(r: _Reader, chat: bool, request: GenerateParams, served_model: str, recommended: Sampling | None,
+            max_name: str) -> Parsed:
     """The parameters both endpoints share, the defaults, and the verdict."""
     model = r.get("model", (str,), "a string")
     stream = bool(r.boolean("stream"))
@@ -221,21 +207,16 @@ def _finish(r: _Reader, chat: bool, request: pb.GenerateRequest, served_model: s
                                                      "true or false, are supported")
         include_usage = options.get("include_usage") is True
         continuous = options.get("continuous_usage_stats") is True
-    _sampling(r, request.sampling, recommended)
+    request.sampling = _sampling(r).over((recommended or Sampling()).over(OPENAI_SAMPLING))
     stop = r.body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
     if stop is not None and not isinstance(stop, (str, list)):
         r.violation("stop", "must be a string or an array of strings")
     for i, s in enumerate(stops):
-        if isinstance(s, str):
-            request.stopping.stop_sequences.append(s)
-        else:
+        if not isinstance(s, str):
             r.violation(f"stop[{i}]", "must be a string")
-    min_tokens = r.integer("min_tokens")
-    if min_tokens is not None:
-        if min_tokens < 0:
-            r.violation("min_tokens", "must be a non-negative integer")
-        request.stopping.min_new_tokens = min(max(min_tokens, 0), UINT32_MAX)
+    request.stop_sequences = tuple(s for s in stops if isinstance(s, str))
+    request.min_new_tokens = r.integer("min_tokens") or 0
     n = r.integer("n")
     if n is not None and n != 1:
         r.violation("n", "must be 1: one choice per request")
@@ -248,7 +229,7 @@ def _finish(r: _Reader, chat: bool, request: pb.GenerateRequest, served_model: s
     if logit_bias:
         r.violation("logit_bias", "is not supported")
     if continuous:
-        request.response.echo_prompt_tokens = True  # the first chunk's prompt ids give usage.prompt_tokens
+        request.echo_prompt_tokens = True  # the first chunk's prompt ids give usage.prompt_tokens
     if r.bad:
         raise InvalidRequestError(r.bad)
     if model is not None and model != served_model:
@@ -257,28 +238,7 @@ def _finish(r: _Reader, chat: bool, request: pb.GenerateRequest, served_model: s
     return Parsed(chat, request, stream, include_usage, continuous, max_name)
 
 
-def _sampling(r: _Reader, s: pb.SamplingParams, recommended: pb.SamplingParams | None) -> None:
-    rec = recommended or pb.SamplingParams()
-    temperature = r.number("temperature")
-    if temperature is not None:
-        s.temperature = temperature
-    else:
-        s.temperature = rec.temperature if rec.HasField("temperature") else 1.0
-    top_p = r.number("top_p")
-    if top_p is not None and top_p <= 0.0:
-        r.violation("top_p", "must be in (0, 1]")  # 0 means "unset" in the contract, so it is caught here
-    s.top_p = top_p if top_p is not None else rec.top_p
-    top_k = r.integer("top_k")
-    if top_k is not None and top_k < -1:
-        r.violation("top_k", "must be a positive integer, or 0 or -1 for no limit")
-    s.top_k = min(max(top_k, 0), UINT32_MAX) if top_k is not None else rec.top_k
-    penalty = r.number("repetition_penalty")
-    if penalty is not None and penalty <= 0.0:
-        r.violation("repetition_penalty", f"must be in (0, {MAX_REPETITION_PENALTY:g}]")
-    s.repetition_penalty = penalty if penalty is not None else rec.repetition_penalty
-    seed = r.integer("seed")
-    if seed is not None:
-        if 0 <= seed <= UINT64_MAX:
-            s.seed = seed
-        else:
-            r.violation("seed", f"must be in [0, {UINT64_MAX}]")
+def _sampling(r: _Reader) -> Sampling:
+    """The sampling parameters the request sets, vLLM's top_k and repetition_penalty included."""
+    return Sampling(temperature=r.number("temperature"), top_p=r.number("top_p"), top_k=r.integer("top_k"),
+                    repetition_penalty=r.number("repetition_penalty"), seed=r.integer("seed"))

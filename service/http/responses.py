@@ -68,7 +68,7 @@ class Responder:
     def _logprobs(self, tokens: Sequence[TokenOut]) -> dict[str, Any] | None:
         if not self.p.logprobs:
             return None
-        top_n = self.p.request.response.top_n
+        top_n = self.p.params.top_n
         if self.p.chat:
             return {"content": [{
                 "token": t.text, "logprob": t.logprob, "bytes": _bytes(t.text),

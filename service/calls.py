@@ -1,0 +1,48 @@
+"""What a front knows about one call besides its request: read from its headers or metadata the same way on both."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from service.callers import Caller, bearer_token, identify
+from service.state import ServerState
+
+REQUEST_ID = "x-request-id"
+# A caller's request id goes into logs, spans and response headers: short, visible ASCII only.
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+@dataclass(frozen=True)
+class Front:
+    """A front's name (metrics, logs) and how its spans spell a call's status."""
+
+    name: str  # "grpc" or "http"
+    status_attribute: str  # e.g. "rpc.grpc.status_code"
+    status_value: Callable[[str], int]  # the canonical status name ("OK", ...) as that attribute's value
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What a front knows about one call besides its request message."""
+
+    request_id: str
+    remaining_s: float | None  # until the caller's own deadline, if it set one
+    front: Front
+    caller: Caller  # who is calling (service/callers.py): fair sharing and per-caller limits
+    span_name: str  # e.g. "/tokenstream.v1.GenerationService/Generate" or "POST /v1/chat/completions"
+    carrier: Mapping[str, str] = field(default_factory=dict)  # headers or metadata, for `traceparent`
+    span_attributes: dict[str, str | int] = field(default_factory=dict)  # the front's own (rpc.*, http.*)
+
+
+def read_call(state: ServerState, headers: Mapping[str, str], peer: str, front: Front, span_name: str,
+              span_attributes: dict[str, str | int], remaining_s: float | None = None) -> CallInfo:
+    """`headers` are the call's metadata or HTTP headers with lower-case names. A missing or malformed request id
+    is replaced by a fresh one, on both fronts: whatever a caller sends never reaches logs and spans unchecked."""
+    given = headers.get(REQUEST_ID, "")
+    token = bearer_token(headers) if state.auth_on else None
+    return CallInfo(request_id=given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex, remaining_s=remaining_s,
+                    front=front, caller=identify(state.config, headers, peer, token), span_name=span_name,
+                    carrier=headers, span_attributes=span_attributes)
