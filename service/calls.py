@@ -8,7 +8,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from service.callers import Caller, bearer_token, identify
+from service.engine.api import ModelInfo
 from service.state import ServerState
+from service.validation import Sampling
 
 REQUEST_ID = "x-request-id"
 # A caller's request id goes into logs, spans and response headers: short, visible ASCII only.
@@ -22,6 +24,9 @@ class Front:
     name: str  # "grpc" or "http"
     status_attribute: str  # e.g. "rpc.grpc.status_code"
     status_value: Callable[[str], int]  # the canonical status name ("OK", ...) as that attribute's value
+    # What unset sampling parameters mean on this front, given the served model (applied by the lifecycle):
+    # gRPC's contract says greedy; OpenAI clients expect the model's recommendation, else temperature 1.
+    sampling_defaults: Callable[[ModelInfo], Sampling]
 
 
 @dataclass(frozen=True)

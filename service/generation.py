@@ -60,6 +60,9 @@ class GenerateLifecycle:
     def _admit(self) -> EngineStream:
         config, call = self.state.config, self.call
         engine = self.state.ready_engine()
+        # What "unset" means is the front's (CallInfo.front); applying it here is the one path for both.
+        defaults = call.front.sampling_defaults(engine.info)
+        self.params = dataclasses.replace(self.params, sampling=self.params.sampling.over(defaults))
         req, limit_ms = to_generation_request(self.params, config, engine, [])
         req = dataclasses.replace(req, request_id=call.request_id, trace_id=self.record.trace_id,
                                   caller=call.caller.id)

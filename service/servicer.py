@@ -39,7 +39,7 @@ FINISH_TO_PROTO = {
 }
 
 
-GRPC = Front("grpc", "rpc.grpc.status_code", code_pb2.Code.Value)
+GRPC = Front("grpc", "rpc.grpc.status_code", code_pb2.Code.Value, lambda _info: Sampling())  # unset: greedy
 
 
 class UndecodableRequest:

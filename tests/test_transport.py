@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -19,6 +20,7 @@ from service.engine.api import CallerQuotaError, QueueFullError
 from service.engine.tokenizer import Tokenizer
 from service.engine.types import Chunk, ErrorKind, Finish, TokenOut
 from tests.support.fake_engine import FakeEngine
+from tests.support.http_front import base_url
 from tests.support.servers import ServerThread, base_config
 from tokenstream.v1 import generation_pb2 as pb
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc
@@ -160,3 +162,22 @@ def test_the_request_id_is_checked_as_on_http(front: ServerThread, fake: FakeEng
     assert got[0] == "req-1"
     assert len(got) == 4 and not set(got[1:]) & set(bad)
     assert all(len(r) == 32 and r.isalnum() for r in got[1:])  # fresh uuid4 hex ids
+
+
+def test_unset_sampling_means_greedy_on_grpc_and_the_recommendation_on_http(fake: FakeEngine, model_dir: Path) -> None:
+    """Each front declares what unset sampling means (its Front's sampling_defaults); the shared lifecycle applies
+    it: gRPC's contract says greedy, an OpenAI client gets the model's recommendation (the fake's 0.6 / 0.9)."""
+    srv = ServerThread(base_config(model_dir, http_port=-1, grace_s=0.0), loader=lambda _: fake)
+    try:
+        srv.wait_ready()
+        call(srv)
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert httpx.post(base_url(srv) + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+        body["temperature"] = 0.2
+        assert httpx.post(base_url(srv) + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+    finally:
+        srv.close()
+    grpc_req, http_req, http_set = (r.sampling for r in fake.requests)
+    assert grpc_req.greedy and grpc_req.top_p == 1.0
+    assert http_req.temperature == pytest.approx(0.6) and http_req.top_p == pytest.approx(0.9)
+    assert http_set.temperature == pytest.approx(0.2) and http_set.top_p == pytest.approx(0.9)  # set wins

@@ -42,10 +42,9 @@ from service.errors import (
     to_http,
 )
 from service.generation import GenerateRunner
-from service.http.requests import Parsed, parse_chat, parse_completion
+from service.http.requests import Parsed, openai_sampling_defaults, parse_chat, parse_completion
 from service.http.responses import Responder, engine_error, model_card
 from service.security import authorized, http_tls_options
-from service.validation import recommended_sampling
 
 log = logging.getLogger("tokenstream.requests")
 server_log = logging.getLogger("tokenstream.server")
@@ -53,7 +52,7 @@ server_log = logging.getLogger("tokenstream.server")
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
 SEND_BUFFER_BYTES = 256 * 1024
-HTTP = Front("http", "http.response.status_code", http_status)
+HTTP = Front("http", "http.response.status_code", http_status, openai_sampling_defaults)
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -146,9 +145,8 @@ class HttpFront:
             self._authorize(request)
             engine = self.state.ready_engine()
             body = await _read_json(request, self.config.max_receive_message_bytes)
-            recommended = recommended_sampling(engine.info.generation_defaults)
             parse = parse_chat if chat else parse_completion
-            parsed = parse(body, engine.info.name, recommended)
+            parsed = parse(body, engine.info.name)
         except Exception as exc:  # noqa: BLE001 -- mapped in errors.py
             return self._rejected(call, exc, parsed)
         responder = Responder(parsed, engine.info.name, call.request_id)

@@ -6,7 +6,8 @@ Every range, limit and default of the request itself is checked by the one reque
 
 Unset sampling parameters take the model's recommended values (GetModelInfo.recommended_sampling, from its
 generation_config), else OpenAI's documented defaults (temperature 1, top_p 1): an OpenAI client that sets nothing
-samples, as it would elsewhere. `temperature: 0` is greedy.
+samples, as it would elsewhere. `temperature: 0` is greedy. The defaults are this front's
+(`openai_sampling_defaults`, declared on its Front); the shared lifecycle applies them.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.engine.api import ModelInfo
 from service.errors import FieldViolation, InvalidRequestError, ModelNotFoundError
-from service.validation import GenerateParams, Message, Sampling
+from service.validation import GenerateParams, Message, Sampling, recommended_sampling
 
 # OpenAI's documented default: a client that sets nothing samples, as it would elsewhere.
 OPENAI_SAMPLING = Sampling(temperature=1.0)
@@ -98,7 +100,12 @@ class _Reader:
             self.violation(name, why)
 
 
-def parse_chat(body: Any, served_model: str, recommended: Sampling | None) -> Parsed:
+def openai_sampling_defaults(info: ModelInfo) -> Sampling:
+    """Unset sampling parameters on this front: the model's recommendation, else OpenAI's temperature 1."""
+    return (recommended_sampling(info.generation_defaults) or Sampling()).over(OPENAI_SAMPLING)
+
+
+def parse_chat(body: Any, served_model: str) -> Parsed:
     """POST /v1/chat/completions -> GenerateParams with messages; InvalidRequestError naming every bad param."""
     r = _reader(body, CHAT_PARAMS)
     request = GenerateParams()
@@ -123,10 +130,10 @@ def parse_chat(body: Any, served_model: str, recommended: Sampling | None) -> Pa
     r.refuse_unless("tools", [[]], "tools are not supported")
     r.refuse_unless("tool_choice", ["none"], "tools are not supported")
     r.refuse_unless("parallel_tool_calls", [False, True], "must be true or false")
-    return _finish(r, True, request, served_model, recommended, max_name)
+    return _finish(r, True, request, served_model, max_name)
 
 
-def parse_completion(body: Any, served_model: str, recommended: Sampling | None) -> Parsed:
+def parse_completion(body: Any, served_model: str) -> Parsed:
     """POST /v1/completions -> GenerateParams with a prompt; InvalidRequestError naming every bad param."""
     r = _reader(body, COMPLETION_PARAMS)
     request = GenerateParams()
@@ -147,7 +154,7 @@ def parse_completion(body: Any, served_model: str, recommended: Sampling | None)
     r.refuse_unless("echo", [False], "echo is not supported")
     r.refuse_unless("suffix", [""], "suffix is not supported")
     r.refuse_unless("best_of", [1], "must be 1")
-    return _finish(r, False, request, served_model, recommended, "max_tokens")
+    return _finish(r, False, request, served_model, "max_tokens")
 
 
 def _reader(body: Any, known: frozenset[str]) -> _Reader:
@@ -191,8 +198,7 @@ def _message(r: _Reader, i: int, message: Any) -> Message:
     return Message(role, text)
 
 
-def _finish(r: _Reader, chat: bool, request: GenerateParams, served_model: str, recommended: Sampling | None,
-            max_name: str) -> Parsed:
+def _finish(r: _Reader, chat: bool, request: GenerateParams, served_model: str, max_name: str) -> Parsed:
     """The parameters both endpoints share, the defaults, and the verdict."""
     model = r.get("model", (str,), "a string")
     stream = bool(r.boolean("stream"))
@@ -207,7 +213,7 @@ def _finish(r: _Reader, chat: bool, request: GenerateParams, served_model: str, 
                                                      "true or false, are supported")
         include_usage = options.get("include_usage") is True
         continuous = options.get("continuous_usage_stats") is True
-    request.sampling = _sampling(r).over((recommended or Sampling()).over(OPENAI_SAMPLING))
+    request.sampling = _sampling(r)
     stop = r.body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
     if stop is not None and not isinstance(stop, (str, list)):
