@@ -88,6 +88,13 @@ def test_lever_kernels(tiny: Path, tmp_path: Path) -> None:
     assert {r["path"] for r in read_json(out)["rows"]} >= {"plain", "plain_path"}
 
 
+def test_lever_threads(tmp_path: Path) -> None:
+    out = tmp_path / "threads.json"
+    run("-m", "bench.levers.threads", "--rows", "1", "--pairs", "1", "--json", str(out))
+    pairs = read_json(out)["rows"]["1"]
+    assert set(pairs) == {"paddle1/paddle2", "paddle1/split2", "numpy1/numpy2"}
+
+
 def test_http_vs_grpc(tmp_path: Path) -> None:
     out = tmp_path / "http_vs_grpc.json"
     run("-m", "bench.http_vs_grpc", "--streams", "1", "--rounds", "1", "--new-tokens", "2", "--out", str(out))
