@@ -192,7 +192,7 @@ def write_gguf(path: Path, arch: str, hparams: dict[str, Any], tensors: dict[str
     w.add_head_count_kv(hparams["kv_heads"])
     w.add_layer_norm_rms_eps(hparams.get("eps", 1e-6))
     w.add_rope_freq_base(hparams.get("rope_theta", 10000.0))
-    w.add_rope_dimension_count(hparams["hidden"] // hparams["heads"])
+    w.add_rope_dimension_count(hparams.get("rope_dim", hparams["hidden"] // max(hparams["heads"], 1)))
     for key, value in (extra or {}).items():
         if isinstance(value, bool):
             w.add_bool(key, value)
@@ -267,8 +267,10 @@ TINY_HPARAMS = {"context_length": 128, "hidden": 256, "layers": 1, "ffn": 512, "
 
 def tiny_llama(dst: Path, qtype: str = "F32", *, arch: str = "llama", vocab: Vocab | None = None, seed: int = 0,
                extra: dict[str, Any] | None = None, tensors: dict[str, tuple[np.ndarray, Any]] | None = None,
-               ) -> Path:
-    """A one-layer model (hidden 256, so that every block size fits a row) whose Linear weights are `qtype`."""
+               hparams: dict[str, Any] | None = None) -> Path:
+    """A one-layer model (hidden 256, so that every block size fits a row) whose Linear weights are `qtype`.
+
+    `hparams` overrides metadata values only (the tensors keep TINY_HPARAMS' shapes): a crafted, hostile header."""
     rng = np.random.default_rng(seed)
     vocab = vocab or tiny_vocab()
     h, f, v = TINY_HPARAMS["hidden"], TINY_HPARAMS["ffn"], len(vocab.tokens)
@@ -294,4 +296,4 @@ def tiny_llama(dst: Path, qtype: str = "F32", *, arch: str = "llama", vocab: Voc
         for n, rows in (("q", h), ("k", kv), ("v", kv)):
             built[f"blk.0.attn_{n}.bias"] = rng.standard_normal(rows).astype(np.float32), None
     built.update(tensors or {})
-    return write_gguf(dst, arch, TINY_HPARAMS, built, vocab, extra)
+    return write_gguf(dst, arch, TINY_HPARAMS | (hparams or {}), built, vocab, extra)

@@ -499,8 +499,10 @@ def test_second_read_comes_from_the_float32_cache(tmp_path: Path) -> None:
     assert second.tokenizer.encode(TEXTS[0]).ids == first.tokenizer.encode(TEXTS[0]).ids
     for name, value in first.state.items():
         np.testing.assert_array_equal(second.state[name], value)
-    # A changed file (another mtime) is read again, and the stale cache goes.
+    # The cache is keyed by content: a touched file keeps it; a changed file is read again, and the stale cache goes.
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert gguf_reader.read_gguf(path).from_cache
+    tiny_llama(path, "Q4_K", seed=1)
     assert not gguf_reader.read_gguf(path).from_cache
     assert list(tmp_path.glob("m.gguf.*.f32.safetensors")) != caches
     assert len(list(tmp_path.glob("m.gguf.*.f32.safetensors"))) == 1
@@ -570,7 +572,8 @@ def test_first_load_reports_its_steps(tmp_path: Path, caplog: pytest.LogCaptureF
         load_model(path)
         load_model(path)
     done = [f["step"] for f in progress_fields(caplog) if f["event"] == "done"]
-    assert done == ["read gguf", "dequantize", "write cache", "load cache"]
+    # The second start finds the cache by the file's identity, without hashing the file again.
+    assert done == ["hash gguf", "read gguf", "dequantize", "write cache", "load cache"]
 
 
 # -- errors ------------------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def test_logits_match_reference(tiny: Callable[[str], TinyModel], arch: str, lay
     ids = token_ids(t.spec.seed)
     ref = t.reference_logits(ids, bf16=layout == "hf-bf16")
     assert np.abs(ref).max() > 1.0, "reference logits too flat to tell a wrong model apart"
-    model = load_model(t.save(layout))
+    model = load_model(t.save(layout), trust_pickle=True)  # the tests' own files, .pdparams pickles among them
     assert model.config.vocab_size == VOCAB
     diff = max_diff(model, ref, ids)
     MEASURED[f"{arch}/{layout}"] = diff
@@ -104,7 +104,7 @@ def test_layout_written_as_claimed(tiny: Callable[[str], TinyModel]) -> None:
     assert "model_state.pdparams" in files["paddle-pdparams"]
     assert _read_checkpoint(llama.save("paddle-safetensors")).paddle_signal is True
     assert _read_checkpoint(llama.save("hf")).paddle_signal is False
-    ernie = _read_checkpoint(tiny("ernie").save("paddle-pdparams")).state
+    ernie = _read_checkpoint(tiny("ernie").save("paddle-pdparams"), trust_pickle=True).state
     assert "model.layers.0.self_attn.qkv_proj.weight" in ernie  # PaddleFormers' fused, grouped q/k/v
     assert "model.layers.0.mlp.up_gate_proj.weight" in ernie
 
@@ -134,7 +134,7 @@ def test_paddlenlp_legacy_llama_prefix_and_lm_head(tiny: Callable[[str], TinyMod
     legacy["lm_head.weight"] = legacy["lm_head.weight"].t().contiguous()
     paddle.save(legacy, str(dst / "model_state.pdparams"))
     ids = token_ids(t.spec.seed)
-    assert max_diff(load_model(dst), t.reference_logits(ids), ids) < TOL
+    assert max_diff(load_model(dst, trust_pickle=True), t.reference_logits(ids), ids) < TOL
 
 
 def test_negative_controls(tiny: Callable[[str], TinyModel]) -> None:
@@ -179,7 +179,7 @@ def test_engine_greedy_matches_reference(tiny: Callable[[str], TinyModel]) -> No
     from service.engine.types import GenerationRequest
 
     t = tiny("ernie")
-    model = load_model(t.save("paddle-pdparams"))
+    model = load_model(t.save("paddle-pdparams"), trust_pickle=True)
     prompt = token_ids(t.spec.seed)[:PROMPT]
     want, ids = [], list(prompt)
     for _ in range(5):
@@ -259,11 +259,11 @@ def test_unsupported_architecture_checkpoint_fails_naming_it(tiny: Callable[[str
 def test_hub_name_offline_says_how_to_provide_a_directory(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointNotFoundError) as info:
-        resolve_model("some-org/some-model", allow_network=False)
+        resolve_model("hf:some-org/some-model", allow_network=False)
     message = str(info.value)
-    assert "some-org/some-model" in message and "HF_HUB_OFFLINE" in message and "--model-dir" in message
+    assert "hf:some-org/some-model" in message and "HF_HUB_OFFLINE" in message and "--model-dir" in message
     with pytest.raises(CheckpointNotFoundError, match="HF_HUB_OFFLINE"):
-        load_model("some-org/some-model")  # networking follows the environment by default
+        load_model("hf:some-org/some-model")  # networking follows the environment by default
     with pytest.raises(CheckpointNotFoundError, match="does not exist"):
         resolve_model("/nonexistent/model/dir", allow_network=True)  # a path is never looked up on the hub
 

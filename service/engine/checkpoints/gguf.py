@@ -5,17 +5,25 @@ Hugging Face names that `loader.build_weights` consumes; the config is the confi
 the same model would carry. llama.cpp's converter permutes the rows of attn_q / attn_k of `llama` models for its
 interleaved RoPE; they are permuted back here, so the decoder's rotate-half RoPE applies (`qwen2` is stored unpermuted).
 
+A GGUF file is untrusted input: every metadata field and every tensor's type, shape and extent is checked against
+the others and against the file size before anything is dequantized, and each failure is a GGUFError naming the
+field or tensor.
+
 Dequantizing takes seconds, so the result (weights, config, tokenizer) is cached as float32 safetensors next to the
-GGUF file (or in the user cache when that directory is read-only), keyed by the file's path, size and mtime: a
-second start reads that and never parses the GGUF again.
+GGUF file (or in the user cache when that directory is read-only), keyed by a sha256 of the file's contents, so that
+a file replaced by another (whatever its size and mtime) never reuses the old cache. The hash is computed once: the
+cache records the file's identity (device, inode, size, mtime and ctime, which no one can set by hand), and a later
+start that finds the same identity reads the cache without hashing the file again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -72,7 +80,7 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
 
-CACHE_VERSION = "1"  # bump when the cached tensors or metadata would differ for the same GGUF file
+CACHE_VERSION = "2"  # bump when the cached tensors or metadata would differ for the same GGUF file
 CACHE_SUFFIX = ".f32.safetensors"
 
 
@@ -103,73 +111,149 @@ def _open(path: Path) -> Any:
         raise GGUFError(f"{path} is not a readable GGUF file (truncated or corrupt?): {exc}") from exc
 
 
-def _metadata(reader: Any) -> dict[str, Any]:
-    return {key: fld.contents() for key, fld in reader.fields.items() if not key.startswith("GGUF.")}
+def _metadata(path: Path, reader: Any) -> dict[str, Any]:
+    meta = {}
+    for key, fld in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            meta[key] = fld.contents()
+        except Exception as exc:  # e.g. a string that is not UTF-8
+            raise GGUFError(f"{path}: GGUF metadata {key} is unreadable: {exc}") from exc
+    return meta
 
 
 def _check_complete(path: Path, reader: Any) -> None:
-    """A truncated file shows as tensors that end past the end of the file."""
+    """Every tensor lies inside the file, apart from the others, in whole blocks of its type: then the float32
+    weights are bounded by the file size (at most ~20x, for the 1.5-bit types) before one is dequantized."""
+    from gguf import GGML_QUANT_SIZES
+
     size = path.stat().st_size
     for t in reader.tensors:
         end = int(t.data_offset) + int(t.n_bytes)
         if end > size or t.data.nbytes != int(t.n_bytes):
             raise GGUFError(f"{path} is truncated: tensor {t.name} needs bytes up to {end}, the file has {size}")
+        block, _ = GGML_QUANT_SIZES.get(t.tensor_type, (1, 0))
+        row = int(t.shape[0]) if len(t.shape) else 0
+        if row <= 0 or row % block or any(int(n) <= 0 for n in t.shape):
+            raise GGUFError(f"{path}: tensor {t.name} has shape {[int(n) for n in t.shape]} (GGUF order), which is "
+                            f"not whole blocks of {block} values of its type {t.tensor_type.name}")
+    previous = None
+    for t in sorted(reader.tensors, key=lambda t: int(t.data_offset)):
+        if previous is not None and int(t.data_offset) < int(previous.data_offset) + int(previous.n_bytes):
+            raise GGUFError(f"{path}: tensors {previous.name} and {t.name} overlap in the file")
+        previous = t
+
+
+def _count(path: Path, key: str, value: Any, minimum: int = 1) -> int:
+    """An integer metadata value, at least `minimum` (1 or 0)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "positive" if minimum == 1 else "non-negative"
+        raise GGUFError(f"{path}: GGUF metadata {key}: {value!r} is not a {kind} integer")
+    return value
+
+
+def _positive(path: Path, key: str, value: Any) -> float:
+    """A positive, finite number."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise GGUFError(f"{path}: GGUF metadata {key}: {value!r} is not a positive finite number")
+    return float(value)
+
+
+def _string(path: Path, key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise GGUFError(f"{path}: GGUF metadata {key}: {value!r} is not a string")
+    return value
+
+
+def _list_of(path: Path, key: str, value: Any, kind: type) -> list[Any]:
+    if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise GGUFError(f"{path}: GGUF metadata {key} is not a list of {kind.__name__} values")
+    return value
+
+
+LAYER_TENSORS = 9  # weights per layer: two norms, q, k, v, o, gate, up, down
 
 
 def gguf_config(path: Path, meta: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """The Hugging Face config.json equivalent of the metadata; `shapes` are numpy shapes by GGUF tensor name."""
+    """The Hugging Face config.json equivalent of the metadata; `shapes` are numpy shapes by GGUF tensor name.
+
+    Every value is checked here, by name, so that nothing later divides by zero or reshapes by a wrong count.
+    """
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
-    if int(meta.get("split.count") or 1) > 1:
-        raise GGUFError(f"{path} is one part of a split GGUF ({meta['split.count']} parts); merge it first with "
+    split = _count(path, "split.count", meta.get("split.count", 1))
+    if split > 1:
+        raise GGUFError(f"{path} is one part of a split GGUF ({split} parts); merge it first with "
                         "`llama-gguf-split --merge`")
 
     def get(key: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{key}", default)
         if value is None:
-            raise GGUFError(f"{path}: metadata {arch}.{key} is missing")
+            raise GGUFError(f"{path}: GGUF metadata {arch}.{key} is missing")
         if isinstance(value, list):  # per-layer values: the decoder needs every layer alike
-            if len(set(value)) != 1:
-                raise GGUFError(f"{path}: {arch}.{key} differs between layers ({sorted(set(value))}); "
+            if not value or len(set(map(repr, value))) != 1:
+                raise GGUFError(f"{path}: GGUF metadata {arch}.{key} differs between layers ({value[:8]}); "
                                 "the decoder needs every layer alike")
             value = value[0]
         return value
 
-    if get("expert_count", 0):
-        raise GGUFError(f"{path}: {arch} with {get('expert_count')} experts (mixture of experts) is not supported")
-    hidden = int(get("embedding_length"))
-    heads = int(get("attention.head_count"))
-    head_dim = int(get("attention.key_length", hidden // heads))
-    if int(get("attention.value_length", head_dim)) != head_dim:
+    def count(key: str, default: Any = None, minimum: int = 1) -> int:
+        return _count(path, f"{arch}.{key}", get(key, default), minimum)
+
+    def positive(key: str, default: Any = None) -> float:
+        return _positive(path, f"{arch}.{key}", get(key, default))
+
+    if experts := count("expert_count", 0, minimum=0):
+        raise GGUFError(f"{path}: {arch} with {experts} experts (mixture of experts) is not supported")
+    hidden = count("embedding_length")
+    heads = count("attention.head_count")
+    kv_heads = count("attention.head_count_kv", heads)
+    if heads % kv_heads:
+        raise GGUFError(f"{path}: GGUF metadata {arch}.attention.head_count_kv: {kv_heads} does not divide "
+                        f"{arch}.attention.head_count ({heads})")
+    if f"{arch}.attention.key_length" not in meta and hidden % heads:
+        raise GGUFError(f"{path}: GGUF metadata {arch}.embedding_length: {hidden} is not a multiple of "
+                        f"{arch}.attention.head_count ({heads}), and there is no {arch}.attention.key_length")
+    head_dim = count("attention.key_length", hidden // heads)
+    if head_dim % 2:
+        raise GGUFError(f"{path}: GGUF metadata {arch}.attention.key_length: head size {head_dim} is odd; RoPE "
+                        "rotates pairs of dimensions")
+    if count("attention.value_length", head_dim) != head_dim:
         raise GGUFError(f"{path}: key and value head sizes differ, which the decoder does not support")
-    rope_dim = int(get("rope.dimension_count", head_dim))
+    rope_dim = count("rope.dimension_count", head_dim)
     if rope_dim != head_dim:
         raise GGUFError(f"{path}: RoPE on {rope_dim} of {head_dim} head dimensions (partial rotary) is not supported")
     if "rope_freqs.weight" in shapes:
         raise GGUFError(f"{path}: rope_freqs.weight (per-dimension RoPE frequency factors, as Llama 3.1 uses) is "
                         "not supported")
-    scaling_type = get("rope.scaling.type", "none")
+    scaling_type = _string(path, f"{arch}.rope.scaling.type", get("rope.scaling.type", "none"))
     scaling: dict[str, Any] | None = None
     if scaling_type == "linear":
-        scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        scaling = {"rope_type": "linear", "factor": positive("rope.scaling.factor")}
     elif scaling_type != "none":
         raise GGUFError(f"{path}: RoPE scaling {scaling_type!r} is not supported; supported: none, linear")
-    if "token_embd.weight" not in shapes:
+    layers = count("block_count")
+    if layers * LAYER_TENSORS > len(shapes):  # checked before anything is built per layer
+        raise GGUFError(f"{path}: GGUF metadata {arch}.block_count: {layers} layers need {LAYER_TENSORS} tensors "
+                        f"each, and the file has {len(shapes)} tensors in all")
+    embed = shapes.get("token_embd.weight")
+    if embed is None:
         raise GGUFError(f"{path} has no token_embd.weight")
     cfg: dict[str, Any] = {
         "architectures": [ARCHITECTURES[arch]],
         "model_type": arch,
-        "vocab_size": int(shapes["token_embd.weight"][0]),
+        "vocab_size": int(embed[0]),
         "hidden_size": hidden,
-        "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")),
+        "intermediate_size": count("feed_forward_length"),
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
-        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
-        "max_position_embeddings": int(get("context_length")),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": count("context_length"),
+        "rms_norm_eps": positive("attention.layer_norm_rms_epsilon"),
+        "rope_theta": positive("rope.freq_base", 10000.0),
         "rope_scaling": scaling,
         "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in shapes,
@@ -178,8 +262,46 @@ def gguf_config(path: Path, meta: dict[str, Any], shapes: dict[str, tuple[int, .
     for key in ("bos_token_id", "eos_token_id"):
         value = meta.get(f"tokenizer.ggml.{key}")
         if value is not None:
-            cfg[key] = int(value)
+            cfg[key] = _count(path, f"tokenizer.ggml.{key}", value, minimum=0)
     return cfg
+
+
+def expected_shapes(arch: str, cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The numpy shape of every tensor a model of this config has, by GGUF name (output.weight when untied)."""
+    h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (v, h), "output_norm.weight": (h,)}
+    if not cfg["tie_word_embeddings"]:
+        shapes["output.weight"] = (v, h)
+    for i in range(cfg["num_hidden_layers"]):
+        b = f"blk.{i}."
+        shapes |= {b + "attn_norm.weight": (h,), b + "ffn_norm.weight": (h,), b + "attn_q.weight": (q, h),
+                   b + "attn_k.weight": (kv, h), b + "attn_v.weight": (kv, h), b + "attn_output.weight": (h, q),
+                   b + "ffn_gate.weight": (f, h), b + "ffn_up.weight": (f, h), b + "ffn_down.weight": (h, f)}
+        if arch == "qwen2":  # Qwen2 always has q/k/v biases; Llama has none
+            shapes |= {b + "attn_q.bias": (q,), b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,)}
+    return shapes
+
+
+def check_shapes(path: Path, arch: str, cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor is one the model has, in the shape the metadata gives it, and none is missing: checked on the
+    header alone, before a byte is dequantized."""
+    unknown = [name for name in shapes if hf_name(name) is None]
+    if unknown:
+        shown = ", ".join(unknown[:6]) + (", ..." if len(unknown) > 6 else "")
+        raise GGUFError(f"{path}: {arch} tensors the decoder has no place for: {shown}")
+    want = expected_shapes(arch, cfg)
+    for name, shape in shapes.items():
+        if name not in want:
+            raise GGUFError(f"{path}: tensor {name} has no place in a {arch} model of "
+                            f"{cfg['num_hidden_layers']} layers ({arch}.block_count)")
+        if tuple(shape) != want[name]:
+            raise GGUFError(f"{path}: tensor {name} has shape {list(shape)}, but the metadata ({arch}.*) gives "
+                            f"{list(want[name])}")
+    missing = [name for name in want if name not in shapes]
+    if missing:
+        raise GGUFError(f"{path} lacks tensor {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1
+                                                               else ""))
 
 
 # -- tensors -----------------------------------------------------------------------------------------------
@@ -215,6 +337,8 @@ def hf_name(name: str) -> str | None:
 
 def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's `permute` of q/k rows: per head, interleaved (x0, x_{d/2}, x1, ...) back to halves."""
+    if heads <= 0 or w.shape[0] % heads or (w.shape[0] // heads) % 2:
+        raise GGUFError(f"{w.shape[0]} rows do not split into {heads} heads of an even size")
     d = w.shape[0] // heads
     return w.reshape(heads, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -246,10 +370,6 @@ def read_tensors(path: Path, reader: Any, arch: str, cfg: dict[str, Any],
                  progress: Progress | None = None) -> dict[str, np.ndarray]:
     """Every tensor dequantized, under its Hugging Face name, q/k rows of `llama` back in Hugging Face order."""
     state: dict[str, np.ndarray] = {}
-    unknown = [t.name for t in reader.tensors if hf_name(t.name) is None]
-    if unknown:
-        shown = ", ".join(unknown[:6]) + (", ..." if len(unknown) > 6 else "")
-        raise GGUFError(f"{path}: {arch} tensors the decoder has no place for: {shown}")
     for t in reader.tensors:
         name = hf_name(t.name)
         assert name is not None
@@ -272,23 +392,29 @@ def read_tensors(path: Path, reader: Any, arch: str, cfg: dict[str, Any],
 def gguf_tokenizer(path: Path, meta: dict[str, Any]) -> tuple[HFTokenizer, dict[str, Any], dict[str, Any], bool]:
     """(tokenizer, tokenizer_config, generation defaults, add_bos) from the tokenizer.ggml.* metadata."""
     model = meta.get("tokenizer.ggml.model")
+    if model is not None:
+        _string(path, "tokenizer.ggml.model", model)
     if model == "llama":
         raise GGUFError(f"{path}: SentencePiece vocabularies (tokenizer.ggml.model 'llama') are not supported; "
                         "only byte-level BPE ('gpt2') is")
     if model != "gpt2":
         raise GGUFError(f"{path}: tokenizer.ggml.model {model!r} is not supported; only byte-level BPE ('gpt2') is")
     pre_name = meta.get("tokenizer.ggml.pre")
-    pre = PRE_TOKENIZERS.get(pre_name or "")
+    pre = PRE_TOKENIZERS.get(pre_name) if isinstance(pre_name, str) else None
     if pre is None:
         raise GGUFError(f"{path}: pre-tokenizer {pre_name!r} (tokenizer.ggml.pre) is not supported; supported: "
                         f"{', '.join(PRE_TOKENIZERS)}")
     if meta.get("tokenizer.ggml.add_eos_token"):
         raise GGUFError(f"{path}: tokenizer.ggml.add_eos_token is set; appending EOS to prompts is not supported")
-    tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
-    merges_text: list[str] = meta.get("tokenizer.ggml.merges") or []
+    tokens: list[str] = _list_of(path, "tokenizer.ggml.tokens", meta.get("tokenizer.ggml.tokens") or [], str)
+    merges_text: list[str] = _list_of(path, "tokenizer.ggml.merges", meta.get("tokenizer.ggml.merges") or [], str)
     if not tokens or not merges_text:
         raise GGUFError(f"{path} lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    types = _list_of(path, "tokenizer.ggml.token_type", meta.get("tokenizer.ggml.token_type") or [1] * len(tokens),
+                     int)
+    if len(types) != len(tokens):
+        raise GGUFError(f"{path}: GGUF metadata tokenizer.ggml.token_type has {len(types)} entries, but "
+                        f"tokenizer.ggml.tokens has {len(tokens)} tokens")
     vocab: dict[str, int] = {}
     for i, tok in enumerate(tokens):
         vocab.setdefault(tok, i)
@@ -298,7 +424,11 @@ def gguf_tokenizer(path: Path, meta: dict[str, Any]) -> tuple[HFTokenizer, dict[
         if len(parts) != 2:
             raise GGUFError(f"{path}: merge {m!r} in tokenizer.ggml.merges is not two tokens")
         merges.append((parts[0], parts[1]))
-    tok = HFTokenizer(BPE(vocab, merges, ignore_merges=pre.ignore_merges, fuse_unk=False, byte_fallback=False))
+    try:
+        bpe = BPE(vocab, merges, ignore_merges=pre.ignore_merges, fuse_unk=False, byte_fallback=False)
+    except Exception as exc:  # a merge of tokens that are not in the vocabulary
+        raise GGUFError(f"{path}: GGUF metadata tokenizer.ggml.merges: {exc}") from exc
+    tok = HFTokenizer(bpe)
     if pre.nfc:
         tok.normalizer = normalizers.NFC()
     splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.regexes]
@@ -317,8 +447,9 @@ def gguf_tokenizer(path: Path, meta: dict[str, Any]) -> tuple[HFTokenizer, dict[
         value = meta.get(f"tokenizer.ggml.{key}")
         if value is None:
             return None
-        if not 0 <= int(value) < len(tokens):
-            raise GGUFError(f"{path}: tokenizer.ggml.{key} {value} is outside the vocabulary ({len(tokens)})")
+        if _count(path, f"tokenizer.ggml.{key}", value, minimum=0) >= len(tokens):
+            raise GGUFError(f"{path}: GGUF metadata tokenizer.ggml.{key}: {value} is outside the vocabulary "
+                            f"({len(tokens)} tokens)")
         return int(value)
 
     bos = token_id("bos_token_id")
@@ -330,8 +461,8 @@ def gguf_tokenizer(path: Path, meta: dict[str, Any]) -> tuple[HFTokenizer, dict[
         raise GGUFError(f"{path}: tokenizer.ggml.add_bos_token is set but there is no tokenizer.ggml.bos_token_id")
     tok_config: dict[str, Any] = {}
     template = meta.get("tokenizer.chat_template")
-    if template:
-        tok_config["chat_template"] = template
+    if template:  # compiled when the Tokenizer is made, so that one that does not compile fails the load
+        tok_config["chat_template"] = _string(path, "tokenizer.chat_template", template)
     if bos is not None:
         tok_config["bos_token"] = tokens[bos]
     if eos_ids:
@@ -347,10 +478,27 @@ def gguf_tokenizer(path: Path, meta: dict[str, Any]) -> tuple[HFTokenizer, dict[
 # -- the whole checkpoint, with its float32 cache ---------------------------------------------------------
 
 
-def cache_key(path: Path) -> str:
+def file_identity(path: Path) -> str:
+    """What tells this file from a replaced one without reading it: ctime cannot be set by hand, so a file rewritten
+    in place and given its old size and mtime back still has another identity."""
     st = path.stat()
-    ident = f"{CACHE_VERSION}\0{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
-    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+_HASHES: dict[tuple[str, str], str] = {}  # (path, identity) -> sha256 of the contents, for this process
+
+
+def content_sha256(path: Path) -> str:
+    ident = (str(path.resolve()), file_identity(path))
+    if ident not in _HASHES:
+        with Progress("hash gguf", unit="bytes", total=path.stat().st_size), path.open("rb") as f:
+            _HASHES[ident] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _HASHES[ident]
+
+
+def cache_key(digest: str) -> str:
+    """The cache name's key for a file of this content sha256 (and this cache version)."""
+    return hashlib.sha256(f"{CACHE_VERSION}\0{digest}".encode()).hexdigest()[:32]
 
 
 def default_cache_dir() -> Path:
@@ -358,21 +506,40 @@ def default_cache_dir() -> Path:
     return Path(base) / "tokenstream" / "gguf"
 
 
-def cache_paths(path: Path, cache_dir: Path | None = None) -> list[Path]:
+def _cache_dirs(path: Path, cache_dir: Path | None) -> list[Path]:
     """Where the float32 cache of `path` may be, in order of preference: next to it, then the user cache."""
-    name = f"{path.name}.{cache_key(path)}{CACHE_SUFFIX}"
-    dirs = [cache_dir] if cache_dir is not None else [path.parent, default_cache_dir()]
-    return [d / name for d in dirs]
+    return [cache_dir] if cache_dir is not None else [path.parent, default_cache_dir()]
 
 
-def _read_cache(cache: Path) -> GGUFCheckpoint | None:
+def cache_paths(path: Path, cache_dir: Path | None = None, digest: str | None = None) -> list[Path]:
+    """The float32 cache of `path` in each place it may be."""
+    name = f"{path.name}.{cache_key(digest or content_sha256(path))}{CACHE_SUFFIX}"
+    return [d / name for d in _cache_dirs(path, cache_dir)]
+
+
+def own_caches(directory: Path, source: Path) -> list[Path]:
+    """The caches of `source` in `directory`, and only its own: `<name>.<32 hex>.f32.safetensors`. (A glob
+    `<name>.*` alone also matches the caches of `<name>.<x>.gguf`.)"""
+    exact = re.compile(re.escape(source.name) + r"\.[0-9a-f]{32}" + re.escape(CACHE_SUFFIX))
+    return sorted(p for p in directory.glob(f"{glob.escape(source.name)}.*{CACHE_SUFFIX}") if exact.fullmatch(p.name))
+
+
+def _cache_metadata(cache: Path) -> dict[str, str]:
     from safetensors import safe_open
+
+    with safe_open(str(cache), framework="np") as handle:
+        return dict(handle.metadata() or {})
+
+
+def _read_cache(cache: Path, digest: str | None = None) -> GGUFCheckpoint | None:
+    """The cached checkpoint; None when it is damaged, of another version, or (given `digest`) of other contents."""
     from safetensors.numpy import load_file
 
     try:
-        with safe_open(str(cache), framework="np") as handle:
-            meta = handle.metadata() or {}
+        meta = _cache_metadata(cache)
         if meta.get("tokenstream_gguf_cache") != CACHE_VERSION:
+            return None
+        if digest is not None and meta.get("source_sha256") != digest:
             return None
         state = load_file(str(cache))
         return GGUFCheckpoint(
@@ -389,13 +556,17 @@ def _read_cache(cache: Path) -> GGUFCheckpoint | None:
         return None
 
 
-def _write_cache(ckpt: GGUFCheckpoint, candidates: list[Path], source: Path) -> Path | None:
+def _write_cache(ckpt: GGUFCheckpoint, candidates: list[Path], source: Path, digest: str | None = None,
+                 identity: str | None = None) -> Path | None:
     from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     meta = {
         "tokenstream_gguf_cache": CACHE_VERSION,
         "source": source.name,
+        "source_sha256": digest or content_sha256(source),
+        # The identity the file had when it was hashed: a later start that finds it reads this cache unhashed.
+        "source_identity": identity or file_identity(source),
         "config": json.dumps(ckpt.config),
         "tokenizer": ckpt.tokenizer.to_str(),
         "tokenizer_config": json.dumps(ckpt.tokenizer_config),
@@ -422,43 +593,77 @@ def _write_cache(ckpt: GGUFCheckpoint, candidates: list[Path], source: Path) -> 
 
 
 def _remove_stale(current: Path, source: Path) -> None:
-    """Caches of earlier versions of the same file (another mtime or size) in the same directory."""
-    for old in current.parent.glob(f"{source.name}.*{CACHE_SUFFIX}"):
+    """Caches of earlier contents of the same file in the same directory (never another file's)."""
+    for old in own_caches(current.parent, source):
         if old != current:
             old.unlink(missing_ok=True)
 
 
+def _cached(path: Path, dirs: list[Path]) -> tuple[GGUFCheckpoint | None, str, str]:
+    """(the cached checkpoint or None, the file's sha256, its identity). A cache recorded under the file's current
+    identity is read without hashing the file; otherwise the file is hashed and its cache looked up by content."""
+    identity = file_identity(path)
+    for d in dirs:
+        for cache in own_caches(d, path) if d.is_dir() else []:
+            with contextlib.suppress(Exception):  # damaged ones are found (and reported) by content below
+                meta = _cache_metadata(cache)
+                digest = meta.get("source_sha256", "")
+                if meta.get("source_identity") == identity and cache.name.endswith(f".{cache_key(digest)}"
+                                                                                   f"{CACHE_SUFFIX}"):
+                    ckpt = _load_cache(path, cache, digest)
+                    if ckpt is not None:
+                        return ckpt, digest, identity
+    digest = content_sha256(path)
+    for cache in (d / f"{path.name}.{cache_key(digest)}{CACHE_SUFFIX}" for d in dirs):
+        if cache.exists():
+            ckpt = _load_cache(path, cache, digest)
+            if ckpt is not None:
+                return ckpt, digest, identity
+    return None, digest, identity
+
+
+def _load_cache(path: Path, cache: Path, digest: str) -> GGUFCheckpoint | None:
+    with Progress("load cache", unit="bytes", total=cache.stat().st_size) as p:
+        ckpt = _read_cache(cache, digest)
+        p.update(cache.stat().st_size)
+    if ckpt is not None:
+        log.info("read %s from its float32 cache %s", path.name, cache)
+    return ckpt
+
+
 def read_gguf(path: Path, *, cache: bool = True, cache_dir: Path | None = None) -> GGUFCheckpoint:
     """The checkpoint in `path`, from its float32 cache when one is there, else from the file (then cached)."""
-    candidates = cache_paths(path, cache_dir) if cache else []
-    for candidate in candidates:
-        if candidate.exists():
-            with Progress("load cache", unit="bytes", total=candidate.stat().st_size) as p:
-                ckpt = _read_cache(candidate)
-                p.update(candidate.stat().st_size)
-            if ckpt is not None:
-                log.info("read %s from its float32 cache %s", path.name, candidate)
-                return ckpt
+    dirs = _cache_dirs(path, cache_dir)
+    digest = identity = None
+    if cache:
+        found, digest, identity = _cached(path, dirs)
+        if found is not None:
+            return found
     with Progress("read gguf"):
         reader = _open(path)
         _check_complete(path, reader)
-        meta = _metadata(reader)
+        meta = _metadata(path, reader)
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
+    if len(shapes) != len(reader.tensors):
+        raise GGUFError(f"{path}: a tensor name appears twice")
     cfg = gguf_config(path, meta, shapes)
+    arch = meta["general.architecture"]
+    check_shapes(path, arch, cfg, shapes)  # before a byte is dequantized
     tok, tok_config, generation, add_bos = gguf_tokenizer(path, meta)
     if len(meta["tokenizer.ggml.tokens"]) > cfg["vocab_size"]:
         raise GGUFError(f"{path}: the vocabulary has {len(meta['tokenizer.ggml.tokens'])} tokens but token_embd.weight "
                         f"only {cfg['vocab_size']} rows")
     total = sum(int(t.n_elements) for t in reader.tensors)
     types = Counter(t.tensor_type.name for t in reader.tensors)
-    log.info("%s: %s, %d tensors (%s)", path.name, meta["general.architecture"], len(reader.tensors),
+    log.info("%s: %s, %d tensors (%s)", path.name, arch, len(reader.tensors),
              ", ".join(f"{n} {kind}" for kind, n in types.most_common()))
     with Progress("dequantize", total=total, unit="weights") as p:
-        state = read_tensors(path, reader, meta["general.architecture"], cfg, p)
+        state = read_tensors(path, reader, arch, cfg, p)
     ckpt = GGUFCheckpoint(cfg, state, tok, tok_config, generation, add_bos)
-    if candidates:
+    if cache:
+        candidates = cache_paths(path, cache_dir, digest)
         with Progress("write cache"):
-            written = _write_cache(ckpt, candidates, path)
+            written = _write_cache(ckpt, candidates, path, digest, identity)
         if written is None:
             log.warning("no writable place for the float32 cache of %s (tried %s); the next start dequantizes again",
                         path, ", ".join(str(c.parent) for c in candidates))

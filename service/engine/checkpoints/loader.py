@@ -14,6 +14,10 @@ Which layout a checkpoint uses is decided from explicit signals first (a `.pdpar
 {"format": "np"|"pd"|"paddle"} as PaddleFormers writes it, `"source": "paddle"` in config.json), then checked
 against the shapes of non-square projections, which tell the two apart without doubt; only a checkpoint whose
 every projection is square and that carries no signal is taken to be in the Hugging Face layout.
+
+A model file is untrusted input. `.pdparams` files are pickles, and unpickling runs whatever code the file carries:
+they are read only with `trust_pickle` (--trust-pickle). A hub model is fetched only when named with the `hf:`
+prefix, so that a mistyped local path never downloads (and runs) someone else's files.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ from typing import Any
 import numpy as np
 import paddle
 
+from service.engine.api import ChatTemplateError
 from service.engine.checkpoints.gguf import read_gguf
 from service.engine.checkpoints.model_config import DType, ModelConfig, UnsupportedModelError
 from service.engine.decoder import LayerWeights, ModelWeights
@@ -46,12 +52,19 @@ PADDLE_FORMATS = ("np", "pd", "paddle")  # safetensors metadata "format" written
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 # Base-model prefixes that PaddleNLP / ERNIEKit checkpoints use instead of "model.".
 PADDLE_PREFIXES = ("llama.", "qwen2.", "mistral.", "ernie.")
-# Files fetched from the hub: configs, tokenizer and weights in either layout (not optimizer states, etc.).
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.pdparams", "tokenizer.model", "*.tiktoken", "*.txt"]
+HUB_PREFIX = "hf:"  # `--model-dir hf:ORG/NAME`: the one way to ask for a download from the Hugging Face Hub
+# Files fetched from the hub: configs, tokenizer, chat template and weights (not optimizer states, etc.); pickled
+# .pdparams only when pickles are trusted, since they would be refused at load anyway.
+HUB_PATTERNS = ["*.json", "*.safetensors", "chat_template.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
+PICKLE_PATTERNS = ["*.pdparams"]
 
 
 class CheckpointNotFoundError(FileNotFoundError):
     """The model directory is missing or incomplete, or the model cannot be fetched."""
+
+
+class PickleRefusedError(UnsupportedModelError):
+    """The checkpoint is a pickle (`.pdparams`) and pickles are not trusted (--trust-pickle)."""
 
 
 @dataclass
@@ -76,43 +89,54 @@ def network_allowed() -> bool:
 
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_HOW = (
+    "pass a local directory in the Hugging Face or PaddleFormers layout (config.json, tokenizer.json and "
+    "weights) or a GGUF file with --model-dir or TOKENSTREAM_MODEL_DIR, or fetch it from the Hugging Face Hub by "
+    f"naming it {HUB_PREFIX}ORG/NAME"
+)
 
 
-def resolve_model(name_or_path: str | os.PathLike[str], allow_network: bool) -> Path:
-    """A local model directory for `name_or_path`.
+def resolve_model(name_or_path: str | os.PathLike[str], allow_network: bool, *, trust_pickle: bool = False) -> Path:
+    """A local model directory (or GGUF file) for `name_or_path`.
 
-    An existing directory is used as it is. Anything else that looks like a hub id ("org/name") is downloaded with
-    huggingface_hub's snapshot_download, but only when `allow_network`; otherwise the error says how to provide a
-    local directory.
+    `hf:ORG/NAME` is downloaded with huggingface_hub's snapshot_download, only when `allow_network` (`.pdparams`
+    only when `trust_pickle`). Anything else is a local path and must exist: a missing path is never looked up on
+    the hub, so a typo or a look-alike name cannot fetch someone else's files.
     """
+    name = str(name_or_path)
+    if name.startswith(HUB_PREFIX):
+        return _fetch_from_hub(name[len(HUB_PREFIX):], allow_network, trust_pickle)
     path = Path(name_or_path).expanduser()
     if path.is_dir() or (path.is_file() and path.suffix == GGUF_SUFFIX):
         return path
-    name = str(name_or_path)
+    if path.exists():
+        raise CheckpointNotFoundError(f"model path {name!r} is neither a directory nor a {GGUF_SUFFIX} file; {_HOW}")
+    if path.suffix == GGUF_SUFFIX:
+        raise CheckpointNotFoundError(f"GGUF file {name!r} does not exist; {_HOW}")
+    hint = f" (to fetch it from the Hugging Face Hub, write {HUB_PREFIX}{name})" if _REPO_ID.match(name) else ""
+    raise CheckpointNotFoundError(f"model directory {name!r} does not exist{hint}; {_HOW}")
+
+
+def _fetch_from_hub(repo_id: str, allow_network: bool, trust_pickle: bool) -> Path:
     how = (
         "download it beforehand (e.g. `huggingface-cli download ORG/NAME --local-dir DIR`) and pass that local "
-        "directory, in the Hugging Face or PaddleFormers layout (config.json, tokenizer.json and weights), or a "
-        "GGUF file, with --model-dir or TOKENSTREAM_MODEL_DIR"
+        "directory with --model-dir or TOKENSTREAM_MODEL_DIR"
     )
-    if path.exists():
-        raise CheckpointNotFoundError(f"model path {name!r} is neither a directory nor a {GGUF_SUFFIX} file; {how}")
-    if path.suffix == GGUF_SUFFIX:
-        raise CheckpointNotFoundError(f"GGUF file {name!r} does not exist; {how}")
-    if not _REPO_ID.match(name):
-        raise CheckpointNotFoundError(f"model directory {name!r} does not exist; {how}")
+    name = HUB_PREFIX + repo_id
+    if not _REPO_ID.match(repo_id) or "/" not in repo_id:
+        raise CheckpointNotFoundError(f"{name!r} is not a Hugging Face Hub model id ({HUB_PREFIX}ORG/NAME)")
     if not allow_network:
         raise CheckpointNotFoundError(
-            f"model {name!r} is not a local directory and networking is off (HF_HUB_OFFLINE=1 or "
-            f"TRANSFORMERS_OFFLINE=1), so it cannot be fetched from the Hugging Face Hub; {how}"
+            f"model {name!r} cannot be fetched from the Hugging Face Hub: networking is off (HF_HUB_OFFLINE=1 or "
+            f"TRANSFORMERS_OFFLINE=1); {how}"
         )
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:
-        raise CheckpointNotFoundError(
-            f"model {name!r} is not a local directory and huggingface_hub is not installed to fetch it; {how}"
-        ) from exc
+        raise CheckpointNotFoundError(f"model {name!r}: huggingface_hub is not installed to fetch it; {how}") from exc
+    patterns = HUB_PATTERNS + (PICKLE_PATTERNS if trust_pickle else [])
     try:
-        return Path(snapshot_download(repo_id=name, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=patterns))
     except Exception as exc:  # network, auth, missing repo: all end the same way for the caller
         raise CheckpointNotFoundError(
             f"could not fetch model {name!r} from the Hugging Face Hub ({exc}); {how}") from exc
@@ -133,7 +157,7 @@ def _shards(model_dir: Path, index_name: str) -> list[Path]:
     return [model_dir / shard for shard in sorted(set(index["weight_map"].values()))]
 
 
-def _read_checkpoint(model_dir: Path) -> RawCheckpoint:
+def _read_checkpoint(model_dir: Path, *, trust_pickle: bool = False) -> RawCheckpoint:
     from safetensors import safe_open
     from safetensors.paddle import load_file
 
@@ -153,6 +177,14 @@ def _read_checkpoint(model_dir: Path) -> RawCheckpoint:
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise CheckpointNotFoundError(f"{model_dir} lacks weight shards {missing}")
+    pickles = [f.name for f in files if f.suffix == ".pdparams"]
+    if pickles and not trust_pickle:
+        # Refused before any byte is unpickled: paddle.load runs whatever code a pickle carries.
+        raise PickleRefusedError(
+            f"{model_dir} holds its weights as pickles ({', '.join(pickles)}), and loading a pickle runs any code "
+            "it carries; convert them to safetensors (PaddleFormers: save_pretrained(..., safe_serialization=True)), "
+            "or pass --trust-pickle true (TOKENSTREAM_TRUST_PICKLE=1) if you trust where the file came from"
+        )
     state: dict[str, paddle.Tensor] = {}
     signal: bool | None = None
     for f in files:
@@ -395,16 +427,18 @@ def check_dtype(dtype: DType) -> None:
 
 
 def load_model(
-    model_dir: str | os.PathLike[str], dtype: DType = "float32", allow_network: bool | None = None
+    model_dir: str | os.PathLike[str], dtype: DType = "float32", allow_network: bool | None = None, *,
+    trust_pickle: bool = False,
 ) -> LoadedModel:
     """Load config, tokenizer, generation defaults and weights.
 
     `model_dir` is a local directory, a `.gguf` file, or a directory holding exactly one `.gguf` file and no
-    config.json; a hub id is fetched only when networking is allowed (see resolve_model; by default as
-    HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE say).
+    config.json; `hf:ORG/NAME` is fetched only when networking is allowed (see resolve_model; by default as
+    HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE say). `.pdparams` pickles load only with `trust_pickle`.
     """
     check_dtype(dtype)
-    model_dir = resolve_model(model_dir, network_allowed() if allow_network is None else allow_network)
+    model_dir = resolve_model(model_dir, network_allowed() if allow_network is None else allow_network,
+                              trust_pickle=trust_pickle)
     gguf_file = find_gguf(model_dir)
     if gguf_file is not None:
         return _load_gguf(gguf_file, dtype)
@@ -412,7 +446,8 @@ def load_model(
     cfg = ModelConfig.from_dict(raw_cfg)
     if not (model_dir / "tokenizer.json").exists():
         raise CheckpointNotFoundError(f"{model_dir} has no tokenizer.json")
-    ckpt = _read_checkpoint(model_dir)
+    tokenizer = _tokenizer(model_dir, lambda: Tokenizer.from_dir(model_dir))  # before the weights: fail fast
+    ckpt = _read_checkpoint(model_dir, trust_pickle=trust_pickle)
     state = ckpt.state
     prefix = _normalize_keys(state)
     signal = ckpt.paddle_signal
@@ -430,7 +465,7 @@ def load_model(
         path=model_dir,
         config=_with_eos(cfg, generation),
         weights=weights,
-        tokenizer=Tokenizer.from_dir(model_dir),
+        tokenizer=tokenizer,
         generation_defaults=generation,
     )
 
@@ -456,9 +491,18 @@ def find_gguf(path: Path) -> Path | None:
     )
 
 
+def _tokenizer(where: Path, make: Callable[[], Tokenizer]) -> Tokenizer:
+    """The model's tokenizer; a chat template that does not compile fails the load, naming the model."""
+    try:
+        return make()
+    except ChatTemplateError as exc:
+        raise UnsupportedModelError(f"{where}: {exc}") from exc
+
+
 def _load_gguf(path: Path, dtype: DType) -> LoadedModel:
     ckpt = read_gguf(path)
     cfg = ModelConfig.from_dict(ckpt.config)
+    tokenizer = _tokenizer(path, lambda: Tokenizer(ckpt.tokenizer, ckpt.tokenizer_config, add_bos=ckpt.add_bos))
     # Zero-copy views of the float32 arrays (paddle.to_tensor would copy 0.5 GB for a 135M model).
     state = {name: paddle.from_dlpack(w.__dlpack__()) for name, w in ckpt.state.items()}
     ckpt.state.clear()
@@ -470,7 +514,7 @@ def _load_gguf(path: Path, dtype: DType) -> LoadedModel:
         path=path,
         config=_with_eos(cfg, ckpt.generation),
         weights=weights,
-        tokenizer=Tokenizer(ckpt.tokenizer, ckpt.tokenizer_config, add_bos=ckpt.add_bos),
+        tokenizer=tokenizer,
         generation_defaults=ckpt.generation,
     )
 
