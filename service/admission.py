@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import time
+from collections.abc import Callable
 
 from service.config import Config
 from service.engine.api import CallerQuotaError, EngineClient
@@ -37,25 +39,43 @@ class TokenRates:
 
     A request is refused while its caller's bucket is empty; a finished stream is charged what it generated, so a
     bucket may go below zero and the caller waits until it refills (the RetryInfo says how long).
+
+    Only buckets below full are kept (a full one carries no information): each charge notes when its bucket will
+    be full again, and buckets are forgotten at that time, so the state is bounded by the callers whose buckets
+    are refilling, not by the callers ever seen.
     """
 
-    def __init__(self, rate: float, burst: int) -> None:
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
         self.burst = float(burst or 10 * rate)
-        self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, at time.monotonic())
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, at clock())
+        self._full_at: list[tuple[float, str]] = []  # heap: when a charged bucket is full again
 
     def _level(self, caller: str, now: float) -> float:
         tokens, at = self._buckets.get(caller, (self.burst, now))
         return min(self.burst, tokens + (now - at) * self.rate)
 
+    def _forget_full(self, now: float) -> None:
+        while self._full_at and self._full_at[0][0] <= now:
+            _, caller = heapq.heappop(self._full_at)
+            if caller in self._buckets and self._level(caller, now) >= self.burst:
+                del self._buckets[caller]
+
     def check(self, caller: str) -> None:
-        level = self._level(caller, time.monotonic())
+        now = self._clock()
+        self._forget_full(now)
+        level = self._level(caller, now)
         if level <= 0:
             raise CallerQuotaError(caller, "tokens_per_s", f"this caller has used its {self.rate:g} tokens/s",
                                    retry_after_s=(1 - level) / self.rate)
 
     def charge(self, caller: str, tokens: int) -> None:
-        now = time.monotonic()
-        self._buckets[caller] = (self._level(caller, now) - tokens, now)
-        if len(self._buckets) > 4096:  # full buckets carry no information: forget them
-            self._buckets = {c: b for c, b in self._buckets.items() if self._level(c, now) < self.burst}
+        now = self._clock()
+        self._forget_full(now)
+        level = self._level(caller, now) - tokens
+        if level >= self.burst:
+            self._buckets.pop(caller, None)
+            return
+        self._buckets[caller] = (level, now)
+        heapq.heappush(self._full_at, (now + (self.burst - level) / self.rate, caller))

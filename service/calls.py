@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from service.callers import Caller, bearer_token, identify
+from service.callers import Caller, bearer_token, identify, vouched
 from service.engine.api import ModelInfo
 from service.state import ServerState
 from service.validation import Sampling
@@ -47,7 +47,18 @@ def read_call(state: ServerState, headers: Mapping[str, str], peer: str, front: 
     """`headers` are the call's metadata or HTTP headers with lower-case names. A missing or malformed request id
     is replaced by a fresh one, on both fronts: whatever a caller sends never reaches logs and spans unchecked."""
     given = headers.get(REQUEST_ID, "")
+    # The caller is the value that was authenticated (a call with more than one `authorization` never gets here).
     token = bearer_token(headers) if state.auth_on else None
+    naming, client = vouched(state.config, headers, peer)
     return CallInfo(request_id=given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex, remaining_s=remaining_s,
-                    front=front, caller=identify(state.config, headers, peer, token), span_name=span_name,
+                    front=front, caller=identify(state.config, naming, client, token), span_name=span_name,
                     carrier=headers, span_attributes=span_attributes)
+
+
+def metadata_headers(metadata: Iterable[tuple[str, str | bytes]]) -> dict[str, str]:
+    """gRPC metadata as headers: the text entries, each key's first value, as the auth check and HTTP read them."""
+    headers: dict[str, str] = {}
+    for key, value in metadata:
+        if isinstance(value, str):
+            headers.setdefault(key, value)
+    return headers

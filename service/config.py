@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
@@ -17,9 +18,13 @@ class Config:
     port: int = 50051
     # A registered name (`python -m service.models list`), or a checkpoint: a directory in the Hugging Face or
     # PaddleFormers layout, a .gguf file, or a directory holding one .gguf (dequantized to float32 at load, with a
-    # float32 cache written next to it, or under ~/.cache/tokenstream/gguf where that is read-only).
+    # float32 cache written next to it, or under ~/.cache/tokenstream/gguf where that is read-only), or
+    # hf:ORG/NAME to fetch one from the Hugging Face Hub (only with that prefix, and only when networking is on).
     model_dir: str = "default"
     model_cache: str = ""  # where named models live; default $XDG_CACHE_HOME/tokenstream/models
+    # Load `.pdparams` weights, which are pickles: unpickling runs any code the file carries, so only for files
+    # whose origin you trust. Off, such a checkpoint is refused before a byte of it is unpickled.
+    trust_pickle: bool = False
     # Limits of a request
     max_new_tokens: int = 256  # default when a request leaves it unset
     max_new_tokens_limit: int = 2048  # largest a request may ask for (capped by the context)
@@ -41,10 +46,20 @@ class Config:
     grace_s: float = 20.0  # drain time for in-flight streams after SIGTERM
     metrics_port: int = 0  # Prometheus exposition; 0 turns it off, -1 picks a free port
     http_port: int = 0  # the OpenAI-compatible HTTP front and its chat page at /; 0 turns it off, -1 picks a free port
+    # Comma-separated Host header values the HTTP front answers (e.g. "llm.example.com,10.0.0.5:8000"), against
+    # DNS rebinding; empty: any host.
+    allowed_hosts: str = ""
+    http_header_timeout_s: float = 5.0  # an HTTP connection that has not sent a request's headers by then is closed
+    http_max_connections: int = 1024  # open HTTP connections; a connection beyond them is closed at once
     watchdog_s: float = 30.0  # liveness fails when no engine iteration for this long while work is queued
     log_text: bool = False  # log prompts and outputs (off: privacy)
     # Callers: who a call comes from (service/callers.py), and optional per-caller limits (0: off)
-    caller_key: str = ""  # a metadata key / header naming the caller, set by a trusted gateway
+    # A metadata key / header naming the caller (e.g. x-llm-d-inference-fairness-id), honoured only from a trusted
+    # proxy; with auth on it names a sub-caller within the token, which keeps the token's caps.
+    caller_key: str = ""
+    # Comma-separated addresses or networks (10.0.0.0/8) of proxies whose X-Forwarded-For and caller_key headers
+    # name the client; from anyone else those headers are ignored. Empty: no proxy is trusted.
+    trusted_proxies: str = ""
     caller_class_key: str = "x-caller-class"  # names the caller's class, for metrics
     caller_classes: str = ""  # comma-separated: the classes metrics may carry; any other is "default"
     caller_tokens_per_s: float = 0.0  # generated tokens per second one caller may use, on average (0: no cap)
@@ -56,6 +71,13 @@ class Config:
     auth_tokens_file: str = ""
     auth_tokens: str = ""  # comma-separated; prefer the file or the environment over a flag
     auth_reflection: bool = False  # whether reflection needs the bearer token too
+
+    def __post_init__(self) -> None:
+        for part in filter(None, (p.strip() for p in self.trusted_proxies.split(","))):
+            try:
+                ipaddress.ip_network(part, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"trusted_proxies: {exc}") from exc
 
     @property
     def model_cache_path(self) -> Path:
@@ -142,4 +164,7 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
                     raise ValueError(f"{values[f.name]!r} is not one of {', '.join(choices)}")
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 raise SystemExit(f"TOKENSTREAM_{f.name.upper()}: {exc}") from exc
-    return config_from(values)
+    try:
+        return config_from(values)
+    except ValueError as exc:  # a setting that parsed but means nothing (Config.__post_init__)
+        raise SystemExit(f"tokenstream-server: {exc}") from exc

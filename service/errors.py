@@ -14,6 +14,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from service.engine.api import CallerQuotaError, ChatTemplateError, QueueFullError
+from service.engine.sequence import SLOW_READER
+from service.engine.types import ErrorKind
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,10 @@ class InvalidRequestError(ValueError):
     def __init__(self, violations: Sequence[FieldViolation]) -> None:
         self.violations = tuple(violations)
         super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """An HTTP request body that is not `application/json` (INVALID_ARGUMENT, and HTTP's own 415)."""
 
 
 class NotReadyError(RuntimeError):
@@ -86,13 +92,14 @@ def rich_status(exc: BaseException) -> status_pb2.Status:
     elif isinstance(exc, QueueFullError):
         code, message = code_pb2.RESOURCE_EXHAUSTED, f"server busy: {exc}; retry later"
         details.append(_retry_info(1.0))
-    elif isinstance(exc, EngineOutOfMemoryError):
-        code, message = code_pb2.RESOURCE_EXHAUSTED, f"out of memory: {exc}"
+    elif isinstance(exc, EngineOutOfMemoryError):  # the engine's (Paddle's) text stays in the server's log
+        code, message = code_pb2.RESOURCE_EXHAUSTED, "out of memory before the first token; retry later"
         details.append(_retry_info(2.0))
     elif isinstance(exc, DeadlineTooShortError):
         code, message = code_pb2.DEADLINE_EXCEEDED, str(exc)
-    elif isinstance(exc, (NotReadyError, ShuttingDownError)):
+    elif isinstance(exc, (NotReadyError, ShuttingDownError)):  # loading, draining or stopped: try another replica
         code, message = code_pb2.UNAVAILABLE, str(exc)
+        details.append(_retry_info(1.0))
     elif isinstance(exc, UnauthenticatedError):
         code, message = code_pb2.UNAUTHENTICATED, str(exc)
     else:
@@ -101,6 +108,18 @@ def rich_status(exc: BaseException) -> status_pb2.Status:
     for detail in details:
         status.details.add().Pack(detail)
     return status
+
+
+def stream_error(error: str, kind: ErrorKind | None) -> str:
+    """What a caller is told of an engine error that ended its stream: the engine's own words for the endings it
+    names (a slow reader, a full queue), else the kind and exception type only. An exception's text (Paddle's
+    messages, paths, shapes) stays in the server's log, as for errors raised anywhere else."""
+    if kind is ErrorKind.OVERLOADED or error.startswith(SLOW_READER):
+        return error
+    if kind is ErrorKind.OUT_OF_MEMORY:  # "out of memory in prefill: <Paddle's text>": the engine's words only
+        return error.partition(": ")[0] or "out of memory"
+    name = error.partition(":")[0]
+    return f"internal error ({name})" if name.isidentifier() else "internal error"
 
 
 def to_status(exc: BaseException) -> grpc.Status:
@@ -131,7 +150,8 @@ HTTP_STATUS = {
 # The OpenAI error object's `type` for each HTTP status; anything else is a server_error.
 OPENAI_ERROR_TYPE = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    409: "conflict_error", 429: "rate_limit_error", 503: "service_unavailable_error", 504: "timeout_error",
+    409: "conflict_error", 415: "invalid_request_error",
+    429: "rate_limit_error", 503: "service_unavailable_error", 504: "timeout_error",
 }
 
 
@@ -156,7 +176,7 @@ def to_http(exc: BaseException, spell: Callable[[str], str | None] = lambda fiel
     parameter ("messages[0].role" -> "messages"), and the message names every violation."""
     status = rich_status(exc)
     code = code_pb2.Code.Name(status.code)
-    http_status = HTTP_STATUS.get(status.code, 500)
+    http_status = 415 if isinstance(exc, UnsupportedMediaTypeError) else HTTP_STATUS.get(status.code, 500)
     params: list[str | None] = []
     descriptions: list[str] = []
     headers: dict[str, str] = {}

@@ -3,20 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import enum
+import functools
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from service.admission import admit
 from service.calls import CallInfo
-from service.engine.api import EngineStream, QueueFullError
+from service.engine.api import EngineClient, EngineStoppedError, EngineStream, QueueFullError
 from service.engine.types import Chunk, ErrorKind, Finish, GenerationRequest, Timings
-from service.errors import EngineOutOfMemoryError, code_name
+from service.errors import EngineOutOfMemoryError, NotReadyError, ShuttingDownError, code_name
 from service.logs import request_fields
 from service.request_telemetry import RequestTelemetry
 from service.state import ServerState
 from service.validation import GenerateParams, to_generation_request
+
+# Validation with template rendering and tokenizing, for both fronts: a few threads, so that a burst of huge prompts
+# queues here instead of taking every core (and requests with small prompts pass through in microseconds).
+T = TypeVar("T")
+_TOKENIZING = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tokenstream-tokenize")
+
+
+async def tokenizing(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) on a tokenizing worker, with this task's context (its log fields): never on the event loop."""
+    ctx = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(_TOKENIZING, functools.partial(ctx.run, fn, *args))
 
 
 class GenerateRunner:
@@ -56,32 +71,57 @@ class GenerateLifecycle:
         self.stream: EngineStream | None = None
         self.final: Chunk | None = None
         self.output: list[str] = []  # only with --log-text
+        self.refused = False  # refused at drain before the engine started it
 
-    def _admit(self) -> EngineStream:
+    def _request(self, engine: EngineClient) -> tuple[GenerationRequest, int]:
+        """Validation, template rendering and tokenizing: on the tokenizing worker, never on the event loop."""
+        if self.state.tokenizing_hook is not None:
+            self.state.tokenizing_hook(self.params)
+        return to_generation_request(self.params, self.state.config, engine, [])
+
+    async def _admit(self) -> EngineStream:
         config, call = self.state.config, self.call
         engine = self.state.ready_engine()
         # What "unset" means is the front's (CallInfo.front); applying it here is the one path for both.
         defaults = call.front.sampling_defaults(engine.info)
         self.params = dataclasses.replace(self.params, sampling=self.params.sampling.over(defaults))
-        req, limit_ms = to_generation_request(self.params, config, engine, [])
+        # A prompt of up to max_prompt_bytes takes a second or more to render and tokenize: off the loop, which
+        # answers health probes and feeds every other stream.
+        req, limit_ms = await tokenizing(self._request, engine)
+        engine = self.state.ready_engine()  # draining may have begun, or the engine died, meanwhile
         req = dataclasses.replace(req, request_id=call.request_id, trace_id=self.record.trace_id,
-                                  caller=call.caller.id)
+                                  caller=call.caller.id, sub_caller=call.caller.sub)
         self.request = req = admit(engine, req, limit_ms, call.remaining_s, config)
         if self.state.rates is not None:
             self.state.rates.check(call.caller.id)
         self.record.admitted(self.params, req, engine.info.name)
-        stream = engine.generate(req)
+        try:
+            stream = engine.generate(req)
+        except EngineStoppedError as exc:
+            raise NotReadyError("the engine has stopped; retry on another instance") from exc
         self.state.stream_started()
         self.stream, self.phase = stream, Phase.STREAMING
         return stream
 
+    def refuse_if_unstarted(self) -> None:
+        """At drain (ServerState.refuse_unstarted): a request the engine has not started is ended now, and the
+        caller gets UNAVAILABLE, which clients retry on another instance: nothing was sent, nothing is lost."""
+        stream = self.stream
+        if stream is not None and not self.refused and stream.marks.prefill_start_ns == 0:
+            self.refused = True
+            stream.cancel()
+
     async def chunks(self) -> AsyncGenerator[Chunk, None]:
         code = "OK"
         try:
-            stream = self._admit()
+            stream = await self._admit()
+            self.state.unsent.add(self)
             try:
                 sent_tokens = 0
                 async for chunk in stream:
+                    if self.refused:  # refused at drain before any message: whatever came is not sent
+                        raise ShuttingDownError("the server is shutting down and had not started this request; "
+                                                "retry on another instance")
                     if chunk.finish is not None:
                         self.final = chunk
                     if chunk.error_kind is ErrorKind.OUT_OF_MEMORY and sent_tokens == 0:
@@ -95,8 +135,10 @@ class GenerateLifecycle:
                         # Ended before the final message goes out, so that a caller who has it also finds the
                         # request counted.
                         self._end("OK")
+                    self.state.unsent.discard(self)
                     yield chunk
             finally:
+                self.state.unsent.discard(self)
                 stream.cancel()  # a no-op once finished
                 self.state.stream_ended()
         except (asyncio.CancelledError, GeneratorExit):

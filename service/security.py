@@ -49,8 +49,13 @@ def load_tokens(config: Config) -> tuple[bytes, ...]:
     return tuple(t.strip().encode() for t in tokens if t.strip())
 
 
-def authorized(tokens: Sequence[bytes], authorization: str) -> bool:
-    """Whether an `authorization` header or metadata value is `Bearer <one of the tokens>` (every front)."""
+def authorized(tokens: Sequence[bytes], authorization: str | Sequence[str]) -> bool:
+    """Whether a call's `authorization` is `Bearer <one of the tokens>` (every front). Given all of a call's
+    `authorization` entries, exactly one is accepted: a second could name another caller than the one checked."""
+    if not isinstance(authorization, str):
+        if len(authorization) != 1:
+            return False
+        authorization = authorization[0]
     scheme, _, presented = authorization.partition(" ")
     if scheme.lower() != "bearer":
         return False
@@ -61,15 +66,16 @@ def authorized(tokens: Sequence[bytes], authorization: str) -> bool:
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
-    """UNAUTHENTICATED unless `authorization: Bearer <token>` matches; health stays open for probes."""
+    """UNAUTHENTICATED unless the call's one `authorization: Bearer <token>` matches; health stays open for probes."""
 
     def __init__(self, tokens: Sequence[bytes], protect_reflection: bool) -> None:
         self._tokens = tuple(tokens)
         self._open_prefixes = (HEALTH_PREFIX,) + (() if protect_reflection else REFLECTION_PREFIXES)
 
     def _authorized(self, metadata: Sequence[tuple[str, Any]] | None) -> bool:
-        header = next((v for k, v in metadata or () if k == "authorization"), "")
-        return authorized(self._tokens, header.decode() if isinstance(header, bytes) else str(header))
+        values = [v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+                  for k, v in metadata or () if k == "authorization"]
+        return authorized(self._tokens, values)
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],

@@ -7,10 +7,11 @@ import dataclasses
 import logging
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -47,7 +48,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 def load_engine(config: Config, hooks: EngineHooks | None = None) -> EngineClient:
     """Blocking: locate (or fetch) the model, load it, build and warm up the engine. Hooks are for tests only."""
     name, checkpoint = locate(config.model_dir, config.model_cache_path)
-    model = load_model(checkpoint, dtype=config.engine.dtype)
+    model = load_model(checkpoint, dtype=config.engine.dtype, trust_pickle=config.trust_pickle)
     model.name = name
     engine = Engine(model, config.engine, hooks=hooks)
     engine.start(warmup=True)
@@ -76,9 +77,11 @@ class RunningServer:
             await self.health.set(name, status)
 
     async def drain(self, grace_s: float) -> None:
-        """Stop admitting (UNAVAILABLE; 503 on HTTP), let streams of both fronts finish for grace_s, then end the
-        rest with a final message."""
+        """Stop admitting (UNAVAILABLE; 503 on HTTP), refuse at once the requests the engine has not started (the
+        same UNAVAILABLE: nothing was sent, so clients retry them elsewhere), let started streams of both fronts
+        finish for grace_s, then end the rest with a final message."""
         self.state.draining = True
+        self.state.refuse_unstarted()  # queued, never started: UNAVAILABLE now, so clients retry elsewhere
         await self.health.enter_graceful_shutdown()
         if self.state.active_streams:
             try:
@@ -169,29 +172,86 @@ async def start_server(
     )
     credentials = server_credentials(config)
     address = f"{config.host}:{config.port}"
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc says only "Failed to bind"
+        raise BindError("gRPC", config.host, config.port, exc) from None
     await server.start()
 
     async def load() -> None:
-        engine = await asyncio.to_thread(loader, config)
+        engine = await _in_daemon_thread(loader, config)
         state.config = dataclasses.replace(config, port=port)
         state.engine = engine
         for name in ("", SERVICE_NAME):
             await health.set(name, SERVING)
         log.info("serving %s on %s:%d", engine.info.name, config.host, port)
 
-    http = None
-    if config.http_port != 0:  # -1 picks a free port (tests); imported only when on
-        from service.http.app import start_http
+    http: HttpServer | None = None
+    metrics_http: Any = None
+    try:  # every port is bound before the model loads; a taken one stops what started, and says which it was
+        if config.http_port != 0:  # -1 picks a free port (tests); imported only when on
+            from service.http.app import start_http
 
-        http = await start_http(config, runner, tokens)
+            try:
+                http = await start_http(config, runner, tokens)
+            except OSError as exc:
+                raise BindError("HTTP", config.host, config.http_port, exc) from None
+        if config.metrics_port != 0:  # -1 picks a free port (tests)
+            try:
+                metrics_http = metrics.serve(config.host, max(config.metrics_port, 0))
+            except OSError as exc:
+                raise BindError("metrics", config.host, config.metrics_port, exc) from None
+    except BaseException:
+        if http is not None:
+            await http.stop(0)
+        await server.stop(0)
+        raise
     running = RunningServer(server, port, state, health, asyncio.create_task(load()), metrics, http=http,
                             http_port=http.port if http is not None else 0)
-    if config.metrics_port != 0:  # -1 picks a free port (tests)
-        running._metrics_http = metrics.serve(config.host, max(config.metrics_port, 0))
-        running.metrics_port = int(running._metrics_http.server_port)  # type: ignore[attr-defined]
+    if metrics_http is not None:
+        running._metrics_http = metrics_http
+        running.metrics_port = int(metrics_http.server_port)
     running.watchdog_task = asyncio.create_task(running.watchdog())
     return running
+
+
+class BindError(RuntimeError):
+    """A front could not listen on its port: which front, which address, and why, in one line."""
+
+    def __init__(self, front: str, host: str, port: int, exc: BaseException) -> None:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        super().__init__(f"cannot listen for {front} on {host}:{port}: {why}")
+
+
+async def _in_daemon_thread(fn: Callable[[Config], EngineClient], config: Config) -> EngineClient:
+    """fn(config) in a daemon thread: a SIGTERM during a model load need not wait for the load (asyncio.to_thread's
+    executor is joined at exit). An engine that finishes loading after its waiter left is stopped."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[EngineClient] = loop.create_future()
+
+    def settle(result: EngineClient | None, exc: BaseException | None) -> None:
+        if done.cancelled():
+            if result is not None:
+                result.stop()
+        elif exc is not None:
+            done.set_exception(exc)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = fn(config)
+        except BaseException as exc:  # noqa: BLE001 -- handed to the waiter
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop has closed: nobody waits for this engine
+            if result is not None:
+                result.stop()
+
+    threading.Thread(target=run, name="tokenstream-load", daemon=True).start()
+    return await done
 
 
 async def serve(config: Config, tracer_provider: trace.TracerProvider | None = None,

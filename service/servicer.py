@@ -13,10 +13,17 @@ from google.protobuf import message as protobuf
 from google.rpc import code_pb2
 
 from service.callers import peer_ip
-from service.calls import Front, read_call
+from service.calls import Front, metadata_headers, read_call
 from service.engine.types import Chunk, Finish
-from service.errors import FieldViolation, InvalidRequestError, NotReadyError, ShuttingDownError, abort
-from service.generation import GenerateRunner
+from service.errors import (
+    FieldViolation,
+    InvalidRequestError,
+    NotReadyError,
+    ShuttingDownError,
+    abort,
+    stream_error,
+)
+from service.generation import GenerateRunner, tokenizing
 from service.validation import (
     GenerateParams,
     Message,
@@ -106,7 +113,7 @@ def to_response(chunk: Chunk) -> pb.GenerateResponse:
         msg.stop_sequence = chunk.stop_sequence
         if chunk.seed is not None:
             msg.seed = chunk.seed
-        msg.error_message = chunk.error
+        msg.error_message = stream_error(chunk.error, chunk.error_kind) if chunk.error else ""
     return msg
 
 
@@ -121,8 +128,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        call = read_call(self.state, metadata, peer_ip(context.peer() or ""), GRPC, GENERATE,
+        call = read_call(self.state, metadata_headers(context.invocation_metadata() or ()),
+                         peer_ip(context.peer() or ""), GRPC, GENERATE,
                          {"rpc.system": "grpc", "rpc.service": GENERATE.split("/")[1], "rpc.method": "Generate"},
                          remaining_s=context.time_remaining())
         try:
@@ -152,7 +159,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             check_tokenize(request.text, self.state.config)
         except (NotReadyError, ShuttingDownError, InvalidRequestError) as exc:
             await abort(context, exc)
-        enc = engine.tokenizer.encode_full(request.text)
+        enc = await tokenizing(engine.tokenizer.encode_full, request.text)  # up to max_prompt_bytes: off the loop
         keep = slice(-request.truncate_to, None) if request.truncate_to else slice(None)
         ids, tokens, offsets = enc.ids[keep], enc.tokens[keep], enc.offsets[keep]
         response = pb.TokenizeResponse(token_count=len(ids), ids=ids)

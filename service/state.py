@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from service.admission import TokenRates
 from service.config import Config
 from service.engine.api import EngineClient
 from service.errors import NotReadyError, ShuttingDownError
+
+
+class Refusable(Protocol):
+    def refuse_if_unstarted(self) -> None:
+        """At drain: end the request with UNAVAILABLE if the engine has not started it (nothing was sent)."""
 
 
 @dataclass
@@ -22,6 +29,10 @@ class ServerState:
     active_streams: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     rates: TokenRates | None = None  # per-caller token rates, when configured
+    # Requests handed to the engine that have sent nothing yet: at drain, those not started are refused.
+    unsent: set[Refusable] = field(default_factory=set)
+    # Test seam (None in production): called on the tokenizing worker with the request's parameters.
+    tokenizing_hook: Callable[[Any], None] | None = None
 
     def __post_init__(self) -> None:
         if self.config.caller_tokens_per_s > 0:
@@ -32,7 +43,14 @@ class ServerState:
             raise ShuttingDownError("the server is shutting down; retry on another instance")
         if self.engine is None:
             raise NotReadyError("the model is still loading; retry shortly")
+        if not self.engine.stats().alive:
+            raise NotReadyError("the engine has stopped; retry on another instance")
         return self.engine
+
+    def refuse_unstarted(self) -> None:
+        """Drain: every request the engine has not started is refused now (UNAVAILABLE: retried elsewhere)."""
+        for request in list(self.unsent):
+            request.refuse_if_unstarted()
 
     def stream_started(self) -> None:
         self.active_streams += 1

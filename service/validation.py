@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import struct
 from dataclasses import dataclass, fields
 
@@ -15,6 +16,15 @@ MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 10.0
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
+ROLES = ("system", "user", "assistant")
+TOOL_ROLE = "tool"  # accepted where the model's chat template handles it
+_TEMPLATE_USES_TOOL = re.compile(r"""['"]tool['"]""")
+
+
+def chat_roles(chat_template: str | None) -> tuple[str, ...]:
+    """The roles a message may have: the three every chat template knows, and `tool` where the template names it.
+    Any other role is refused: a template writes the role verbatim between its own control tokens."""
+    return ROLES + ((TOOL_ROLE,) if chat_template and _TEMPLATE_USES_TOOL.search(chat_template) else ())
 
 
 @dataclass(frozen=True)
@@ -130,9 +140,14 @@ def _prompt_ids(p: GenerateParams, cfg: Config, tok: Tokenizing, bad: list[Field
         if len(p.messages) > cfg.max_messages:
             bad.append(FieldViolation("messages", f"at most {cfg.max_messages} messages are allowed"))
             return None
+        roles = chat_roles(tok.chat_template)
         for i, m in enumerate(p.messages):
             if not m.role:
                 bad.append(FieldViolation(f"messages[{i}].role", "must not be empty"))
+            elif m.role not in roles:
+                shown = repr(m.role[:32]) + ("..." if len(m.role) > 32 else "")
+                bad.append(FieldViolation(f"messages[{i}].role",
+                                          f"{shown} is not a role; use one of {', '.join(roles)}"))
         if any(v.field.startswith("messages") for v in bad):
             return None
         if not tok.chat_template:
@@ -167,7 +182,7 @@ def to_generation_request(p: GenerateParams, cfg: Config, engine: EngineClient,
         bad.append(FieldViolation("response.top_n", f"must be at most {cfg.max_top_n}"))
     if len(p.prompt.encode("utf-8")) > cfg.max_prompt_bytes:
         bad.append(FieldViolation("prompt", f"longer than {cfg.max_prompt_bytes} bytes"))
-    if sum(len(m.content.encode("utf-8")) for m in p.messages) > cfg.max_prompt_bytes:
+    if sum(len(m.role.encode("utf-8")) + len(m.content.encode("utf-8")) for m in p.messages) > cfg.max_prompt_bytes:
         bad.append(FieldViolation("messages", f"longer than {cfg.max_prompt_bytes} bytes in all"))
     ids = _prompt_ids(p, cfg, tok, bad)
     if ids is not None and not bad:

@@ -161,22 +161,39 @@ class Reader:
         return self
 
 
+# Sampled among the top 8: the draw decides, not float rounding. (On this random-weight model the full vocabulary is
+# nearly flat: 150k boundaries of the CDF lie within rounding of one another, so any change of summation order, a
+# different batch as much as recomputed K/V, can move a full-vocabulary draw to a neighbouring token.)
+SEEDED = pb.SamplingParams(temperature=0.8, top_k=8, seed=20240607)
+
+
+@pytest.mark.parametrize("sampling", [None, SEEDED], ids=["greedy", "seeded"])
 def test_a_second_caller_starts_ahead_of_the_queue_by_preemption_and_the_preempted_stream_is_unchanged(
-    model_dir: Path,
+    model_dir: Path, sampling: pb.SamplingParams | None,
 ) -> None:
+    """The preempted stream equals its solo run, ids and text: what it had sent is kept, its generator goes on
+    where it was, and the recomputed K/V give the same logits within rounding (test_tenants_lifecycle.py),
+    which decides no token of these prompts."""
     gate = StepGate()
     srv = started(base_config(model_dir, max_slots=4, max_queue=8, auth_tokens=TOKENS), hooks=gate)
     prompts = [f"caller a, request {i}{' padding' * i}" for i in range(8)]
+
+    def req(prompt: str) -> pb.GenerateRequest:
+        r = request(prompt, 12)
+        if sampling is not None:
+            r.sampling.CopyFrom(sampling)
+        return r
+
     try:
         with srv.channel() as ch:
             stub = pb_grpc.GenerationServiceStub(ch)
-            solo = {p: ids_of(list(stub.Generate(request(p, 12), metadata=as_caller("a"), timeout=60)))
+            solo = {p: list(stub.Generate(req(p), metadata=as_caller("a"), timeout=60))
                     for p in [*prompts, "caller b"]}
             gate.close()  # from now on the engine decodes only when the test says so
-            a = [Reader(stub.Generate(request(p, 12), metadata=as_caller("a"), timeout=120)) for p in prompts]
+            a = [Reader(stub.Generate(req(p), metadata=as_caller("a"), timeout=120)) for p in prompts]
             assert srv.engine.wait_until(lambda s: s.active == 4 and s.waiting == 4, 60)
             steps = srv.engine.stats().steps
-            b = Reader(stub.Generate(request("caller b", 12), metadata=as_caller("b"), timeout=120))
+            b = Reader(stub.Generate(req("caller b"), metadata=as_caller("b"), timeout=120))
             # B holds a slot, A still has all its queued requests waiting plus one preempted: B went first, and
             # without a single decode step.
             assert srv.engine.wait_until(lambda s: s.preemptions == 1 and s.active == 4 and s.waiting == 5, 60)
@@ -186,11 +203,53 @@ def test_a_second_caller_starts_ahead_of_the_queue_by_preemption_and_the_preempt
                 r.join()
     finally:
         srv.close()
-    assert b.msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS and ids_of(b.msgs) == solo["caller b"]
+    assert b.msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS and ids_of(b.msgs) == ids_of(solo["caller b"])
     for prompt, r in zip(prompts, a, strict=True):
         assert r.msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS
-        assert ids_of(r.msgs) == solo[prompt], prompt  # the preempted one too: it resumed where it was
-        assert "".join(m.text for m in r.msgs) == "".join(m.text for m in r.msgs)
+        # The preempted one too: it resumed where it was, with the same tokens, text and seed.
+        assert ids_of(r.msgs) == ids_of(solo[prompt]), prompt
+        assert "".join(m.text for m in r.msgs) == "".join(m.text for m in solo[prompt]), prompt
+        assert r.msgs[-1].seed == solo[prompt][-1].seed
+
+
+def test_a_preempted_stream_that_sent_tokens_is_never_displaced(model_dir: Path) -> None:
+    """The issue's case: max_slots=4, max_queue=2; A opens 6 streams, B opens 3. A's streams that sent tokens
+    (3 each) are preempted, not displaced: each ends with MAX_TOKENS and the ids of its solo run; only requests
+    that had sent nothing are refused (RESOURCE_EXHAUSTED, before any message)."""
+    gate = StepGate()
+    srv = started(base_config(model_dir, max_slots=4, max_queue=2, auth_tokens=TOKENS), hooks=gate)
+    prompts = [f"caller a, stream {i}" for i in range(6)]
+    try:
+        with srv.channel() as ch:
+            stub = pb_grpc.GenerationServiceStub(ch)
+            solo = {p: ids_of(list(stub.Generate(request(p, 8), metadata=as_caller("a"), timeout=60)))
+                    for p in prompts}
+            gate.close()
+            a = [Reader(stub.Generate(request(p, 8), metadata=as_caller("a"), timeout=120)) for p in prompts]
+            assert srv.engine.wait_until(lambda s: s.active == 4 and s.waiting == 2, 60)
+            gate.permit(2)  # A's four running streams have sent 3 tokens each
+            assert srv.engine.wait_until(lambda s: s.steps >= 2, 60)
+            b = []
+            for i in range(3):
+                b.append(Reader(stub.Generate(request(f"caller b, stream {i}", 8), metadata=as_caller("b"),
+                                              timeout=120)))
+                # Each arrival has been taken in: it is running, waiting, or was displaced.
+                assert srv.engine.wait_until(lambda s, n=i + 1: s.active + s.prefilling + s.waiting + s.displaced
+                                             == 6 + n, 60)
+            assert srv.engine.stats().preemptions >= 1
+            gate.open()
+            for r in [*a, *b]:
+                r.join()
+    finally:
+        srv.close()
+    for prompt, r in zip(prompts, a, strict=True):
+        if r.code != grpc.StatusCode.OK:
+            assert r.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not r.msgs, prompt  # refused before sending
+            continue
+        assert r.msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS, (prompt, r.msgs[-1].error_message)
+        assert ids_of(r.msgs) == solo[prompt], prompt
+    assert sum(r.code == grpc.StatusCode.OK for r in a) >= 4  # every stream that had sent tokens finished
+    assert all(r.code == grpc.StatusCode.OK and r.msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS for r in b)
 
 
 def test_an_unread_flood_cannot_lock_out_another_caller(model_dir: Path) -> None:
@@ -343,3 +402,26 @@ def test_who_the_caller_is() -> None:
     assert identify(cfg, {"x-tenant": "t1"}, "127.0.0.1", None).id == "key:t1"  # a trusted gateway names it
     plain = identify(base_config("x"), {"x-tenant": "t1", "x-caller-class": "platinum"}, "10.0.0.7", None)
     assert (plain.id, plain.cls) == ("ip:10.0.0.7", "default")  # no key configured; unknown class
+
+
+def test_sub_callers_of_one_token_take_turns_but_share_its_caps(tok: Tokenizer) -> None:
+    """Behind a trusted gateway, the fairness id splits a token's traffic: each sub-caller gets its own turn in the
+    fair queue (sub-caller b's one request starts before a's second), while the token's caps count them together."""
+    def sub(name: str) -> SequenceState:
+        return SequenceState(GenerationRequest(tok.encode("hi"), 50, caller="token:t", sub_caller=name), tok, (),
+                             512, 0, StreamHandle(lambda _: None, None))
+
+    queue = FairQueue()
+    a1, a2, b1 = sub("key:a"), sub("key:a"), sub("key:b")
+    for s in (a1, a2, b1):
+        queue.push(s)
+    held = holders([])
+    first = queue.pop_next(held)
+    assert first is a1
+    held[first.req.fair_caller] += 1
+    assert queue.pop_next(held) is b1  # b's turn before a's second request, though both are the same token
+    admission = CallerAdmission(EngineConfig(max_slots=4, max_queue=4, caller_max_streams=2))
+    admission.admit("token:t", [])
+    admission.admit("token:t", [])
+    with pytest.raises(CallerQuotaError):  # a third stream of the token, whichever sub-caller asks
+        admission.admit("token:t", [])

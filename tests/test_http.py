@@ -244,7 +244,7 @@ def test_bodies_that_are_not_json_objects(http_server: ServerThread) -> None:
         response = httpx.post(url, content=content, headers={"content-type": "application/json"}, timeout=30)
         assert response.status_code == 400 and response.json()["error"]["param"] is None
         assert "request body" in response.json()["error"]["message"]
-    too_big = httpx.post(url, content=b" " * 2_000_000, timeout=30)
+    too_big = httpx.post(url, content=b" " * 2_000_000, headers={"content-type": "application/json"}, timeout=30)
     assert too_big.status_code == 400 and "larger than" in too_big.json()["error"]["message"]
     assert httpx.get(base_url(http_server) + "/v1/nothing", timeout=30).json()["error"]["type"] == "not_found_error"
     assert httpx.get(url, timeout=30).status_code == 405
@@ -546,3 +546,35 @@ def test_the_page_is_one_self_contained_file(http_server: ServerThread) -> None:
 
 async def _active_streams(server: ServerThread) -> int:
     return server.running.state.active_streams
+
+
+def test_logprobs_bytes_offsets_and_no_end_of_sequence_entry(model_dir: Path) -> None:
+    """Tokens that are part of a character carry their own bytes (they concatenate to the text's), completions'
+    text_offset counts characters of the text, and the end-of-sequence token is no entry."""
+    from service.engine.tokenizer import Tokenizer
+    from service.engine.types import Chunk, Finish, TokenOut
+    from service.http.requests import Parsed
+    from service.http.responses import Responder
+    from service.validation import GenerateParams
+
+    tok = Tokenizer.from_dir(model_dir)
+    text = "三国 𝄞⺀⺁ ok"  # 𝄞 and ⺀ are each split across two tokens in this vocabulary
+    ids = tok.encode_full(text).ids
+    eos = tok._tok.token_to_id("<|im_end|>") if tok._tok.token_to_id("<|im_end|>") is not None else 0
+    tokens = tuple(TokenOut(i, tok.decode([i]), -0.5) for i in [*ids, eos])
+    assert any("\ufffd" in t.text for t in tokens), "the text should split a character across tokens"
+    final = Chunk(text, tokens, Finish.EOS_TOKEN, 3, len(tokens))
+    for chat in (True, False):
+        parsed = Parsed(chat, GenerateParams(logprobs=True))
+        responder = Responder(parsed, "m", "r", eos_ids=(eos,), token_bytes=tok.token_bytes)
+        logprobs = responder.whole([final])["choices"][0]["logprobs"]
+        if chat:
+            entries = logprobs["content"]
+            assert len(entries) == len(ids) and all(e["bytes"] is not None for e in entries)
+            assert b"".join(bytes(e["bytes"]) for e in entries) == text.encode()
+        else:
+            assert len(logprobs["tokens"]) == len(ids)
+            offsets = logprobs["text_offset"]
+            starts = [text.encode()[:n].decode("utf-8", "ignore") for n in
+                      [sum(len(bytes(e["bytes"])) for e in entries[:k]) for k in range(len(ids))]]
+            assert offsets == [len(s) for s in starts] and offsets[-1] < len(text)

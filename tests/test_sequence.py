@@ -53,6 +53,27 @@ def test_stop_sequence_wins_over_max_tokens_on_the_same_token(tok: Tokenizer) ->
     assert "".join(c.text for c in chunks) == "one two "
 
 
+def test_stop_sequences_are_ignored_until_min_new_tokens(tok: Tokenizer) -> None:
+    """vLLM's min_tokens: a stop in the first min_new_tokens tokens' text does not end the stream (nor is that
+    text held back); the first stop after them does."""
+    ids = tok.encode(" x y x y x")
+    assert len(ids) == 5, "one token per word"
+    def until_final(min_new: int) -> list:
+        seq = seq_for(tok, max_new=len(ids), stop_sequences=("x",), min_new_tokens=min_new)
+        chunks = []
+        for i, t in enumerate(ids):
+            if (c := seq.accept(t, now_ns=10 + i)) is not None:
+                chunks.append(c)
+            if seq.finished:
+                return chunks
+        raise AssertionError("no final message")
+
+    chunks = until_final(3)
+    assert chunks[-1].finish is Finish.STOP_SEQUENCE and chunks[-1].completion_tokens == 3
+    assert "".join(c.text for c in chunks) == " x y "
+    assert until_final(1)[-1].completion_tokens == 1  # armed from the first token
+
+
 def test_max_tokens_wins_over_the_context_on_the_same_token(tok: Tokenizer) -> None:
     prompt = tok.encode("hi")
     seq = seq_for(tok, max_new=3, max_context=len(prompt) + 3)

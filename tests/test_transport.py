@@ -181,3 +181,22 @@ def test_unset_sampling_means_greedy_on_grpc_and_the_recommendation_on_http(fake
     assert grpc_req.greedy and grpc_req.top_p == 1.0
     assert http_req.temperature == pytest.approx(0.6) and http_req.top_p == pytest.approx(0.9)
     assert http_set.temperature == pytest.approx(0.2) and http_set.top_p == pytest.approx(0.9)  # set wins
+
+
+def test_draining_refusals_say_when_to_retry_on_both_fronts(fake: FakeEngine, model_dir: Path) -> None:
+    """UNAVAILABLE while draining (or loading) carries RetryInfo on gRPC, and HTTP's 503 a Retry-After header, so a
+    client retries on another replica instead of giving up (the SDK reads RetryInfo)."""
+    srv = ServerThread(base_config(model_dir, http_port=-1, grace_s=0.0), loader=lambda _: fake)
+    try:
+        srv.wait_ready()
+        srv.running.state.draining = True
+        with pytest.raises(grpc.RpcError) as err:
+            call(srv)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert any(isinstance(d, error_details_pb2.RetryInfo) for d in details(err.value))
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        refused = httpx.post(base_url(srv) + "/v1/chat/completions", json=body, timeout=30)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.headers
+    finally:
+        srv.running.state.draining = False
+        srv.close()

@@ -88,14 +88,21 @@ def new_request_id() -> str:
 def call_metadata(
     *, request_id: str, token: str | None, base: MetadataLike = (), extra: MetadataLike = ()
 ) -> Metadata:
-    """x-request-id, authorization, the current OpenTelemetry context (W3C traceparent) and any extra metadata."""
+    """x-request-id, authorization, the current OpenTelemetry context (W3C traceparent) and any extra metadata.
+
+    One `authorization` entry at most (a server refuses a call with two): an `authorization` in the call's own
+    metadata wins over one in the client's metadata, which wins over `token`."""
     pairs: list[tuple[str, MetadataValue]] = [("x-request-id", request_id)]
-    if token:
-        pairs.append(("authorization", f"Bearer {token}"))
     carrier: dict[str, str] = {}
     propagate.inject(carrier)  # traceparent, tracestate, baggage: whatever the global propagator writes
     pairs.extend((key.lower(), value) for key, value in carrier.items())
-    return (*pairs, *normalize_metadata(base), *normalize_metadata(extra))
+    given = (*normalize_metadata(base), *normalize_metadata(extra))
+    authorization = [value for key, value in given if key == "authorization"]
+    if authorization:
+        pairs.append(("authorization", authorization[-1]))
+    elif token:
+        pairs.append(("authorization", f"Bearer {token}"))
+    return (*pairs, *((key, value) for key, value in given if key != "authorization"))
 
 
 def normalize_metadata(metadata: MetadataLike) -> Metadata:

@@ -4,8 +4,9 @@ Only two failures are retried, because only for them is a second attempt known t
 
 - RESOURCE_EXHAUSTED carrying google.rpc.RetryInfo (the server's queue was full, or it ran out of memory before the
   first token): the server asks to be retried, and after how long; that delay is honoured, plus jitter.
-- UNAVAILABLE (loading, draining, unreachable) before any message of the call was received: exponential backoff with
-  jitter.
+- UNAVAILABLE (loading, draining, unreachable, a dead engine) before any message of the call was received:
+  exponential backoff with jitter. A draining server refuses the requests it has queued but not started with this
+  UNAVAILABLE, so during a rolling deploy they are retried, on another replica where the channel balances.
 
 Nothing is retried once a response message has been received: the caller has seen tokens, and a second attempt
 would produce different ones. Attempts are bounded, and no retry starts that would end after the call's deadline.

@@ -88,6 +88,10 @@ class ChatTemplateError(ValueError):
     """The model has no chat template, or the template failed to render the messages."""
 
 
+class EngineStoppedError(RuntimeError):
+    """A submission after the engine loop ended (stopped, or its thread died): nothing would ever run it."""
+
+
 class QueueFullError(RuntimeError):
     """The engine's slots and wait queue are full (and the caller already has its share of them)."""
 
@@ -112,6 +116,8 @@ class Tokenizing(Protocol):
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
 
     def encode_full(self, text: str) -> Any: ...
+
+    def token_bytes(self, token_id: int) -> bytes | None: ...
 
 
 class EngineStream(Protocol):

@@ -3,10 +3,15 @@
 - Work-conserving: a caller alone may use every slot.
 - The next request to start comes from the waiting caller that holds the fewest slots (ties: the one served least
   recently), so callers take turns rather than first come, first served.
-- When every slot is taken and a waiting caller holds less than its fair share while another holds more, that
-  other caller's cheapest sequence is preempted: it keeps its tokens, goes back to the front of its queue, and is
-  re-prefilled when it gets a slot again (recompute preemption, as vLLM does).
-- When the wait queue overflows, the newest request of the caller furthest over its share is displaced.
+- When every slot is taken (the one being prefilled counts) and a waiting caller holds less than its fair share
+  while another holds more, that other caller's cheapest sequence is preempted: it keeps its tokens, goes back to
+  its caller's queue ahead of requests not yet started but behind sequences paused before it (paused streams
+  resume in the order they were paused), and is re-prefilled when it gets a slot again (recompute preemption, as
+  vLLM does).
+- When the wait queue overflows, the newest not-yet-started request of the caller furthest over its share is
+  displaced. A paused sequence has sent tokens: it is never displaced, only delayed.
+- Per-caller state exists only while the caller has work: a caller's queue and its last-served tick go when its
+  last queued request leaves, so what an iteration walks never grows with the callers seen.
 - At submission (CallerAdmission), a request is refused over its caller's caps, or when slots and queue are all
   taken and its caller already has its share of them.
 """
@@ -28,12 +33,12 @@ def fair_share(capacity: int, callers: int) -> float:
 
 
 def holders(running: Iterable[SequenceState]) -> Counter[str]:
-    """Slots held per caller."""
-    return Counter(s.req.caller for s in running)
+    """Slots held per caller (per sub-caller, where a gateway named one: GenerationRequest.fair_caller)."""
+    return Counter(s.req.fair_caller for s in running)
 
 
 class FairQueue:
-    """Requests waiting for a slot: one FIFO per caller."""
+    """Requests waiting for a slot: one FIFO per caller (per sub-caller where a gateway named one)."""
 
     def __init__(self) -> None:
         self._queues: dict[str, collections.deque[SequenceState]] = {}
@@ -55,20 +60,40 @@ class FairQueue:
         return [c for c, q in self._queues.items() if q]
 
     def push(self, seq: SequenceState, front: bool = False) -> None:
-        q = self._queues.setdefault(seq.req.caller, collections.deque())
+        """Queue a request at the back of its caller's queue; `front`: a preempted sequence, which goes ahead of
+        the requests not yet started but behind the sequences paused before it (those that have tokens)."""
+        q = self._queues.setdefault(seq.req.fair_caller, collections.deque())
         if front:
-            q.appendleft(seq)
+            paused = 0
+            while paused < len(q) and q[paused].generated:
+                paused += 1
+            q.insert(paused, seq)
         else:
             q.append(seq)
         self._len += 1
 
+    def _drop_if_empty(self, caller: str) -> None:
+        if not self._queues[caller]:
+            del self._queues[caller]  # keeps the dicts bounded by the callers waiting now
+            self._served.pop(caller, None)
+
     def remove(self, seq: SequenceState) -> None:
-        self._queues[seq.req.caller].remove(seq)
+        self._queues[seq.req.fair_caller].remove(seq)
         self._len -= 1
+        self._drop_if_empty(seq.req.fair_caller)
+
+    def newest_unstarted(self, caller: str) -> SequenceState | None:
+        """The caller's newest queued request that has sent nothing (not a paused sequence), if any."""
+        q = self._queues.get(caller)
+        return q[-1] if q and not q[-1].generated else None
 
     def pop_newest(self, caller: str) -> SequenceState:
+        """The caller's newest queued request, which must not have sent tokens (see newest_unstarted)."""
+        seq = self._queues[caller].pop()
+        assert not seq.generated, "a sequence that sent tokens is never displaced"
         self._len -= 1
-        return self._queues[caller].pop()
+        self._drop_if_empty(caller)
+        return seq
 
     def pop_next(self, held: Counter[str]) -> SequenceState | None:
         """The next request to start: from the waiting caller holding the fewest slots, least recently served."""
@@ -80,21 +105,23 @@ class FairQueue:
         self._served[caller] = self._tick
         self._len -= 1
         seq = self._queues[caller].popleft()
-        if not self._queues[caller]:
-            del self._queues[caller]  # keeps the dict bounded by the callers waiting now
+        self._drop_if_empty(caller)
         return seq
 
     def clear(self) -> None:
         self._queues.clear()
+        self._served.clear()
         self._len = 0
 
 
-def preemption_victim(running: list[SequenceState], queue: FairQueue, max_slots: int) -> SequenceState | None:
+def preemption_victim(running: list[SequenceState], queue: FairQueue, max_slots: int,
+                      prefilling: SequenceState | None = None) -> SequenceState | None:
     """A running sequence to send back to the queue so that a starved caller can start, or None.
+    `running`: every sequence holding a slot, `prefilling` (the one being prefilled, never the victim) included.
 
     Only when every slot is taken, a waiting caller holds less than its fair share, and another holds more than its
     share and at least two slots more (so that a move never just swaps who is short: no flapping). The victim is
-    that caller's sequence that is cheapest to recompute (the shortest context).
+    that caller's decoding sequence that is cheapest to recompute (the shortest context).
     """
     if len(running) < max_slots or not len(queue):
         return None
@@ -105,18 +132,21 @@ def preemption_victim(running: list[SequenceState], queue: FairQueue, max_slots:
     heaviest = max(held, key=lambda c: held[c])
     if not (held[starved] < share < held[heaviest] and held[heaviest] - held[starved] >= 2):
         return None
-    candidates = [s for s in running if s.req.caller == heaviest and s.generated]
+    candidates = [s for s in running if s.req.fair_caller == heaviest and s.generated and s is not prefilling]
     return min(candidates, key=lambda s: s.cache_len) if candidates else None
 
 
 def displacement_victims(queue: FairQueue, held: Counter[str], max_queue: int, max_slots: int) -> list[SequenceState]:
     """Queued requests to refuse after all, newest first, while the queue is over its bound and some caller has
-    more than its share of slots and queue places together. An overflow whose callers are all within their
-    share stays (the submit-side rule bounds it)."""
+    more than its share of slots and queue places together. Only requests that have not started are refused: a
+    paused (preempted) sequence has sent tokens, and its reader must see only a pause. An overflow that no
+    caller over its share can relieve stays (the submit-side rule bounds it)."""
     out: list[SequenceState] = []
     while len(queue) > max_queue:
-        waiting = queue.callers()
-        share = fair_share(max_slots + max_queue, len(set(held) | set(waiting)))
+        waiting = [c for c in queue.callers() if queue.newest_unstarted(c) is not None]
+        if not waiting:
+            break
+        share = fair_share(max_slots + max_queue, len(set(held) | set(queue.callers())))
         heaviest = max(waiting, key=lambda c: held[c] + queue.count(c))
         if held[heaviest] + queue.count(heaviest) <= share:
             break
@@ -184,7 +214,8 @@ class CallerAdmission:
         waits behind its own queued requests, its turn coming once in every round of the callers.
         """
         now = time.monotonic()
-        running = holders([*active, *([prefilling] if prefilling is not None else [])])
+        # By the caller whose caps count (a token), not its sub-callers: the estimate is of the token's place.
+        running = Counter(s.req.caller for s in [*active, *([prefilling] if prefilling is not None else [])])
         with self._lock:
             callers = set(self._inflight) | {caller}
             mine_queued = max(0, self._inflight[caller] - running[caller])

@@ -25,11 +25,17 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import paddle
 
-from service.engine.api import EngineConfig, EngineStats, ModelInfo
+from service.engine.api import EngineConfig, EngineStats, EngineStoppedError, ModelInfo
 from service.engine.checkpoints.loader import LoadedModel
 from service.engine.decoder import LlamaDecoder, PrefillChunk
 from service.engine.delivery import AsyncStream, Outbox, StreamHandle, iterate_sync
-from service.engine.fairness import CallerAdmission, FairQueue, displacement_victims, holders, preemption_victim
+from service.engine.fairness import (
+    CallerAdmission,
+    FairQueue,
+    displacement_victims,
+    holders,
+    preemption_victim,
+)
 from service.engine.hooks import EngineHooks
 from service.engine.kernels import select as select_kernels
 from service.engine.kv_cache import SlotKVCache
@@ -75,6 +81,7 @@ class Engine:
         self._busy = False
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._dead = False  # the loop has ended (stopped, or the thread died): submit refuses
         self._cancel_all = False
         self._stepped = threading.Condition()
         # Moving averages: for deadline-aware admission, and for the prompt tokens a step may carry.
@@ -136,7 +143,7 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and not self._dead
 
     def stats(self) -> EngineStats:
         active = list(self._active)
@@ -159,7 +166,10 @@ class Engine:
         loop: asyncio.AbstractEventLoop | None = None, paced: bool = False,
     ) -> StreamHandle:
         """Queue a request. `deliver` gets the stream's chunks: on `loop` when given, else on the engine thread.
-        `paced`: the consumer reports what it has read on the handle (see StreamHandle)."""
+        `paced`: the consumer reports what it has read on the handle (see StreamHandle).
+        EngineStoppedError when the engine loop has ended (checked again at the loop's end: none is left)."""
+        if self._dead:
+            raise EngineStoppedError("the engine has stopped")
         self._admission.admit(req.caller, self._running())  # or refused: QueueFullError, CallerQuotaError
         handle = StreamHandle(deliver, loop, paced)
         now = time.time_ns()
@@ -185,18 +195,40 @@ class Engine:
 
     def _run(self) -> None:
         paddle.set_device(self.config.device)
-        with paddle.no_grad():
-            while not self._stopping:
-                try:
-                    self._iteration()
-                except Exception as exc:  # a failed batch must not kill the engine
-                    log.exception("engine iteration failed")
-                    self._fail_all(exc)
-                self._outbox.publish()
-                with self._stepped:
-                    self._stepped.notify_all()
-        self._fail_all(RuntimeError("engine stopped"), Finish.CANCELLED)
-        self._outbox.publish()
+        reason, why = Finish.CANCELLED, RuntimeError("engine stopped")
+        try:
+            with paddle.no_grad():
+                while not self._stopping:
+                    try:
+                        self._iteration()
+                    except Exception as exc:  # a failed batch must not kill the engine
+                        log.exception("engine iteration failed")
+                        self._fail_all(exc)
+                    self._outbox.publish()
+                    with self._stepped:
+                        self._stepped.notify_all()
+        except BaseException as exc:  # the thread dies: no stream may be left waiting for it
+            log.critical("engine thread died", exc_info=True)
+            reason, why = Finish.ERROR, RuntimeError(f"the engine stopped ({type(exc).__name__})")
+        finally:
+            self._dead = True  # before the streams hear of it: a retry must not find a live-looking engine
+            self._fail_all(why, reason)
+            self._fail_inbox(why, reason)
+            self._outbox.publish()
+            with self._stepped:
+                self._stepped.notify_all()
+
+    def _fail_inbox(self, exc: BaseException, reason: Finish) -> None:
+        """End requests submitted but never taken in (they raced the engine's end)."""
+        while True:
+            try:
+                seq = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if seq is not None:
+                self._finish(seq, reason, f"{type(exc).__name__}: {exc}" if reason is Finish.ERROR else "")
+                self._admission.retire([seq])
+                self._done = []
 
     def _iteration(self) -> None:
         self._admit(block=not (self._active or len(self._waiting) or self._prefilling))
@@ -235,13 +267,13 @@ class Engine:
 
     def _preempt(self) -> None:
         """Send one sequence of a caller over its share back to the queue when another caller is starved."""
-        victim = preemption_victim(self._active, self._waiting, self.config.max_slots - (self._prefilling is not None))
+        victim = preemption_victim(self._running(), self._waiting, self.config.max_slots, self._prefilling)
         if victim is None:
             return
         self._preemptions += 1
         self._release(victim)  # its cache is dropped; it keeps its tokens, and is re-prefilled when it starts again
         victim.prefilled = 0
-        self._waiting.push(victim, front=True)
+        self._waiting.push(victim, front=True)  # behind sequences paused before it: they resume in order
 
     def _reap(self) -> None:
         """End cancelled, expired and unread sequences wherever they are, freeing their slots now."""

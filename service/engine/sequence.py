@@ -78,6 +78,7 @@ class SequenceState:
         """Take the next token. Returns the chunk to send now, if any: released text, or the final message.
 
         Precedence when several endings coincide: EOS, then a stop sequence, then max_new_tokens, then the context.
+        Before min_new_tokens, EOS is banned (see banned) and stop sequences are not matched.
         """
         self.generated.append(token)
         if self.first_token_ns == 0:
@@ -86,7 +87,8 @@ class SequenceState:
         n = len(self.generated)
         if token in self.eos:
             return self.finish(Finish.EOS_TOKEN, now_ns)  # the EOS id is reported in tokens, never as text
-        released, stop = self.stops.feed(self.detok.add(token))
+        # Before min_new_tokens, stop sequences are not looked for (vLLM's min_tokens): that text is released.
+        released, stop = self.stops.feed(self.detok.add(token), armed=n >= self.req.min_new_tokens)
         if stop is not None:
             return self.finish(Finish.STOP_SEQUENCE, now_ns, text=released, stop=stop)
         if n >= self.req.max_new_tokens:
@@ -105,7 +107,8 @@ class SequenceState:
         assert not self.finished, "a sequence finishes once"
         self.finished = True
         if reason is not Finish.STOP_SEQUENCE and reason is not Finish.ERROR:
-            tail, matched = self.stops.feed(self.detok.flush())  # held bytes, as the full decode shows them
+            armed = len(self.generated) >= self.req.min_new_tokens
+            tail, matched = self.stops.feed(self.detok.flush(), armed)  # held bytes, as the full decode shows them
             text += tail
             if matched is not None:
                 reason, stop = Finish.STOP_SEQUENCE, matched

@@ -11,9 +11,10 @@ class StopMatcher:
         self.include = include
         self.pending = ""
 
-    def feed(self, delta: str) -> tuple[str, str | None]:
-        """Returns (text to release now, the stop that matched or None)."""
-        if not self.stops:
+    def feed(self, delta: str, armed: bool = True) -> tuple[str, str | None]:
+        """Returns (text to release now, the stop that matched or None). Unarmed (before min_new_tokens, as vLLM
+        has it), the text is released at once and never searched: stops match only in text that comes later."""
+        if not self.stops or not armed:
             return delta, None
         buf = self.pending + delta
         best: tuple[int, int, str] | None = None

@@ -51,7 +51,15 @@ class GenerationRequest:
     echo_prompt_tokens: bool = False
     request_id: str = ""
     trace_id: str = ""  # for the engine's own log lines about this request
-    caller: str = ""  # who is asking: slots and queue places are shared fairly between callers
+    caller: str = ""  # who is asking: slots and queue places are shared fairly between callers; caps are per caller
+    # Within `caller` (a token), the client a trusted gateway named (its fairness id): its own turn in fair sharing,
+    # always within the caller's caps and rates.
+    sub_caller: str = ""
+
+    @property
+    def fair_caller(self) -> str:
+        """Whose turn this request takes in fair sharing: the sub-caller where there is one."""
+        return f"{self.caller}/{self.sub_caller}" if self.sub_caller else self.caller
 
 
 @dataclass(frozen=True)

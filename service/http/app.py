@@ -22,13 +22,15 @@ from importlib import resources
 from typing import Any
 
 import anyio
+import h11
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.calls import CallInfo, Front, read_call
 from service.config import Config
@@ -38,6 +40,7 @@ from service.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     UnauthenticatedError,
+    UnsupportedMediaTypeError,
     http_status,
     to_http,
 )
@@ -144,16 +147,18 @@ class HttpFront:
         try:
             self._authorize(request)
             engine = self.state.ready_engine()
+            _check_json_body(request)
             body = await _read_json(request, self.config.max_receive_message_bytes)
             parse = parse_chat if chat else parse_completion
             parsed = parse(body, engine.info.name)
         except Exception as exc:  # noqa: BLE001 -- mapped in errors.py
             return self._rejected(call, exc, parsed)
-        responder = Responder(parsed, engine.info.name, call.request_id)
+        responder = Responder(parsed, engine.info.name, call.request_id, engine.info.eos_token_ids,
+                              engine.tokenizer.token_bytes)
         return GenerationResponse(self.runner.run(parsed.params, call), parsed, responder, call.request_id)
 
     def _authorize(self, request: Request) -> None:
-        if self.tokens and not authorized(self.tokens, request.headers.get("authorization", "")):
+        if self.tokens and not authorized(self.tokens, request.headers.getlist("authorization")):
             raise UnauthenticatedError("missing or invalid bearer token (Authorization: Bearer <token>)")
 
     def _rejected(self, call: CallInfo, exc: BaseException, parsed: Parsed | None) -> Response:
@@ -192,6 +197,15 @@ def _spell_unparsed(path: str) -> str | None:
     return None if path in ("body", "request") else path
 
 
+def _check_json_body(request: Request) -> None:
+    """POST bodies are JSON, and say so: a cross-site page can send text/plain (or a form) without asking first,
+    but not application/json, so this refuses generations started by any web page a user happens to visit."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaTypeError([FieldViolation(
+            "content-type", f"must be application/json, not {media_type or 'missing'}")])
+
+
 async def _read_json(request: Request, limit: int) -> Any:
     """The body as JSON, read up to `limit` bytes."""
     too_large = InvalidRequestError([FieldViolation("body", f"the request body is larger than {limit} bytes")])
@@ -207,6 +221,8 @@ async def _read_json(request: Request, limit: int) -> Any:
         return json.loads(data)
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError both
         raise InvalidRequestError([FieldViolation("body", f"the request body is not valid JSON ({exc})")]) from exc
+    except RecursionError as exc:  # arrays or objects nested deeper than the parser goes
+        raise InvalidRequestError([FieldViolation("body", "the request body is nested too deeply")]) from exc
 
 
 class GenerationResponse(Response):
@@ -290,6 +306,72 @@ class GenerationResponse(Response):
         await send({"type": "http.response.body", "body": _json_bytes(body)})
 
 
+def _without_port(host: str) -> str:
+    name, colon, port = host.rpartition(":")
+    return name if colon and port.isdigit() and not host.endswith("]") else host
+
+
+def _host_guard(app: ASGIApp, allowed_hosts: str) -> ASGIApp:
+    """Only requests whose Host is allowed (with or without its port), against DNS rebinding; all, if none is set."""
+    hosts = {h.strip().lower() for h in allowed_hosts.split(",") if h.strip()}
+    if not hosts:
+        return app
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "").lower()
+            if host not in hosts and _without_port(host) not in hosts:
+                refused = InvalidRequestError([FieldViolation("host", f"{host!r} is not a host this server answers")])
+                await _error_response(refused)(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return guarded
+
+
+class _GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol, with a header-receipt timeout and a connection limit (against slowloris): a
+    connection that has not sent a whole request head within `header_timeout_s` of opening, or of its last
+    response, is closed; a connection beyond `max_connections` is closed at once."""
+
+    header_timeout_s = 5.0
+    max_connections = 0  # 0: no limit
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._header_timer: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        if self.max_connections and len(self.connections) > self.max_connections:
+            transport.close()
+            return
+        self._await_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _await_head(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
+
+    def _head_late(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # no complete request head yet
+            self.transport.close()
+
+
+def _protocol(config: Config) -> type[H11Protocol]:
+    """The protocol class for this server's settings (uvicorn makes one instance per connection)."""
+    return type("GuardedH11", (_GuardedH11,), {"header_timeout_s": config.http_header_timeout_s,
+                                               "max_connections": config.http_max_connections})
+
+
 class _Uvicorn(uvicorn.Server):
     """uvicorn on a loop it does not own: SIGTERM and SIGINT stay the gRPC server's (serve() drains both fronts)."""
 
@@ -338,7 +420,9 @@ async def start_http(config: Config, runner: GenerateRunner, tokens: tuple[bytes
     sock.bind((config.host, max(config.http_port, 0)))
     tls = http_tls_options(config)
     # h11 named rather than "auto", which would switch to httptools wherever that happens to be installed.
-    server = _Uvicorn(uvicorn.Config(front.app, http="h11", log_config=None, access_log=False, lifespan="off",
+    # X-Forwarded-For is read by service/callers.py, from trusted proxies only (proxy_headers off here).
+    server = _Uvicorn(uvicorn.Config(_host_guard(front.app, config.allowed_hosts), http=_protocol(config),
+                                     log_config=None, access_log=False, lifespan="off",
                                      ws="none", server_header=False, proxy_headers=False, **tls))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     listening = asyncio.create_task(server.listening.wait())

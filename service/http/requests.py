@@ -173,8 +173,8 @@ def _message(r: _Reader, i: int, message: Any) -> Message:
         r.violation(where, "must be an object with role and content")
         return Message("", "")
     for name in message:
-        if name not in ("role", "content", "name"):
-            r.violation(f"{where}.{name}", "is not supported (messages have role, content and name)")
+        if name not in ("role", "content"):
+            r.violation(f"{where}.{name}", "is not supported (messages have role and content)")
     role = message.get("role")
     if not isinstance(role, str):
         r.violation(f"{where}.role", "must be a string")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from service.engine.types import Chunk, Finish, TokenOut
+from service.errors import stream_error
 from service.http.requests import Parsed
 
 # OpenAI's finish_reason; the engine's own reason goes into the choice's "tokenstream" extension object.
@@ -16,8 +17,15 @@ FINISH_REASON = {
 }
 
 
-def _bytes(text: str) -> list[int] | None:
-    return None if "\ufffd" in text else list(text.encode())  # a token that is part of a character has no text
+TokenBytes = Callable[[int], bytes | None]  # a token id's own bytes, where the vocabulary knows them
+
+
+def _token_bytes(text: str, token_id: int, lookup: TokenBytes | None) -> bytes:
+    """A token's bytes: its text's, unless the token is part of a character (its text is U+FFFD), then the
+    vocabulary's own bytes for it."""
+    if "\ufffd" in text and lookup is not None and (raw := lookup(token_id)) is not None:
+        return raw
+    return text.encode()
 
 
 def _extension(final: Chunk) -> dict[str, Any]:
@@ -37,22 +45,25 @@ def _extension(final: Chunk) -> dict[str, Any]:
 
 def engine_error(chunk: Chunk) -> dict[str, Any]:
     """The OpenAI error object for a stream the engine ended with an error after it had started."""
-    return {"error": {"message": chunk.error or "internal error", "type": "server_error", "param": None,
+    return {"error": {"message": stream_error(chunk.error, chunk.error_kind), "type": "server_error", "param": None,
                       "code": "internal"}}
 
 
 class Responder:
     """Builds one request's OpenAI objects: a chunk per engine chunk when streaming, or the whole response."""
 
-    def __init__(self, parsed: Parsed, model: str, request_id: str) -> None:
+    def __init__(self, parsed: Parsed, model: str, request_id: str, eos_ids: Collection[int] = (),
+                 token_bytes: TokenBytes | None = None) -> None:
         self.p = parsed
+        self.eos_ids = frozenset(eos_ids)  # an end-of-sequence token ends the text; it is no logprobs entry
+        self.token_bytes = token_bytes
         self.model = model
         self.id = ("chatcmpl-" if parsed.chat else "cmpl-") + request_id
         self.created = int(time.time())
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self._started = False
-        self._offset = 0  # characters of text so far, for the completions logprobs' text_offset
+        self._text = b""  # the bytes of the tokens so far, for the completions logprobs' text_offset
 
     def _usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -69,15 +80,21 @@ class Responder:
         if not self.p.logprobs:
             return None
         top_n = self.p.params.top_n
+        tokens = [t for t in tokens if t.id not in self.eos_ids]
+
+        def raw(text: str, token_id: int) -> list[int]:
+            return list(_token_bytes(text, token_id, self.token_bytes))
+
         if self.p.chat:
             return {"content": [{
-                "token": t.text, "logprob": t.logprob, "bytes": _bytes(t.text),
-                "top_logprobs": [{"token": a.text, "logprob": a.logprob, "bytes": _bytes(a.text)} for a in t.top],
+                "token": t.text, "logprob": t.logprob, "bytes": raw(t.text, t.id),
+                "top_logprobs": [{"token": a.text, "logprob": a.logprob, "bytes": raw(a.text, a.id)} for a in t.top],
             } for t in tokens], "refusal": None}
         offsets = []
         for t in tokens:
-            offsets.append(self._offset)
-            self._offset += len(t.text)
+            # Where the token starts in the text, in characters: a token that continues a character starts at it.
+            offsets.append(len(self._text.decode("utf-8", "ignore")))
+            self._text += _token_bytes(t.text, t.id, self.token_bytes)
         return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
                 "top_logprobs": [{a.text: a.logprob for a in t.top} for t in tokens] if top_n else None,
                 "text_offset": offsets}

@@ -259,3 +259,18 @@ def test_async_task_cancellation_cancels_the_call(server: Any, held: StepGate) -
             return await asyncio.to_thread(no_active_streams, server)
 
     assert asyncio.run(run())
+
+
+def test_the_sdk_sends_one_authorization_entry() -> None:
+    """A server refuses a call with two `authorization` entries: token= and an authorization metadata entry
+    (the client's or the call's) make one, the most specific."""
+    from tokenstream_client.channel import call_metadata
+
+    def authorization(**kwargs: Any) -> list[Any]:
+        return [v for k, v in call_metadata(request_id="r", **kwargs) if k == "authorization"]
+
+    assert authorization(token="a") == ["Bearer a"]
+    assert authorization(token="a", extra=[("Authorization", "Bearer b")]) == ["Bearer b"]
+    assert authorization(token="a", base={"authorization": "Bearer c"}, extra=[("authorization", "Bearer b")]) == [
+        "Bearer b"]
+    assert authorization(token=None) == []

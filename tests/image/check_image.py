@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -147,6 +148,8 @@ class PodSpec:
     container: dict[str, Any]
     env: dict[str, str] = field(default_factory=dict)
     ports: list[int] = field(default_factory=list)
+    # Each secretKeyRef gets a fresh value here, as `kubectl create secret` would give it one.
+    secrets: dict[tuple[str, str], str] = field(default_factory=dict)
     mounts: list[str] = field(default_factory=list)  # mount paths of the emptyDir volumes
     run_args: list[str] = field(default_factory=list)
 
@@ -165,6 +168,15 @@ class PodSpec:
     @property
     def grace_period_s(self) -> int:
         return int(self.pod.get("terminationGracePeriodSeconds", 30))
+
+    @property
+    def token(self) -> str:
+        """A bearer token the server accepts (the first of TOKENSTREAM_AUTH_TOKENS), or "" with auth off."""
+        return self.env.get("TOKENSTREAM_AUTH_TOKENS", "").split(",")[0].strip()
+
+    @property
+    def auth(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token}")] if self.token else []
 
     def probes(self) -> dict[str, dict[str, Any]]:
         kinds = ("startupProbe", "readinessProbe", "livenessProbe")
@@ -200,9 +212,14 @@ def read_pod_spec() -> PodSpec:
 
     assert "envFrom" not in container, "deployment.yaml: envFrom is not emulated"
     for var in container.get("env", []):
-        assert "value" in var, f"deployment.yaml: env {var['name']} has no literal value (valueFrom is not emulated)"
-        spec.env[var["name"]] = str(var["value"])
-        args += ["--env", f"{var['name']}={var['value']}"]
+        ref = var.get("valueFrom", {}).get("secretKeyRef")
+        if ref is not None:  # a Secret's key: a fresh random value, as the operator's `kubectl create secret` gives
+            value = spec.secrets.setdefault((ref["name"], ref["key"]), secrets.token_hex(16))
+        else:
+            assert "value" in var, f"deployment.yaml: env {var['name']} is neither a value nor a secretKeyRef"
+            value = str(var["value"])
+        spec.env[var["name"]] = value
+        args += ["--env", f"{var['name']}={value}"]
 
     for port in container.get("ports", []):
         assert port.get("protocol", "TCP") == "TCP"
@@ -327,7 +344,8 @@ def test_metrics_where_the_pod_annotations_say(container: Running, pod_spec: Pod
 
 def test_model_info_names_the_default_model(container: Running, pod_spec: PodSpec) -> None:
     with grpc.insecure_channel(container.target(pod_spec.grpc_port)) as channel:
-        info = pb_grpc.GenerationServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+        info = pb_grpc.GenerationServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10,
+                                                                   metadata=pod_spec.auth)
     report("model", {"name": info.model_name, "architecture": info.architecture, "vocab": info.vocab_size,
                      "context": info.max_context_length, "device": info.device, "dtype": info.dtype})
     assert info.model_name == EXPECTED_MODEL
@@ -336,8 +354,13 @@ def test_model_info_names_the_default_model(container: Running, pod_spec: PodSpe
 def test_streams_a_request(container: Running, pod_spec: PodSpec) -> None:
     with grpc.insecure_channel(container.target(pod_spec.grpc_port)) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
-        msgs = list(stub.Generate(pb.GenerateRequest(prompt="Once upon a time", stopping=pb.StoppingCriteria(
-            max_new_tokens=24, min_new_tokens=24)), timeout=60))
+        request = pb.GenerateRequest(prompt="Once upon a time", stopping=pb.StoppingCriteria(
+            max_new_tokens=24, min_new_tokens=24))
+        if pod_spec.token:  # the manifest ships with auth on: a call without the Secret's token is refused
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.Generate(request, timeout=60))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        msgs = list(stub.Generate(request, timeout=60, metadata=pod_spec.auth))
     assert len(msgs) > 1  # streamed, not one answer
     assert msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS
     assert msgs[-1].usage.completion_tokens == 24
@@ -348,8 +371,8 @@ def test_http_front_streams_a_chat_and_serves_the_page(container: Running, pod_s
     base = f"http://{container.target(pod_spec.http_port)}"
     body = json.dumps({"model": EXPECTED_MODEL, "stream": True, "max_tokens": 16, "temperature": 0,
                        "messages": [{"role": "user", "content": "What is the capital of France?"}]}).encode()
-    request = urllib.request.Request(f"{base}/v1/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"} | {k.title(): v for k, v in pod_spec.auth}
+    request = urllib.request.Request(f"{base}/v1/chat/completions", data=body, headers=headers)
     with urllib.request.urlopen(request, timeout=60) as reply:
         assert reply.headers.get_content_type() == "text/event-stream"
         events = [line[len(b"data: "):] for line in reply.read().splitlines() if line.startswith(b"data: ")]
@@ -369,7 +392,7 @@ def test_cli_inside_the_container(container: Running, pod_spec: PodSpec) -> None
     assert done.returncode == 0, done.stderr
     assert "SERVING" in done.stdout
     done = container.exec("tokenstream", "generate", "Once upon a time", "--max-new-tokens", "8", "--json",
-                          "--target", target)
+                          "--target", target, *(["--token", pod_spec.token] if pod_spec.token else []))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["finish_reason"]
 
@@ -406,7 +429,7 @@ def test_prestop_hook_runs(container: Running, pod_spec: PodSpec) -> None:
 def test_sigterm_with_streams_in_flight_drains_and_exits_zero(container: Running, pod_spec: PodSpec) -> None:
     with grpc.insecure_channel(container.target(pod_spec.grpc_port)) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
-        info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+        info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10, metadata=pod_spec.auth)
         # Long enough to be running at SIGTERM; EOS held off so each one runs to its limit or is cut.
         n = min(128, info.max_context_length - 32)
         started = [threading.Event() for _ in range(DRAIN_STREAMS)]
@@ -419,7 +442,7 @@ def test_sigterm_with_streams_in_flight_drains_and_exits_zero(container: Running
                 for msg in stub.Generate(pb.GenerateRequest(prompt=f"stream {i}: once upon a time",
                                                             stopping=pb.StoppingCriteria(max_new_tokens=n,
                                                                                          min_new_tokens=n)),
-                                         timeout=pod_spec.grace_period_s + 60):
+                                         timeout=pod_spec.grace_period_s + 60, metadata=pod_spec.auth):
                     started[i].set()
                     if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                         with lock:

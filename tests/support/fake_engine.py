@@ -91,6 +91,9 @@ class FakeEngine:
         items = self.script(req)  # a script may raise (e.g. QueueFullError), as submit does
         self.requests.append(req)
         stream = FakeStream(items, self.hold, self._changed_now)
+        # The fake has no queue: a stream starts at once (a drain lets it finish, or cancels it with a final message,
+        # where a real engine's never-started request is refused with UNAVAILABLE).
+        stream.marks.prefill_start_ns = time.time_ns()
         self.streams.append(stream)
         self._changed_now()
         return stream

@@ -8,6 +8,10 @@ from __future__ import annotations
 import threading
 import time
 
+
+class EngineKilled(BaseException):
+    """Raised on the engine thread by StepGate.kill(): not an Exception, so nothing in the loop catches it."""
+
 GATE_POLL_S = 0.02  # how long a closed gate holds the engine before letting it look at deadlines and cancels again
 
 
@@ -27,6 +31,7 @@ class StepGate:
         self.frozen = threading.Event()  # set while the engine thread sits in a freeze
         self.step_delay_s = step_delay_s  # a floor under each step's measured time, for admission-estimate tests
         self._faults: dict[str, str] = {}
+        self._killed = False
         self.decode_steps = 0  # decode steps allowed so far (engine thread)
         self.first_token_step: dict[str, int] = {}  # request id -> decode_steps when it took its first token
 
@@ -53,6 +58,12 @@ class StepGate:
     def thaw(self) -> None:
         self._thawed.set()
 
+    def kill(self) -> None:
+        """Make the engine thread die at the start of its next iteration (a bug or a fatal signal would)."""
+        self._killed = True
+        with self._cond:
+            self._cond.notify_all()
+
     def fail(self, request_id: str, fault: str) -> None:
         """`prefill_oom` (MemoryError in prefill) or `error_at_N` (the N-th generated token raises)."""
         self._faults[request_id] = fault
@@ -60,6 +71,8 @@ class StepGate:
     # -- the engine's side (EngineHooks) -----------------------------------------------------------
 
     def before_iteration(self) -> None:
+        if self._killed:
+            raise EngineKilled("killed by the test")
         if not self._thawed.is_set():
             self.frozen.set()
             self._thawed.wait()

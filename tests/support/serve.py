@@ -9,6 +9,9 @@ SIGILL; --kernel-cache moves the probes' verdict cache, so that the probe really
 stdin commands, one per line, each answered by a line `ok` on stdout once done:
   step N          let the engine take N decode steps, and answer when it has taken them
   active N        answer once N sequences hold a slot
+  waiting N       answer once N requests wait for a slot
+  loading         answer once the model load has started (with --hold-load, it waits for `load`)
+  load            let a held model load go on
   open | close    let the engine decode freely / only when permitted
 Production entry points never take hooks; this module is the only way a server process gets them.
 """
@@ -28,7 +31,8 @@ from service.engine.api import EngineClient
 from tests.support.hooks import StepGate
 
 
-def _commands(gate: StepGate, engine: Future[EngineClient]) -> None:
+def _commands(gate: StepGate, engine: Future[EngineClient], loading: threading.Event,
+              release: threading.Event) -> None:
     for line in sys.stdin:
         verb, *rest = line.split()
         if verb == "step":
@@ -38,6 +42,12 @@ def _commands(gate: StepGate, engine: Future[EngineClient]) -> None:
             eng.wait_until(lambda s, target=target: s.steps >= target, 600)
         elif verb == "active":
             engine.result().wait_until(lambda s, n=int(rest[0]): s.active >= n, 600)
+        elif verb == "waiting":
+            engine.result().wait_until(lambda s, n=int(rest[0]): s.waiting >= n, 600)
+        elif verb == "loading":
+            loading.wait(600)
+        elif verb == "load":
+            release.set()
         elif verb in ("open", "close"):
             getattr(gate, verb)()
         print("ok", flush=True)
@@ -46,6 +56,7 @@ def _commands(gate: StepGate, engine: Future[EngineClient]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--gated", action="store_true")
+    parser.add_argument("--hold-load", action="store_true")
     parser.add_argument("--probe", action="append", default=[])
     parser.add_argument("--kernel-cache")
     own, rest = parser.parse_known_args()
@@ -65,11 +76,17 @@ def main() -> int:
     gate = StepGate(gated=own.gated)
     engine: Future[EngineClient] = Future()
 
+    loading, release = threading.Event(), threading.Event()
+    if not own.hold_load:
+        release.set()
+
     def loader(config: Config) -> EngineClient:
+        loading.set()
+        release.wait()
         engine.set_result(load_engine(config, hooks=gate))
         return engine.result()
 
-    threading.Thread(target=_commands, args=(gate, engine), daemon=True).start()
+    threading.Thread(target=_commands, args=(gate, engine, loading, release), daemon=True).start()
     config = load_config(rest)
     try:
         asyncio.run(serve(config, loader=loader))

@@ -65,6 +65,10 @@ class ServerThread:
         fut: Future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         return fut.result(timeout)
 
+    def call_soon(self, coro: Any) -> Future:
+        """Start a coroutine on the server's loop without waiting for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
     def wait_ready(self, timeout: float = 120.0) -> None:
         self.call(self.running.wait_ready(), timeout)
 
@@ -98,12 +102,14 @@ class Subprocess:
     """The server as a real process, started through the test entry point (`python -m tests.support.serve`).
 
     With gated=True its engine takes decode steps only when `step()` says so, through the process's stdin;
-    everything else is `python -m service`'s own behaviour.
+    everything else is `python -m service`'s own behaviour. With hold_load=True the model load waits in its
+    thread until `release_load()`.
     """
 
-    def __init__(self, *args: str, gated: bool = False) -> None:
+    def __init__(self, *args: str, gated: bool = False, hold_load: bool = False) -> None:
         env = {**os.environ, "PYTHONPATH": f"{ROOT / 'generated'}:{ROOT}:{ROOT / 'clients'}", "HF_HUB_OFFLINE": "1"}
-        cmd = [sys.executable, "-m", "tests.support.serve", *(["--gated"] if gated else []), *args]
+        cmd = [sys.executable, "-m", "tests.support.serve", *(["--gated"] if gated else []),
+               *(["--hold-load"] if hold_load else []), *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         assert self.proc.stderr is not None
@@ -140,6 +146,16 @@ class Subprocess:
 
     def await_active(self, n: int) -> None:
         self.command(f"active {n}")
+
+    def await_waiting(self, n: int) -> None:
+        self.command(f"waiting {n}")
+
+    def await_loading(self) -> None:
+        """Answer once the model load has started (and, with hold_load, is being held)."""
+        self.command("loading")
+
+    def release_load(self) -> None:
+        self.command("load")
 
     def wait_serving(self, host: str = "127.0.0.1", timeout: float = 300) -> None:
         wait_serving(f"{host}:{self.port}", timeout)
