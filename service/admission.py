@@ -6,31 +6,75 @@ import dataclasses
 import heapq
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from service.config import Config
 from service.engine.api import CallerQuotaError, EngineClient
 from service.engine.types import GenerationRequest
-from service.errors import DeadlineTooShortError
+from service.errors import DeadlineTooShortError, FieldViolation, InvalidRequestError, TargetUnattainableError
+
+SLO_TTFT, SLO_TPOT = "x-llm-d-slo-ttft-ms", "x-llm-d-slo-tpot-ms"  # the gateway's latency targets, in ms
+SLO_HEADERS = (SLO_TTFT, SLO_TPOT)
+
+
+@dataclass(frozen=True)
+class Targets:
+    """A request's latency targets (the gateway's x-llm-d-slo-ttft-ms and x-llm-d-slo-tpot-ms), in ms."""
+
+    ttft_ms: int | None = None
+    tpot_ms: int | None = None
+
+
+NO_TARGETS = Targets()
+
+
+def targets(headers: dict[str, str]) -> Targets:
+    """The targets from their headers; InvalidRequestError naming a header whose value is no positive integer."""
+    values: dict[str, int] = {}
+    bad: list[FieldViolation] = []
+    for name, header in (("ttft_ms", SLO_TTFT), ("tpot_ms", SLO_TPOT)):
+        text = headers.get(header)
+        if text is None:
+            continue
+        if not text.strip().isdigit() or int(text) <= 0:
+            bad.append(FieldViolation(header, f"must be a positive integer of milliseconds, not {text[:32]!r}"))
+        else:
+            values[name] = int(text)
+    if bad:
+        raise InvalidRequestError(bad)
+    return Targets(**values)
 
 
 def admit(engine: EngineClient, req: GenerationRequest, limit_ms: int, remaining_s: float | None,
-          config: Config) -> GenerationRequest:
-    """The request with its deadline set, or DeadlineTooShortError when the caller would wait for nothing.
+          config: Config, goals: Targets = NO_TARGETS) -> GenerationRequest:
+    """The request with its deadline set; DeadlineTooShortError when the caller would wait for nothing, and
+    TargetUnattainableError when the engine's own estimates miss a latency target the request carries.
 
     The deadline is the earlier of the request's time limit and the caller's own deadline less a margin, so that
     the stream ends gracefully with TIME_LIMIT and the text so far before the caller gives up. The engine checks
-    deadlines between steps, so the margin is at least two steps.
+    deadlines between steps, so the margin is at least two steps. The targets are checked against the same
+    first-token estimate and the measured decode step (each stream gets one token per step).
     """
     now = time.monotonic()
     deadline = now + limit_ms / 1000.0
-    if remaining_s is not None:
+    wait: float | None = None
+    if remaining_s is not None or goals.ttft_ms is not None:
+        wait = engine.estimate_first_token_s(len(req.prompt_ids), req.caller)
+    if remaining_s is not None and wait is not None:
         margin = max(config.deadline_margin_ms / 1000.0, 2 * engine.step_seconds)
         deadline = min(deadline, now + remaining_s - margin)
-        wait = engine.estimate_first_token_s(len(req.prompt_ids), req.caller)
         if wait > remaining_s:
             raise DeadlineTooShortError(
                 f"the deadline ({remaining_s * 1000:.0f} ms) is shorter than the estimated time to the first token "
                 f"({wait * 1000:.0f} ms); retry with a longer deadline or later")
+    if goals.ttft_ms is not None and wait is not None and wait * 1000 > goals.ttft_ms:
+        raise TargetUnattainableError(
+            f"{SLO_TTFT}: the estimated time to the first token here is {wait * 1000:.0f} ms, over the target "
+            f"({goals.ttft_ms} ms)")
+    if goals.tpot_ms is not None and engine.step_seconds * 1000 > goals.tpot_ms:
+        raise TargetUnattainableError(
+            f"{SLO_TPOT}: a token takes {engine.step_seconds * 1000:.0f} ms here (one decode step), over the target "
+            f"({goals.tpot_ms} ms)")
     return dataclasses.replace(req, deadline=deadline)
 
 

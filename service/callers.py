@@ -20,6 +20,7 @@ from service.config import Config
 
 DEFAULT_CLASS = "default"
 FORWARDED_FOR = "x-forwarded-for"
+OBJECTIVE = "x-gateway-inference-objective"  # the gateway's InferenceObjective name: a priority (Config)
 IPV6_GROUP = 64  # one IPv6 client usually holds a whole /64: its addresses are one caller
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -77,7 +78,7 @@ def vouched(config: Config, headers: Mapping[str, str], peer: str) -> tuple[dict
     nearest X-Forwarded-For hop that is not itself a trusted proxy; from anyone else the headers a proxy would set
     (X-Forwarded-For, the caller key) are dropped and the client is the peer."""
     if not _trusted(config, peer):
-        return {k: v for k, v in headers.items() if k not in (FORWARDED_FOR, config.caller_key)}, peer
+        return {k: v for k, v in headers.items() if k not in (FORWARDED_FOR, config.caller_key, OBJECTIVE)}, peer
     client = peer
     for hop in reversed(headers.get(FORWARDED_FOR, "").split(",")):
         address = _address(hop)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from service.callers import Caller, bearer_token, identify, vouched
+from service.admission import SLO_HEADERS
+from service.callers import OBJECTIVE, Caller, bearer_token, identify, vouched
 from service.engine.api import ModelInfo
 from service.state import ServerState
 from service.validation import Sampling
@@ -40,6 +42,10 @@ class CallInfo:
     span_name: str  # e.g. "/tokenstream.v1.GenerationService/Generate" or "POST /v1/chat/completions"
     carrier: Mapping[str, str] = field(default_factory=dict)  # headers or metadata, for `traceparent`
     span_attributes: dict[str, str | int] = field(default_factory=dict)  # the front's own (rpc.*, http.*)
+    priority: int = 0  # of the gateway's objective (x-gateway-inference-objective, from a trusted proxy)
+    # The request's latency targets as the gateway sends them (x-llm-d-slo-ttft-ms, -tpot-ms), checked by the
+    # lifecycle: a target this server cannot meet now refuses the request before it queues.
+    slo_headers: dict[str, str] = field(default_factory=dict)
 
 
 def read_call(state: ServerState, headers: Mapping[str, str], peer: str, front: Front, span_name: str,
@@ -52,7 +58,15 @@ def read_call(state: ServerState, headers: Mapping[str, str], peer: str, front: 
     naming, client = vouched(state.config, headers, peer)
     return CallInfo(request_id=given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex, remaining_s=remaining_s,
                     front=front, caller=identify(state.config, naming, client, token), span_name=span_name,
-                    carrier=headers, span_attributes=span_attributes)
+                    carrier=headers, span_attributes=span_attributes,
+                    priority=state.config.priorities.get(naming.get(OBJECTIVE, ""), 0),
+                    slo_headers={k: headers[k] for k in SLO_HEADERS if k in headers})
+
+
+def with_request_id(call: CallInfo, given: str) -> CallInfo:
+    """The call under the request id its message names (vLLM's GenerateRequest.request_id, which Abort refers to),
+    held to the same rule as the header's: a malformed one is ignored."""
+    return dataclasses.replace(call, request_id=given) if _REQUEST_ID.fullmatch(given) else call
 
 
 def metadata_headers(metadata: Iterable[tuple[str, str | bytes]]) -> dict[str, str]:

@@ -60,6 +60,10 @@ class Config:
     # Comma-separated addresses or networks (10.0.0.0/8) of proxies whose X-Forwarded-For and caller_key headers
     # name the client; from anyone else those headers are ignored. Empty: no proxy is trusted.
     trusted_proxies: str = ""
+    # The gateway's objectives (x-gateway-inference-objective, from a trusted proxy only) and their priorities,
+    # "name=priority,..." (integers; an objective not listed, or none, is 0): a waiting request of a higher priority
+    # starts before any of a lower one; callers share fairly within a priority.
+    objective_priorities: str = ""
     caller_class_key: str = "x-caller-class"  # names the caller's class, for metrics
     caller_classes: str = ""  # comma-separated: the classes metrics may carry; any other is "default"
     caller_tokens_per_s: float = 0.0  # generated tokens per second one caller may use, on average (0: no cap)
@@ -78,6 +82,21 @@ class Config:
                 ipaddress.ip_network(part, strict=False)
             except ValueError as exc:
                 raise ValueError(f"trusted_proxies: {exc}") from exc
+        self.priorities  # noqa: B018 -- parsed at start, so a bad value stops the server with its name
+
+    @property
+    def priorities(self) -> dict[str, int]:
+        """objective_priorities as a mapping; ValueError naming the setting when an entry is not name=integer."""
+        out: dict[str, int] = {}
+        for part in filter(None, (p.strip() for p in self.objective_priorities.split(","))):
+            name, sep, value = part.partition("=")
+            try:
+                if not sep or not name.strip():
+                    raise ValueError
+                out[name.strip()] = int(value)
+            except ValueError:
+                raise ValueError(f"objective_priorities: {part!r} is not name=integer") from None
+        return out
 
     @property
     def model_cache_path(self) -> Path:

@@ -50,6 +50,10 @@ class DeadlineTooShortError(RuntimeError):
     """The caller's deadline is shorter than the estimated wait plus prefill."""
 
 
+class TargetUnattainableError(RuntimeError):
+    """A latency target the request carries (the gateway's SLO headers) that this server cannot meet now."""
+
+
 class UnauthenticatedError(RuntimeError):
     """A bearer token is required and was missing or wrong."""
 
@@ -95,6 +99,9 @@ def rich_status(exc: BaseException) -> status_pb2.Status:
     elif isinstance(exc, EngineOutOfMemoryError):  # the engine's (Paddle's) text stays in the server's log
         code, message = code_pb2.RESOURCE_EXHAUSTED, "out of memory before the first token; retry later"
         details.append(_retry_info(2.0))
+    elif isinstance(exc, TargetUnattainableError):  # another replica may meet it: say when this one might
+        code, message = code_pb2.RESOURCE_EXHAUSTED, str(exc)
+        details.append(_retry_info(1.0))
     elif isinstance(exc, DeadlineTooShortError):
         code, message = code_pb2.DEADLINE_EXCEEDED, str(exc)
     elif isinstance(exc, (NotReadyError, ShuttingDownError)):  # loading, draining or stopped: try another replica

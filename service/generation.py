@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from service.admission import admit
+from service.admission import admit, targets
 from service.calls import CallInfo
 from service.engine.api import EngineClient, EngineStoppedError, EngineStream, QueueFullError
 from service.engine.types import Chunk, ErrorKind, Finish, GenerationRequest, Timings
@@ -82,6 +82,7 @@ class GenerateLifecycle:
     async def _admit(self) -> EngineStream:
         config, call = self.state.config, self.call
         engine = self.state.ready_engine()
+        goals = targets(call.slo_headers)  # a malformed target is refused before any work
         # What "unset" means is the front's (CallInfo.front); applying it here is the one path for both.
         defaults = call.front.sampling_defaults(engine.info)
         self.params = dataclasses.replace(self.params, sampling=self.params.sampling.over(defaults))
@@ -90,8 +91,8 @@ class GenerateLifecycle:
         req, limit_ms = await tokenizing(self._request, engine)
         engine = self.state.ready_engine()  # draining may have begun, or the engine died, meanwhile
         req = dataclasses.replace(req, request_id=call.request_id, trace_id=self.record.trace_id,
-                                  caller=call.caller.id, sub_caller=call.caller.sub)
-        self.request = req = admit(engine, req, limit_ms, call.remaining_s, config)
+                                  caller=call.caller.id, sub_caller=call.caller.sub, priority=call.priority)
+        self.request = req = admit(engine, req, limit_ms, call.remaining_s, config, goals)
         if self.state.rates is not None:
             self.state.rates.check(call.caller.id)
         self.record.admitted(self.params, req, engine.info.name)

@@ -4,6 +4,15 @@ prometheus-client rather than the OTel metrics SDK + Prometheus exporter: the ex
 prometheus-client, is still pre-release, and adds a translation layer between our names and what is scraped.
 Names follow the OpenTelemetry GenAI semantic conventions where they define one (gen_ai.server.*), as
 Prometheus spells them (dots to underscores, unit suffix).
+
+Beside our own names, the gauges of the inference gateway's Model Server Protocol (gateway-api-inference-extension
+docs/proposals/003-model-server-protocol; llm-d-router docs/plugin-metric-protocol.md) under the names its endpoint
+picker reads by default, vLLM's, so that an InferencePool of tokenstream pods needs no picker configuration:
+`vllm:num_requests_waiting` (TotalQueuedRequests), `vllm:num_requests_running` (TotalRunningRequests),
+`vllm:kv_cache_usage_perc` (KVCacheUtilization, a 0-1 fraction of the blocks the cache holds at its maximum) and
+`vllm:cache_config_info{block_size,num_gpu_blocks}` (BlockSize, NumGPUBlocks; value 1, as vLLM's info gauge).
+Prefix-cache counters are left out until the engine reuses prefixes. The registry is served on the metrics port
+and at GET /metrics on the HTTP port, where the picker scrapes by default.
 """
 
 from __future__ import annotations
@@ -12,9 +21,10 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from service.engine.api import EngineStats
+from service.engine.api import KV_BLOCK, EngineStats
 from service.engine.types import Chunk
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0)
@@ -43,6 +53,21 @@ class _EngineCollector(Collector):
                                   "below its share", value=s.displaced)
         yield CounterMetricFamily("tokenstream_slow_readers", "Streams ended because their reader stopped reading",
                                   value=s.slow_readers)
+        yield from _model_server_protocol(s)
+
+
+def _model_server_protocol(s: EngineStats) -> Iterator[GaugeMetricFamily]:
+    """The Model Server Protocol's gauges, named as vLLM names them (see the module's docstring)."""
+    yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting for a slot (TotalQueuedRequests)",
+                            value=s.waiting)
+    yield GaugeMetricFamily("vllm:num_requests_running", "Requests holding a slot: decoding or being prefilled "
+                            "(TotalRunningRequests)", value=s.running)
+    yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache blocks in use over the blocks the cache holds at its "
+                            "maximum, 0 to 1 (KVCacheUtilization)", value=s.kv_usage)
+    info = GaugeMetricFamily("vllm:cache_config_info", "KV-cache configuration: block size in tokens and number of "
+                             "blocks at the maximum (BlockSize, NumGPUBlocks)", labels=["block_size", "num_gpu_blocks"])
+    info.add_metric([str(KV_BLOCK), str(s.kv_blocks)], 1.0)
+    yield info
 
 
 def _batch_size_histogram(per_size: tuple[int, ...]) -> HistogramMetricFamily:
@@ -94,6 +119,12 @@ class Metrics:
             self.ttft.labels(caller_class=caller_class).observe(t.ttft_ms / 1000.0)
         if final.completion_tokens > 1:
             self.tpot.observe(t.decode_ms / 1000.0 / (final.completion_tokens - 1))
+
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """The registry in the format an Accept header asks for (Prometheus text unless OpenMetrics), and its
+        content type: GET /metrics on the HTTP port, the same as the metrics port serves."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
 
     def serve(self, host: str, port: int) -> object:
         """Expose on host:port in a background thread; returns the HTTP server (port 0 picks a free one)."""

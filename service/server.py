@@ -33,6 +33,9 @@ from service.security import BearerAuthInterceptor, load_tokens, server_credenti
 from service.servicer import GenerationServicer, add_to_server
 from service.state import ServerState
 from service.telemetry import get_tracer
+from service.vllm_front import SERVICE_NAME as VLLM_SERVICE_NAME
+from service.vllm_front import VllmEngineServicer
+from service.vllm_front import add_to_server as add_vllm_to_server
 from tokenstream.v1 import generation_pb2 as pb
 
 if TYPE_CHECKING:
@@ -41,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tokenstream.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+# Health names: the server, and each contract it serves on this port (ours, and vLLM's beside it).
+HEALTH_NAMES = ("", SERVICE_NAME, VLLM_SERVICE_NAME)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -73,7 +78,7 @@ class RunningServer:
         await self.load_task
 
     async def _set_health(self, status: int) -> None:
-        for name in ("", SERVICE_NAME):
+        for name in HEALTH_NAMES:
             await self.health.set(name, status)
 
     async def drain(self, grace_s: float) -> None:
@@ -162,14 +167,15 @@ async def start_server(
     metrics = Metrics(lambda: state.engine.stats() if state.engine is not None else None)
     tracer = get_tracer(tracer_provider)
     health = health_aio.HealthServicer()
-    for name in ("", SERVICE_NAME):
+    for name in HEALTH_NAMES:
         await health.set(name, NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     runner = GenerateRunner(state, RequestTelemetry(tracer, metrics))
     add_to_server(GenerationServicer(runner), server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
+    add_vllm_to_server(VllmEngineServicer(runner), server)  # vLLM's contract, on the same runner and engine
+    reflection.enable_server_reflection((SERVICE_NAME, VLLM_SERVICE_NAME,
+                                         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                         reflection.SERVICE_NAME), server)
     credentials = server_credentials(config)
     address = f"{config.host}:{config.port}"
     try:
@@ -182,7 +188,7 @@ async def start_server(
         engine = await _in_daemon_thread(loader, config)
         state.config = dataclasses.replace(config, port=port)
         state.engine = engine
-        for name in ("", SERVICE_NAME):
+        for name in HEALTH_NAMES:
             await health.set(name, SERVING)
         log.info("serving %s on %s:%d", engine.info.name, config.host, port)
 

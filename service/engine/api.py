@@ -12,6 +12,11 @@ from typing import Any, Protocol
 from service.engine.types import Chunk, GenerationRequest
 
 KERNEL_MODES = ("auto", "plain")
+# The KV cache's block, in positions: the unit that the cache figures (usage, number of blocks) are counted in, as a
+# paged cache counts them. The slot cache is not paged, but attention gathers a row's keys in blocks of this many
+# positions (service/engine/attention.py KEY_BLOCK, the same number: tests/test_gateway.py checks it), so a sequence
+# of n positions occupies ceil(n / KV_BLOCK) of them.
+KV_BLOCK = 32
 
 
 def default_model_cache() -> Path:
@@ -60,10 +65,27 @@ class EngineStats:
     preemptions: int = 0  # sequences sent back to the queue so that another caller could have a slot
     displaced: int = 0  # queued requests refused later, to make room for a caller below its share
     slow_readers: int = 0  # streams ended because their reader stopped taking messages
+    used_blocks: int = 0  # KV_BLOCK-position blocks the sequences holding a slot have written into
 
     @property
     def kv_fill_ratio(self) -> float:
         return self.used_positions / float(self.max_slots * self.max_context)
+
+    @property
+    def running(self) -> int:
+        """Requests being served (the Model Server Protocol's TotalRunningRequests): decoding or being prefilled."""
+        return self.active + self.prefilling
+
+    @property
+    def kv_blocks(self) -> int:
+        """Blocks the cache holds at its maximum: every slot at the full context (not what is allocated now)."""
+        return self.max_slots * -(-self.max_context // KV_BLOCK)
+
+    @property
+    def kv_usage(self) -> float:
+        """The fraction of kv_blocks in use, 0 to 1 (the protocol's KVCacheUtilization; vLLM's kv_cache_usage_perc
+        is this fraction too, despite its name)."""
+        return self.used_blocks / float(self.kv_blocks)
 
 
 @dataclass(frozen=True)

@@ -96,11 +96,12 @@ class FairQueue:
         return seq
 
     def pop_next(self, held: Counter[str]) -> SequenceState | None:
-        """The next request to start: from the waiting caller holding the fewest slots, least recently served."""
+        """The next request to start: among the callers whose next request has the highest priority (the gateway's
+        objective), from the one holding the fewest slots, least recently served."""
         waiting = self.callers()
         if not waiting:
             return None
-        caller = min(waiting, key=lambda c: (held[c], self._served.get(c, -1)))
+        caller = min(waiting, key=lambda c: (-self._queues[c][0].req.priority, held[c], self._served.get(c, -1)))
         self._tick += 1
         self._served[caller] = self._tick
         self._len -= 1

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import paddle
 
-from service.engine.api import EngineConfig, EngineStats, EngineStoppedError, ModelInfo
+from service.engine.api import KV_BLOCK, EngineConfig, EngineStats, EngineStoppedError, ModelInfo
 from service.engine.checkpoints.loader import LoadedModel
 from service.engine.decoder import LlamaDecoder, PrefillChunk
 from service.engine.delivery import AsyncStream, Outbox, StreamHandle, iterate_sync
@@ -148,7 +148,8 @@ class Engine:
     def stats(self) -> EngineStats:
         active = list(self._active)
         prefilling = self._prefilling
-        used = sum(s.cache_len for s in active) + (prefilling.prefilled if prefilling else 0)
+        lengths = [s.cache_len for s in active] + ([prefilling.prefilled] if prefilling else [])
+        used = sum(lengths)
         return EngineStats(
             active=len(active), prefilling=int(prefilling is not None),
             waiting=len(self._waiting) + self._inbox.qsize(),
@@ -156,7 +157,7 @@ class Engine:
             max_slots=self.config.max_slots, max_context=self.config.max_context, steps=self._steps,
             iterations=self._iterations, last_iteration_monotonic=self._last_iteration, alive=self.alive,
             batch_sizes=tuple(self._batch_sizes), preemptions=self._preemptions, displaced=self._displaced,
-            slow_readers=self._slow_readers,
+            slow_readers=self._slow_readers, used_blocks=sum(-(-n // KV_BLOCK) for n in lengths),
         )
 
     # -- submission (any thread) -----------------------------------------------------------------

@@ -55,6 +55,7 @@ class GenerationRequest:
     # Within `caller` (a token), the client a trusted gateway named (its fairness id): its own turn in fair sharing,
     # always within the caller's caps and rates.
     sub_caller: str = ""
+    priority: int = 0  # a higher one starts before any waiting request of a lower one (fair sharing within one)
 
     @property
     def fair_caller(self) -> str:

@@ -96,6 +96,9 @@ class HttpFront:
                 Route("/v1/models/{model:path}", self.model, methods=["GET"]),
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/completions", self.completions, methods=["POST"]),
+                # Prometheus, as on the metrics port (no auth there either): the inference gateway's endpoint
+                # picker scrapes each pod's serving port by default (service/metrics.py).
+                Route("/metrics", self.metrics, methods=["GET"]),
             ],
             exception_handlers={HTTPException: self._http_exception, Exception: self._internal},
         )
@@ -110,6 +113,10 @@ class HttpFront:
         return Response(self.page, media_type="text/html; charset=utf-8",
                         headers={"content-security-policy": self.csp, "cache-control": "no-cache",
                                  "x-content-type-options": "nosniff", "referrer-policy": "no-referrer"})
+
+    async def metrics(self, request: Request) -> Response:
+        body, content_type = self.runner.telemetry.metrics.exposition(request.headers.get("accept"))
+        return Response(body, headers={"content-type": content_type, "cache-control": "no-cache"})
 
     async def models(self, request: Request) -> Response:
         try:
