@@ -6,10 +6,9 @@ Async-generator methods, so the stock OTel interceptor sees every message; excep
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf import message as protobuf
 from google.rpc import code_pb2
 
 from service.callers import peer_ip
@@ -24,7 +23,9 @@ from service.errors import (
     stream_error,
 )
 from service.generation import GenerateRunner, tokenizing
+from service.grpc_handlers import register, require_decoded
 from service.validation import (
+    ConstraintSpec,
     GenerateParams,
     Message,
     Sampling,
@@ -49,32 +50,9 @@ FINISH_TO_PROTO = {
 GRPC = Front("grpc", "rpc.grpc.status_code", code_pb2.Code.Value, lambda _info: Sampling())  # unset: greedy
 
 
-class UndecodableRequest:
-    """Stands in for request bytes that are not a valid message (bad wire format, or invalid UTF-8 in a string),
-    so the servicer can answer INVALID_ARGUMENT instead of gRPC's generic deserialization failure."""
-
-    def __init__(self, error: str) -> None:
-        self.error = error
-
-
-def tolerant(parse: Callable[[bytes], protobuf.Message]) -> Callable[[bytes], protobuf.Message | UndecodableRequest]:
-    def deserialize(data: bytes) -> protobuf.Message | UndecodableRequest:
-        try:
-            return parse(data)
-        except protobuf.DecodeError as exc:
-            return UndecodableRequest(str(exc))
-
-    return deserialize
-
-
-def check_decodable(req: object) -> None:
-    if isinstance(req, UndecodableRequest):
-        raise InvalidRequestError([FieldViolation("request", f"not a valid message: {req.error}")])
-
-
 def to_params(req: pb.GenerateRequest) -> GenerateParams:
     """The request as the shared model has it. Proto3 scalars without presence read 0 as unset."""
-    check_decodable(req)
+    require_decoded(req)
     s, st, r = req.sampling, req.stopping, req.response
     return GenerateParams(
         prompt=req.prompt,
@@ -90,7 +68,23 @@ def to_params(req: pb.GenerateRequest) -> GenerateParams:
         logprobs=r.logprobs,
         top_n=r.top_n,
         echo_prompt_tokens=r.echo_prompt_tokens,
+        constraint=_constraint(req),
     )
+
+
+def _constraint(req: pb.GenerateRequest) -> ConstraintSpec | None:
+    """The request's OutputConstraint as the shared model has it; None when no kind is set."""
+    if not req.HasField("constraint"):
+        return None
+    c = req.constraint
+    kind = c.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequestError([FieldViolation("constraint", "set one of json_schema, json_object, regex, "
+                                                                "choice or grammar")])
+    if kind == "json_object" and not c.json_object:
+        raise InvalidRequestError([FieldViolation("constraint.json_object", "must be true when set")])
+    value: object = list(c.choice.choices) if kind == "choice" else getattr(c, kind)
+    return ConstraintSpec(kind, value, f"constraint.{kind}")
 
 
 def to_response(chunk: Chunk) -> pb.GenerateResponse:
@@ -155,7 +149,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> pb.TokenizeResponse:
         try:
             engine = self.state.ready_engine()
-            check_decodable(request)
+            require_decoded(request)
             check_tokenize(request.text, self.state.config)
         except (NotReadyError, ShuttingDownError, InvalidRequestError) as exc:
             await abort(context, exc)
@@ -173,7 +167,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
         try:
-            check_decodable(request)
+            require_decoded(request)
             engine = self.state.ready_engine()
         except (NotReadyError, ShuttingDownError, InvalidRequestError) as exc:
             await abort(context, exc)
@@ -203,12 +197,4 @@ def to_sampling_params(sampling: Sampling | None) -> pb.SamplingParams | None:
 def add_to_server(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
     """Like the generated add_..._to_server, but undecodable requests reach the servicer as INVALID_ARGUMENT."""
     service = pb.DESCRIPTOR.services_by_name["GenerationService"]
-    handlers = {}
-    for method in service.methods:
-        request_cls, response_cls = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
-        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[method.name] = make(getattr(servicer, method.name),
-                                     request_deserializer=tolerant(request_cls.FromString),
-                                     response_serializer=response_cls.SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    server.add_registered_method_handlers(service.full_name, handlers)
+    register(server, service, {m.name: getattr(servicer, m.name) for m in service.methods})

@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 
 from service.config import Config
 from service.engine.api import EngineClient, Tokenizing
+from service.engine.constraints import CompiledConstraint, ConstraintError, compile_constraint, ll_tokenizer
 from service.engine.types import GenerationRequest, SamplingOptions
 from service.errors import FieldViolation, InvalidRequestError
 
@@ -49,6 +50,17 @@ class Sampling:
                            else getattr(self, f.name) for f in fields(self)})
 
 
+@dataclass(frozen=True)
+class ConstraintSpec:
+    """A structured-output constraint as a caller gave it: `kind` is one of constraints.KINDS; `value` the schema
+    (JSON text or object), True (json_object), the regex, the choices or the grammar text; `field` names it in
+    errors, as the front spells it."""
+
+    kind: str
+    value: object
+    field: str
+
+
 @dataclass
 class GenerateParams:
     """One Generate request whichever front it came through, unchecked (a front fills it as it parses). Field paths
@@ -65,6 +77,7 @@ class GenerateParams:
     logprobs: bool = False
     top_n: int = 0
     echo_prompt_tokens: bool = False
+    constraint: ConstraintSpec | None = None
 
 
 def recommended_sampling(defaults: dict[str, object]) -> Sampling | None:
@@ -184,6 +197,7 @@ def to_generation_request(p: GenerateParams, cfg: Config, engine: EngineClient,
         bad.append(FieldViolation("prompt", f"longer than {cfg.max_prompt_bytes} bytes"))
     if sum(len(m.role.encode("utf-8")) + len(m.content.encode("utf-8")) for m in p.messages) > cfg.max_prompt_bytes:
         bad.append(FieldViolation("messages", f"longer than {cfg.max_prompt_bytes} bytes in all"))
+    compiled = _check_constraint(p, engine, bad)
     ids = _prompt_ids(p, cfg, tok, bad)
     if ids is not None and not bad:
         field = "messages" if p.messages else "prompt"
@@ -199,8 +213,27 @@ def to_generation_request(p: GenerateParams, cfg: Config, engine: EngineClient,
     engine_request = GenerationRequest(
         prompt_ids=ids, max_new_tokens=max_new, sampling=sampling, min_new_tokens=p.min_new_tokens,
         stop_sequences=p.stop_sequences, include_stop_sequence=p.include_stop_sequence, logprobs=p.logprobs,
-        top_n=p.top_n, echo_prompt_tokens=p.echo_prompt_tokens)
+        top_n=p.top_n, echo_prompt_tokens=p.echo_prompt_tokens, constraint=compiled)
     return engine_request, time_limit_ms
+
+
+def _check_constraint(p: GenerateParams, engine: EngineClient,
+                      bad: list[FieldViolation]) -> CompiledConstraint | None:
+    """The compiled constraint, or None; a violation with the compiler's reason."""
+    spec = p.constraint
+    if spec is None:
+        return None
+    if p.min_new_tokens > 0:
+        bad.append(FieldViolation("stopping.min_new_tokens", "cannot be combined with a constraint: the output ends "
+                                                             "where the constraint lets it"))
+        return None
+    info = engine.info
+    try:
+        return compile_constraint(spec.kind, spec.value,
+                                  ll_tokenizer(engine.tokenizer, info.vocab_size, info.eos_token_ids))
+    except ConstraintError as exc:
+        bad.append(FieldViolation(spec.field, f"cannot be compiled: {exc}"))
+        return None
 
 
 def check_tokenize(text: str, cfg: Config) -> None:

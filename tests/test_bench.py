@@ -88,6 +88,15 @@ def test_lever_kernels(tiny: Path, tmp_path: Path) -> None:
     assert {r["path"] for r in read_json(out)["rows"]} >= {"plain", "plain_path"}
 
 
+def test_lever_constrained(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "constrained.json"
+    run("-m", "bench.levers.constrained", "--model-dir", str(tiny), "--batch", "2", "--reps", "1", "--length", "8",
+        "--json", str(out))
+    res = read_json(out)
+    assert [r["constrained_rows"] for r in res["rows"]] == [0, 1, 2]
+    assert res["compile_ms_p50"] > 0
+
+
 def test_lever_threads(tmp_path: Path) -> None:
     out = tmp_path / "threads.json"
     run("-m", "bench.levers.threads", "--rows", "1", "--pairs", "1", "--json", str(out))

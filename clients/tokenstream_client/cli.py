@@ -85,6 +85,13 @@ def _generation_options() -> argparse.ArgumentParser:
     g.add_argument("--echo-prompt-tokens", action="store_true",
                    help="with --json: the first message carries the prompt's token ids as the server saw them "
                         "(chat template applied)")
+    so = generation.add_argument_group("structured output (at most one)")
+    so.add_argument("--json-schema", metavar="SCHEMA", help="the output is an instance of this JSON schema (its JSON "
+                                                             "text, or @FILE)")
+    so.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    so.add_argument("--regex", help="the output fully matches this regular expression")
+    so.add_argument("--choice", action="append", default=[], help="the output is one of these strings; repeatable")
+    so.add_argument("--grammar", metavar="GRAMMAR", help="the output is in this Lark or GBNF grammar (text, or @FILE)")
     return generation
 
 
@@ -167,7 +174,25 @@ def _sampling_params(args: argparse.Namespace) -> GenerateParams:
         params["include_stop_sequence"] = True
     if args.echo_prompt_tokens:
         params["echo_prompt_tokens"] = True
+    if args.json_schema:
+        params["json_schema"] = _file_or_text(args.json_schema)
+    if args.json_object:
+        params["json_object"] = True
+    if args.regex:
+        params["regex"] = args.regex
+    if args.choice:
+        params["choice"] = list(args.choice)
+    if args.grammar:
+        params["grammar"] = _file_or_text(args.grammar)
     return params
+
+
+def _file_or_text(value: str) -> str:
+    """A flag's text, or the contents of the file it names as @FILE."""
+    if value.startswith("@"):
+        with open(value[1:], encoding="utf-8") as f:
+            return f.read()
+    return value
 
 
 def _generate_params(args: argparse.Namespace, inp: TextIO) -> tuple[str | None, GenerateParams]:

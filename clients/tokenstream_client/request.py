@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TypedDict, Unpack
+from typing import Any, TypedDict, Unpack
 
 from tokenstream.v1 import generation_pb2 as pb
 
@@ -27,6 +28,16 @@ class GenerateParams(TypedDict, total=False):
     logprobs: bool
     top_n: int
     echo_prompt_tokens: bool
+    # Structured output, at most one: the text is an instance of this JSON schema (a dict or its JSON text), any JSON
+    # object, a full match of this regex, exactly one of these strings, or in this Lark / GBNF grammar.
+    json_schema: Mapping[str, Any] | str
+    json_object: bool
+    regex: str
+    choice: Sequence[str]
+    grammar: str
+
+
+CONSTRAINTS = ("json_schema", "json_object", "regex", "choice", "grammar")
 
 
 def build_generate_request(prompt: str | None = None, **params: Unpack[GenerateParams]) -> pb.GenerateRequest:
@@ -59,4 +70,18 @@ def build_generate_request(prompt: str | None = None, **params: Unpack[GenerateP
     r.logprobs = params.get("logprobs", False)
     r.top_n = params.get("top_n") or 0
     r.echo_prompt_tokens = params.get("echo_prompt_tokens", False)
+    given = [k for k in CONSTRAINTS if params.get(k) not in (None, False)]
+    if len(given) > 1:
+        raise TypeError(f"set at most one of {', '.join(CONSTRAINTS)}; got {', '.join(given)}")
+    if given:
+        c, kind = req.constraint, given[0]
+        value: Any = params.get(kind)
+        if kind == "json_schema":
+            c.json_schema = value if isinstance(value, str) else json.dumps(value)
+        elif kind == "json_object":
+            c.json_object = True
+        elif kind == "choice":
+            c.choice.choices.extend([value] if isinstance(value, str) else list(value))
+        else:
+            setattr(c, kind, value)
     return req

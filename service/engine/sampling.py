@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from service.engine.constraints import apply_mask
 from service.engine.sequence import SequenceState
 from service.engine.types import SamplingOptions, TopToken
 
@@ -93,9 +94,11 @@ def batch_argmax(rows: Sequence[SequenceState], logits: np.ndarray) -> list[int 
     return [None if s.needs_logits else int(t) for s, t in zip(rows, greedy, strict=True)]
 
 
-def choose(seq: SequenceState, raw: np.ndarray, argmax: int | None, decode: Callable[[list[int]], str]) -> Choice:
+def choose(seq: SequenceState, raw: np.ndarray, argmax: int | None, decode: Callable[[list[int]], str],
+           mask: np.ndarray | None = None) -> Choice:
     """A row's next token from its logits [V] with the request's own parameters, and the logprobs it asked for.
-    `argmax`: the row's from batch_argmax, taken as it is (a row that needs no logits)."""
+    `argmax`: the row's from batch_argmax, taken as it is (a row that needs no logits). `mask`: a constrained row's
+    allowed tokens (a bitmask, constraints.py), applied before the choice; logprobs stay the model's own."""
     if argmax is not None:
         return argmax, None, ()
     req = seq.req
@@ -104,6 +107,10 @@ def choose(seq: SequenceState, raw: np.ndarray, argmax: int | None, decode: Call
     if req.sampling.repetition_penalty != 1.0:
         seen = np.unique(np.concatenate([seq.prompt, np.asarray(seq.generated, dtype=np.int64)]))
     apply_penalties(row, seen, req.sampling.repetition_penalty, seq.banned)
+    if mask is not None:
+        apply_mask(row, mask)
+        if not np.isfinite(row).any():
+            raise RuntimeError("the constraint allows no token here")
     token = sample_row(row, req.sampling, seq.rng)  # type: ignore[arg-type]
     if not (req.logprobs or req.top_n):
         return token, None, ()

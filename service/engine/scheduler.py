@@ -27,6 +27,7 @@ import paddle
 
 from service.engine.api import KV_BLOCK, EngineConfig, EngineStats, EngineStoppedError, ModelInfo
 from service.engine.checkpoints.loader import LoadedModel
+from service.engine.constraints import MaskBatch
 from service.engine.decoder import LlamaDecoder, PrefillChunk
 from service.engine.delivery import AsyncStream, Outbox, StreamHandle, iterate_sync
 from service.engine.fairness import (
@@ -350,12 +351,17 @@ class Engine:
         # A resumed sequence (after a preemption) knows its next token: it wants no logits.
         chunks = [PrefillChunk(seq.slot, seq.context[seq.prefilled : seq.prefilled + n], seq.prefilled,
                                done and not seq.generated) for seq, n, done in plan]
+        # Structured output: the constrained rows' masks are computed together, beside the forward pass.
+        vocab = self.model.config.vocab_size
+        row_masks = MaskBatch([s.matcher for s in rows], vocab).start()
+        new_masks = MaskBatch([seq.matcher for seq, _, done in plan if done and not seq.generated], vocab).start()
         started = time.perf_counter()
         if self._hooks is not None:
             self._hooks.in_step()
         try:
             logits, chunk_logits = self.decoder.step(self.cache, tokens, positions, chunks)  # [B, V], [V] each
         except Exception as exc:
+            row_masks.masks(), new_masks.masks()  # done with the matchers before anything moves them on
             if not (plan and _is_out_of_memory(exc)):
                 raise
             for seq, _, _ in plan:  # the prompts are what a step cannot fit; the rows retry at the next one
@@ -382,9 +388,9 @@ class Engine:
             assert logits is not None
             self._steps += 1
             self._batch_sizes[len(rows)] += 1
-            self._sample_rows(rows, logits)
+            self._sample_rows(rows, logits, row_masks.masks())
         if started_now:
-            self._sample_rows([s for s, _ in started_now], np.stack([o for _, o in started_now]))
+            self._sample_rows([s for s, _ in started_now], np.stack([o for _, o in started_now]), new_masks.masks())
         self._release_done()
 
     def _oom(self, seq: SequenceState, exc: BaseException) -> None:
@@ -393,13 +399,16 @@ class Engine:
         self._finish(seq, Finish.ERROR, f"out of memory in prefill: {exc}", ErrorKind.OUT_OF_MEMORY)
         self._release_done()
 
-    def _sample_rows(self, rows: list[SequenceState], logits: np.ndarray) -> None:
-        """Each row takes its next token, chosen with its own parameters (sampling.py); logits: [B, V] float32."""
+    def _sample_rows(self, rows: list[SequenceState], logits: np.ndarray,
+                     masks: list[np.ndarray | None] | None = None) -> None:
+        """Each row takes its next token, chosen with its own parameters (sampling.py); logits: [B, V] float32;
+        `masks`: the constrained rows' allowed tokens (None for the others)."""
+        masks = masks or [None] * len(rows)
         for i, (seq, argmax) in enumerate(zip(rows, batch_argmax(rows, logits), strict=True)):
             try:
                 if self._hooks is not None:
                     self._hooks.before_accept(seq.req.request_id, len(seq.generated))
-                self._accept(seq, *choose(seq, logits[i], argmax, self._decode_token))
+                self._accept(seq, *choose(seq, logits[i], argmax, self._decode_token, masks[i]))
             except Exception as exc:  # one sequence's failure ends that stream only
                 log.exception("sequence failed", extra={"fields": {"request_id": seq.req.request_id,
                                                                    "trace_id": seq.req.trace_id or None}})

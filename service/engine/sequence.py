@@ -19,6 +19,10 @@ from service.engine.types import Chunk, ErrorKind, Finish, GenerationRequest, Ti
 SLOW_READER = "the client stopped reading"
 
 
+class ConstraintViolationError(RuntimeError):
+    """A token the sequence's constraint does not allow (its mask was not applied): the stream ends in error."""
+
+
 class SequenceState:
     """Engine-thread state of one request."""
 
@@ -47,9 +51,12 @@ class SequenceState:
         self.first_chunk_sent = False
         self.finished = False
         self.eos = frozenset(eos_ids)
+        # Structured output: this sequence's own matcher, advanced by every accepted token (and kept across a
+        # preemption: the sequence keeps its tokens, so the matcher stays in step with them).
+        self.matcher = req.constraint.start() if req.constraint is not None else None
         self.needs_logits = (
             not sampling.greedy or sampling.repetition_penalty != 1.0 or req.logprobs or req.top_n > 0
-            or (req.min_new_tokens > 0 and bool(eos_ids))
+            or (req.min_new_tokens > 0 and bool(eos_ids)) or self.matcher is not None
         )
 
     @property
@@ -87,6 +94,8 @@ class SequenceState:
         n = len(self.generated)
         if token in self.eos:
             return self.finish(Finish.EOS_TOKEN, now_ns)  # the EOS id is reported in tokens, never as text
+        if self.matcher is not None and not self.matcher.consume_token(token):
+            raise ConstraintViolationError(f"token {token} is outside the constraint: {self.matcher.get_error()}")
         # Before min_new_tokens, stop sequences are not looked for (vLLM's min_tokens): that text is released.
         released, stop = self.stops.feed(self.detok.add(token), armed=n >= self.req.min_new_tokens)
         if stop is not None:

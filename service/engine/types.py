@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.engine.constraints import CompiledConstraint
 
 
 class Finish(enum.Enum):
@@ -56,6 +60,8 @@ class GenerationRequest:
     # always within the caller's caps and rates.
     sub_caller: str = ""
     priority: int = 0  # a higher one starts before any waiting request of a lower one (fair sharing within one)
+    # Structured output: the compiled constraint the generated text must satisfy (constraints.py); None for none.
+    constraint: CompiledConstraint | None = None
 
     @property
     def fair_caller(self) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from service.engine.api import ModelInfo
 from service.errors import FieldViolation, InvalidRequestError, ModelNotFoundError
-from service.validation import GenerateParams, Message, Sampling, recommended_sampling
+from service.validation import ConstraintSpec, GenerateParams, Message, Sampling, recommended_sampling
 
 # OpenAI's documented default: a client that sets nothing samples, as it would elsewhere.
 OPENAI_SAMPLING = Sampling(temperature=1.0)
@@ -27,11 +27,28 @@ _COMMON = frozenset({
     "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "n",
     "user", "frequency_penalty", "presence_penalty", "logit_bias",
     # Extensions that vLLM's OpenAI server also accepts, with the same meaning.
-    "top_k", "repetition_penalty", "min_tokens",
+    "top_k", "repetition_penalty", "min_tokens", "structured_outputs",
 })
 CHAT_PARAMS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
                          "tool_choice", "parallel_tool_calls"}
 COMPLETION_PARAMS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A chat request whose answer must be a function call (`tools` with `tool_choice` "required" or a named
+    function). With one function the output is its arguments; with several it is {"name": ..., "arguments": ...},
+    in the constraint's fixed JSON layout, and the responder takes the name from its start."""
+
+    names: tuple[str, ...]
+
+    @property
+    def wrapped(self) -> bool:
+        return len(self.names) > 1
+
+
+STRUCTURED_OUTPUT_KINDS = {"json": "json_schema", "json_object": "json_object", "regex": "regex", "choice": "choice",
+                           "grammar": "grammar"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,8 @@ class Parsed:
     include_usage: bool = False  # a last chunk with usage (stream_options.include_usage)
     continuous_usage: bool = False  # usage on every chunk (stream_options.continuous_usage_stats, as vLLM)
     max_tokens_name: str = "max_tokens"  # or max_completion_tokens, as the caller spelled it
+    tool_call: ToolCall | None = None  # the output is a call of one of these functions, sent as tool_calls
+
 
     @property
     def logprobs(self) -> bool:
@@ -126,11 +145,10 @@ def parse_chat(body: Any, served_model: str) -> Parsed:
             r.violation("top_logprobs", "needs logprobs: true")
         request.top_n = top
     request.logprobs = bool(logprobs)
-    r.refuse_unless("response_format", [{"type": "text"}], "only {\"type\": \"text\"} is supported")
-    r.refuse_unless("tools", [[]], "tools are not supported")
-    r.refuse_unless("tool_choice", ["none"], "tools are not supported")
+    request.constraint = _response_format(r)
+    tool_call = _tools(r, request)
     r.refuse_unless("parallel_tool_calls", [False, True], "must be true or false")
-    return _finish(r, True, request, served_model, max_name)
+    return _finish(r, True, request, served_model, max_name, tool_call)
 
 
 def parse_completion(body: Any, served_model: str) -> Parsed:
@@ -198,7 +216,114 @@ def _message(r: _Reader, i: int, message: Any) -> Message:
     return Message(role, text)
 
 
-def _finish(r: _Reader, chat: bool, request: GenerateParams, served_model: str, max_name: str) -> Parsed:
+def _response_format(r: _Reader) -> ConstraintSpec | None:
+    """OpenAI's response_format: text (none), json_object, or json_schema (`strict` or not: it is always kept)."""
+    fmt = r.get("response_format", (dict,), "an object")
+    if fmt is None:
+        return None
+    kind = fmt.get("type")
+    if kind == "text" and len(fmt) == 1:
+        return None
+    if kind == "json_object" and len(fmt) == 1:
+        return ConstraintSpec("json_object", True, "response_format")
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            r.violation("response_format.json_schema.schema", "must be an object: the JSON schema")
+            return None
+        for key, value in spec.items():
+            if key not in ("name", "description", "schema", "strict"):
+                r.violation(f"response_format.json_schema.{key}", "is not a json_schema member")
+            elif key == "strict" and value is not None and not isinstance(value, bool):
+                r.violation("response_format.json_schema.strict", "must be true or false")
+        return ConstraintSpec("json_schema", spec["schema"], "response_format.json_schema.schema")
+    r.violation("response_format", 'must be {"type": "text"}, {"type": "json_object"} or '
+                                   '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}')
+    return None
+
+
+def _structured_outputs(r: _Reader) -> ConstraintSpec | None:
+    """vLLM's structured_outputs object: exactly one of json, json_object, regex, choice or grammar."""
+    so = r.get("structured_outputs", (dict,), "an object")
+    if so is None:
+        return None
+    for key in so:
+        if key not in STRUCTURED_OUTPUT_KINDS:
+            r.violation(f"structured_outputs.{key}", "is not supported; use one of json, json_object, regex, "
+                                                     "choice or grammar")
+    given = [key for key in STRUCTURED_OUTPUT_KINDS if so.get(key) not in (None, False)]
+    if len(given) != 1:
+        r.violation("structured_outputs", "set exactly one of json, json_object, regex, choice or grammar")
+        return None
+    key = given[0]
+    value, where = so[key], f"structured_outputs.{key}"
+    kinds = {"json": (dict, str), "json_object": (bool,), "regex": (str,), "choice": (list,), "grammar": (str,)}
+    if not isinstance(value, kinds[key]) or (isinstance(value, list) and not all(isinstance(c, str) for c in value)):
+        what = {"json": "a JSON schema (an object, or its JSON text)", "json_object": "true",
+                "regex": "a string", "choice": "an array of strings", "grammar": "a string"}[key]
+        r.violation(where, f"must be {what}")
+        return None
+    return ConstraintSpec(STRUCTURED_OUTPUT_KINDS[key], value, where)
+
+
+def _tools(r: _Reader, request: GenerateParams) -> ToolCall | None:
+    """`tools` with tool_choice "required" or a named function: the output is constrained to a call (its arguments
+    to the function's parameter schema). "none" ignores the tools; "auto" is refused (the model may not choose)."""
+    tools = r.get("tools", (list,), "an array of function tools")
+    choice = r.body.get("tool_choice")
+    if not tools:
+        if choice not in (None, "none"):
+            r.violation("tool_choice", "needs tools")
+        return None
+    functions: dict[str, dict[str, Any]] = {}
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        params = fn.get("parameters", {"type": "object"}) if isinstance(fn, dict) else None
+        if not isinstance(name, str) or not name or not isinstance(params, dict):
+            r.violation(f"tools[{i}]", 'must be {"type": "function", "function": {"name": ..., "parameters": {...}}}')
+        elif name in functions:
+            r.violation(f"tools[{i}].function.name", f"{name!r} is named twice")
+        else:
+            functions[name] = params
+    if choice == "none" or not functions:
+        return None
+    if isinstance(choice, dict):
+        named = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
+        if choice.get("type") != "function" or named not in functions:
+            r.violation("tool_choice", "must name one of the tools: {\"type\": \"function\", \"function\": "
+                                       "{\"name\": ...}}")
+            return None
+        functions = {named: functions[named]}
+    elif choice != "required":
+        # "auto", OpenAI's default with tools: the model would choose between text and a call, which needs a
+        # model-specific tool-call parser this server does not have.
+        r.violation("tools" if choice is None else "tool_choice",
+                    'tools need tool_choice "required" or a named function ("auto", the default, is not supported)')
+        return None
+    if request.constraint is not None:
+        r.violation("response_format", "cannot be combined with a required tool call")
+        return None
+    names = tuple(functions)
+    if len(names) == 1:
+        request.constraint = ConstraintSpec("json_schema", functions[names[0]],
+                                            f"tools[{[_tool_name(t) for t in tools].index(names[0])}].function"
+                                            ".parameters")
+    else:
+        schema = {"anyOf": [{"type": "object", "properties": {"name": {"const": n}, "arguments": p},
+                             "required": ["name", "arguments"], "additionalProperties": False}
+                            for n, p in functions.items()]}
+        request.constraint = ConstraintSpec("json_schema", schema, "tools")
+    return ToolCall(names)
+
+
+def _tool_name(tool: Any) -> Any:
+    fn = tool.get("function") if isinstance(tool, dict) else None
+    return fn.get("name") if isinstance(fn, dict) else None
+
+
+def _finish(r: _Reader, chat: bool, request: GenerateParams, served_model: str, max_name: str,
+            tool_call: ToolCall | None = None) -> Parsed:
     """The parameters both endpoints share, the defaults, and the verdict."""
     model = r.get("model", (str,), "a string")
     stream = bool(r.boolean("stream"))
@@ -236,12 +361,16 @@ def _finish(r: _Reader, chat: bool, request: GenerateParams, served_model: str, 
         r.violation("logit_bias", "is not supported")
     if continuous:
         request.echo_prompt_tokens = True  # the first chunk's prompt ids give usage.prompt_tokens
+    if (structured := _structured_outputs(r)) is not None:
+        if request.constraint is not None:
+            r.violation("structured_outputs", "set structured_outputs or response_format (or tools), not both")
+        request.constraint = structured
     if r.bad:
         raise InvalidRequestError(r.bad)
     if model is not None and model != served_model:
         raise ModelNotFoundError([FieldViolation("model", f"{model!r} is not served here; this server serves "
                                                           f"{served_model!r} (GET /v1/models)")])
-    return Parsed(chat, request, stream, include_usage, continuous, max_name)
+    return Parsed(chat, request, stream, include_usage, continuous, max_name, tool_call)
 
 
 def _sampling(r: _Reader) -> Sampling:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from service.engine.types import Chunk, Finish, TokenOut
 from service.errors import stream_error
-from service.http.requests import Parsed
+from service.http.requests import Parsed, ToolCall
 
 # OpenAI's finish_reason; the engine's own reason goes into the choice's "tokenstream" extension object.
 FINISH_REASON = {
@@ -43,6 +45,60 @@ def _extension(final: Chunk) -> dict[str, Any]:
     return ext
 
 
+_WRAPPED_CALL = re.compile(r'\{"name": "([^"\\]*)", "arguments": ')
+
+
+class ToolCallStream:
+    """A constrained output read as one function call (requests.ToolCall): the function's name, from the wrapper's
+    start when several functions were offered, and the argument text, released as it comes (byte-exact; with a
+    wrapper, one character is held back until it is known not to be the wrapper's closing brace)."""
+
+    def __init__(self, call: ToolCall, call_id: str) -> None:
+        self.call = call
+        self.id = call_id
+        self.name: str | None = None if call.wrapped else call.names[0]
+        self._start: int | None = None if call.wrapped else 0  # where the arguments start in the text
+        self.text = ""
+        self._sent = 0  # argument characters released
+        self._announced = False
+
+    def arguments(self, final: bool = True) -> str:
+        """The argument text that may be released: all of it once the output is final."""
+        if self._start is None and (m := _WRAPPED_CALL.match(self.text)):
+            self.name, self._start = m.group(1), m.end()
+        if self._start is None:
+            return ""
+        args = self.text[self._start:]
+        if not self.call.wrapped:
+            return args
+        if final:
+            try:
+                json.loads(self.text)
+            except ValueError:
+                return args  # cut short (length): no closing brace of the wrapper was written
+            return args[:-1]
+        return args[:-1]
+
+    def delta(self, text: str, final: bool) -> list[dict[str, Any]] | None:
+        """OpenAI's delta.tool_calls for this text: id, type and name in the first fragment, argument text after."""
+        self.text += text
+        args = self.arguments(final)
+        fresh, self._sent = args[self._sent:], max(self._sent, len(args))
+        if self.name is None or (self._announced and not fresh):
+            return None
+        fragment: dict[str, Any] = {"index": 0, "function": {"arguments": fresh}}
+        if not self._announced:
+            self._announced = True
+            fragment = {"index": 0, "id": self.id, "type": "function",
+                        "function": {"name": self.name, "arguments": fresh}}
+        return [fragment]
+
+    def message(self) -> dict[str, Any]:
+        """The whole call, for a non-streamed response."""
+        args = self.arguments(final=True)
+        return {"id": self.id, "type": "function", "function": {"name": self.name or "", "arguments": args}}
+
+
 def engine_error(chunk: Chunk) -> dict[str, Any]:
     """The OpenAI error object for a stream the engine ended with an error after it had started."""
     return {"error": {"message": stream_error(chunk.error, chunk.error_kind), "type": "server_error", "param": None,
@@ -64,6 +120,8 @@ class Responder:
         self.completion_tokens = 0
         self._started = False
         self._text = b""  # the bytes of the tokens so far, for the completions logprobs' text_offset
+        self._tool = ToolCallStream(parsed.tool_call, "call_" + request_id) if parsed.tool_call and parsed.chat \
+            else None
 
     def _usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -104,11 +162,16 @@ class Responder:
         self._count(chunk)
         if not chunk.text and not chunk.tokens and chunk.finish is None and self._started:
             return None
-        finish = FINISH_REASON.get(chunk.finish) if chunk.finish is not None else None
+        finish = self._finish_reason(chunk.finish)
         choice: dict[str, Any]
         if self.p.chat:
             delta: dict[str, Any] = {} if self._started else {"role": "assistant"}
-            if chunk.text or not self._started:
+            if self._tool is not None:
+                if not self._started:
+                    delta["content"] = None
+                if calls := self._tool.delta(chunk.text, chunk.finish is not None):
+                    delta["tool_calls"] = calls
+            elif chunk.text or not self._started:
                 delta["content"] = chunk.text
             choice = {"index": 0, "delta": delta, "logprobs": self._logprobs(chunk.tokens), "finish_reason": finish}
         else:
@@ -136,9 +199,14 @@ class Responder:
         assert final.finish is not None
         text = "".join(c.text for c in chunks)
         logprobs = self._logprobs([t for c in chunks for t in c.tokens])
-        finish = FINISH_REASON.get(final.finish)
+        finish = self._finish_reason(final.finish)
         choice: dict[str, Any]
-        if self.p.chat:
+        if self.p.chat and self._tool is not None:
+            self._tool.text = text
+            choice = {"index": 0, "message": {"role": "assistant", "content": None, "refusal": None,
+                                              "tool_calls": [self._tool.message()]},
+                      "logprobs": logprobs, "finish_reason": finish}
+        elif self.p.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                       "logprobs": logprobs, "finish_reason": finish}
         else:
@@ -147,6 +215,15 @@ class Responder:
         obj = self._envelope("chat.completion" if self.p.chat else "text_completion", [choice])
         obj["usage"] = self._usage()
         return obj
+
+    def _finish_reason(self, finish: Finish | None) -> str | None:
+        """OpenAI's finish_reason: "tool_calls" for a completed call; "length" whenever the output may be cut short
+        (max tokens, the context, a time limit), so a caller knows constrained JSON may be incomplete."""
+        if finish is None:
+            return None
+        if self._tool is not None and finish is Finish.EOS_TOKEN:
+            return "tool_calls"
+        return FINISH_REASON.get(finish)
 
     def _envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
