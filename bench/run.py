@@ -210,6 +210,12 @@ def bench_model(key: str, quick: bool, peers: set[str], raw: Path, budget_end: f
             "--max-slots", str(plan["max_slots"]), "--batches", *map(str, plan["sweep"]),
         ], raw / f"{key}-inproc.json", raw, left())
 
+        # Structured output's cost: the step with 0, 1 and all rows constrained, and a typical schema's compile time.
+        res["constrained"] = run_py("bench.levers.constrained", [
+            "--model-dir", str(mdir), "--batch", str(min(8, plan["max_slots"])), "--length", str(plan["step_length"]),
+            "--reps", str(max(3, 4 * plan["reps"])),
+        ], raw / f"{key}-constrained.json", raw, left())
+
         # Requests arriving at 8 streams: long prompts, starts stagger_s apart, lengths +-jitter, closed loop.
         res["arrivals"] = load_phase(server, raw / f"{key}-arrivals-c8.json", raw, left(), kind="arrivals",
                                      concurrency=8, requests=plan["arrivals_requests"], new_tokens=n,
@@ -534,6 +540,15 @@ def report(all_res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
               f"after {rss['requests']} short requests ({res['plan']['rss_new_tokens']} tokens, 8 concurrent, "
               f"{rss['requests_per_s']:.0f} req/s): {100 * g:+.2f}%  "
               f"[target < 5%: {check(key, 'RSS growth over 1000 requests', g, '< 0.05', lambda x: x < 0.05)}]")
+        con = res.get("constrained")
+        if con and con.get("rows"):
+            every = con["rows"][-1]
+            steps_ms = ", ".join(f"{r['constrained_rows']} rows {r['step_ms_p50']:.1f} ms" for r in con["rows"])
+            w(f"Structured output, batch {con['batch']}: {steps_ms}; all rows constrained "
+              f"{every['ratio_vs_unconstrained_p50']:.2f}x the unconstrained step  [target <= 1.1x: "
+              f"{check(key, 'constrained step', every['ratio_vs_unconstrained_p50'], '<= 1.1', lambda x: x <= 1.1)}]; "
+              f"a typical schema compiles in {con['compile_ms_p50']:.1f} ms  [target < 50 ms: "
+              f"{check(key, 'schema compile ms', con['compile_ms_p50'], '< 50', lambda x: x < 50)}]")
         gil = inproc.get("gil")
         if gil:
             def row(k: str, gil: dict[str, Any] = gil) -> str:

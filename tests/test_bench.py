@@ -49,7 +49,7 @@ def test_run_and_report(tiny: Path, tmp_path: Path) -> None:
     results = sorted(tmp_path.glob("*-smoke.json"))
     assert len(results) == 1
     res = read_json(results[0])["models"]["tiny"]
-    for phase in ("inproc", "arrivals", "sequence", "paddleformers"):
+    for phase in ("inproc", "constrained", "arrivals", "sequence", "paddleformers"):
         assert res.get(phase), f"phase {phase} left no results: {out[-2000:]}"
         assert res[phase]["_meta"]["rc"] == 0, phase
     assert set(res["inproc"]) >= {"sweep", "steps", "profile", "gil"}
@@ -95,6 +95,13 @@ def test_lever_constrained(tiny: Path, tmp_path: Path) -> None:
     res = read_json(out)
     assert [r["constrained_rows"] for r in res["rows"]] == [0, 1, 2]
     assert res["compile_ms_p50"] > 0
+
+
+def test_lever_constrained_libraries(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "libraries.json"
+    run("-m", "bench.levers.constrained_libraries", "--model-dir", str(tiny), "--reps", "1", "--json", str(out))
+    res = read_json(out)
+    assert res["llguidance"]["compile_ms_p50"] > 0 and res["outlines_core"]["compile_ms_p50"] > 0
 
 
 def test_lever_threads(tmp_path: Path) -> None:

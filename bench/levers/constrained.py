@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                                 ("--reps", 30, "timed rounds")]:
         ap.add_argument(flag, type=int, default=default, help=what)
     ap.add_argument("--model-dir", help="checkpoint (default: SmolLM2-135M from its GGUF)")
-    ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--json", "--out", dest="json", help="write the figures here (--out: as bench.run names it)")
     args = ap.parse_args(argv)
     quiet()
     model = load_model(args.model_dir or engine_model_path("smollm2"))
