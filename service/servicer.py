@@ -69,6 +69,7 @@ def to_params(req: pb.GenerateRequest) -> GenerateParams:
         top_n=r.top_n,
         echo_prompt_tokens=r.echo_prompt_tokens,
         constraint=_constraint(req),
+        cache_salt=req.cache_salt,
     )
 
 
@@ -99,6 +100,7 @@ def to_response(chunk: Chunk) -> pb.GenerateResponse:
         msg.finish_reason = FINISH_TO_PROTO[chunk.finish]
         msg.usage.prompt_tokens = chunk.prompt_tokens
         msg.usage.completion_tokens = chunk.completion_tokens
+        msg.usage.cached_prompt_tokens = chunk.cached_prompt_tokens
         if chunk.timings is not None:
             msg.timings.queue_ms = chunk.timings.queue_ms
             msg.timings.time_to_first_token_ms = chunk.timings.ttft_ms

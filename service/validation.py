@@ -78,6 +78,7 @@ class GenerateParams:
     top_n: int = 0
     echo_prompt_tokens: bool = False
     constraint: ConstraintSpec | None = None
+    cache_salt: str = ""  # prefix reuse: only requests with the same salt share kept K/V
 
 
 def recommended_sampling(defaults: dict[str, object]) -> Sampling | None:
@@ -213,7 +214,7 @@ def to_generation_request(p: GenerateParams, cfg: Config, engine: EngineClient,
     engine_request = GenerationRequest(
         prompt_ids=ids, max_new_tokens=max_new, sampling=sampling, min_new_tokens=p.min_new_tokens,
         stop_sequences=p.stop_sequences, include_stop_sequence=p.include_stop_sequence, logprobs=p.logprobs,
-        top_n=p.top_n, echo_prompt_tokens=p.echo_prompt_tokens, constraint=compiled)
+        top_n=p.top_n, echo_prompt_tokens=p.echo_prompt_tokens, constraint=compiled, cache_salt=p.cache_salt)
     return engine_request, time_limit_ms
 
 

@@ -135,3 +135,12 @@ def test_train_demo_smoke(tmp_path: Path) -> None:
     out = run("scripts/train_demo.py", "--smoke", "--out", str(tmp_path / "demo"), "--minutes", "3")
     assert "verify: engine vs training forward" in out
     assert (tmp_path / "demo" / "model.safetensors").exists()
+
+
+def test_lever_prefix_reuse(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "prefix_reuse.json"
+    run("-m", "bench.levers.prefix_reuse", "--model-dir", str(tiny), "--turns", "3", "--user-tokens", "40",
+        "--reply-tokens", "4", "--json", str(out))
+    result = read_json(out)
+    assert result["token_identical"] and len(result["rows"]) == 3
+    assert result["rows"][-1]["cached_on"] > 0 and result["rows"][-1]["cached_off"] == 0

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from service.engine.types import Chunk, GenerationRequest
 
 KERNEL_MODES = ("auto", "plain")
+PREFIX_SCOPES = ("caller", "shared")  # service/engine/prefix_cache.py SCOPES
 # The KV cache's block, in positions: the unit that the cache figures (usage, number of blocks) are counted in, as a
 # paged cache counts them. The slot cache is not paged, but attention gathers a row's keys in blocks of this many
 # positions (service/engine/attention.py KEY_BLOCK, the same number: tests/test_gateway.py checks it), so a sequence
@@ -44,6 +45,12 @@ class EngineConfig:
     # Optional fused kernels (RMSNorm, SwiGLU): "auto" uses each where a child-process probe proved it on this CPU
     # (service/engine/kernels.py); "plain" never calls them. Either way the one-forward step runs.
     kernels: str = field(default="auto", metadata={"choices": KERNEL_MODES})
+    # Prefix reuse (service/engine/prefix_cache.py): K/V of ended or preempted sequences kept on the host, up to this
+    # many MiB (SmolLM2: 46,080 bytes a position, so 1 GiB holds ~23,000), in blocks of KV_BLOCK positions; 0: off.
+    prefix_cache_mb: int = 1024
+    # Whose kept prefixes a request may reuse: its own caller's ("caller"), or every caller's ("shared"). A request's
+    # cache_salt separates further either way.
+    prefix_cache_scope: str = field(default="caller", metadata={"choices": PREFIX_SCOPES})
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,10 @@ class EngineStats:
     displaced: int = 0  # queued requests refused later, to make room for a caller below its share
     slow_readers: int = 0  # streams ended because their reader stopped taking messages
     used_blocks: int = 0  # KV_BLOCK-position blocks the sequences holding a slot have written into
+    prefix_queries: int = 0  # prompts looked up in the prefix cache
+    prefix_hits: int = 0  # lookups that found at least one block
+    prefix_reused_tokens: int = 0  # prompt positions copied from the prefix cache instead of prefilled
+    prefix_cache_bytes: int = 0  # held by the prefix cache now
 
     @property
     def kv_fill_ratio(self) -> float:
@@ -104,6 +115,10 @@ class ModelInfo:
     # Sampling defaults the checkpoint recommends (generation_config.json or GGUF metadata); informative only:
     # the contract says unset sampling means greedy.
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    # Prefix reuse: the budget in bytes (0: off), its block in positions, and whose prefixes are shared.
+    prefix_cache_bytes: int = 0
+    prefix_cache_block: int = KV_BLOCK
+    prefix_cache_scope: str = "caller"
 
 
 class ChatTemplateError(ValueError):

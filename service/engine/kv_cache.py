@@ -141,3 +141,13 @@ class SlotKVCache:
             return
         self._k_all[:, dst, :, :length] = self._k_all[:, src, :, :length]
         self._v_all[:, dst, :, :length] = self._v_all[:, src, :, :length]
+
+    def read_slot(self, slot: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """A host copy of slot `slot`'s positions start..end-1: K and V [layers, kv, end - start, d]."""
+        return (self._k_all[:, slot, :, start:end].numpy(), self._v_all[:, slot, :, start:end].numpy())
+
+    def write_slot(self, slot: int, k: paddle.Tensor, v: paddle.Tensor) -> None:
+        """Write K and V [layers, kv, n, d] into slot `slot`'s positions 0..n-1 (the cache must hold n)."""
+        n = k.shape[2]
+        self._k_all[:, slot, :, :n] = k.astype(self.dtype)
+        self._v_all[:, slot, :, :n] = v.astype(self.dtype)

@@ -40,6 +40,7 @@ from service.engine.fairness import (
 from service.engine.hooks import EngineHooks
 from service.engine.kernels import select as select_kernels
 from service.engine.kv_cache import SlotKVCache
+from service.engine.prefix_cache import PrefixCache
 from service.engine.progress import Progress
 from service.engine.sampling import batch_argmax, choose
 from service.engine.sequence import SequenceState, verdict
@@ -65,6 +66,9 @@ class Engine:
             model.config.num_layers, self.config.max_slots, model.config.num_kv_heads, model.config.head_dim,
             max_context, self.config.dtype,
         )
+        # Kept K/V go through host memory as float32; half-precision caches are not reused (not tested).
+        budget = self.config.prefix_cache_mb << 20 if self.config.dtype == "float32" else 0
+        self.prefix = PrefixCache(budget, KV_BLOCK, self.config.prefix_cache_scope)
         self._inbox: queue.SimpleQueue[SequenceState | None] = queue.SimpleQueue()
         self._waiting = FairQueue()  # engine thread only
         self._active: list[SequenceState] = []  # decode rows; index == slot
@@ -95,6 +99,8 @@ class Engine:
             eos_token_ids=model.config.eos_token_ids, max_context=max_context, max_slots=self.config.max_slots,
             dtype=self.config.dtype, device=self.config.device,
             has_chat_template=bool(model.tokenizer.chat_template), generation_defaults=model.generation_defaults,
+            prefix_cache_bytes=self.prefix.budget, prefix_cache_block=self.prefix.block,
+            prefix_cache_scope=self.prefix.scope,
         )
 
     @property
@@ -159,6 +165,8 @@ class Engine:
             iterations=self._iterations, last_iteration_monotonic=self._last_iteration, alive=self.alive,
             batch_sizes=tuple(self._batch_sizes), preemptions=self._preemptions, displaced=self._displaced,
             slow_readers=self._slow_readers, used_blocks=sum(-(-n // KV_BLOCK) for n in lengths),
+            prefix_queries=self.prefix.queries, prefix_hits=self.prefix.hits,
+            prefix_reused_tokens=self.prefix.reused_tokens, prefix_cache_bytes=self.prefix.nbytes,
         )
 
     # -- submission (any thread) -----------------------------------------------------------------
@@ -273,6 +281,7 @@ class Engine:
         if victim is None:
             return
         self._preemptions += 1
+        self._keep(victim)  # its K/V go to the prefix cache: when it starts again, it resumes from them if still there
         self._release(victim)  # its cache is dropped; it keeps its tokens, and is re-prefilled when it starts again
         victim.prefilled = 0
         self._waiting.push(victim, front=True)  # behind sequences paused before it: they resume in order
@@ -325,8 +334,9 @@ class Engine:
             if not seq.prefill_start_ns:
                 seq.prefill_start_ns = seq.handle.marks.prefill_start_ns = time.time_ns()
             seq.context = seq.context_ids()  # the prompt; after a preemption, the tokens so far too
-            n = min(budget, len(seq.context))
-            plan.append((seq, n, n == len(seq.context)))
+            seq.prefilled = self._reuse(seq)
+            n = min(budget, len(seq.context) - seq.prefilled)
+            plan.append((seq, n, seq.prefilled + n == len(seq.context)))
             budget -= n
         if self._hooks is not None:
             for seq, _, _ in list(plan):
@@ -348,6 +358,10 @@ class Engine:
         positions = np.fromiter((s.cache_len for s in rows), dtype=np.int64, count=len(rows))  # [B]
         longest = max([s.cache_len + 1 for s in self._active] + [seq.prefilled + n for seq, n, _ in plan] + [1])
         self.cache.ensure(min(longest, self.config.max_context), len(self._active) + len(plan))
+        for seq, _, _ in plan:  # prefix cache hits: their K/V into the slot, before the chunk that continues them
+            if seq.restore is not None:
+                self.prefix.restore(self.cache, seq.slot, seq.restore)
+                seq.restore = None
         # A resumed sequence (after a preemption) knows its next token: it wants no logits.
         chunks = [PrefillChunk(seq.slot, seq.context[seq.prefilled : seq.prefilled + n], seq.prefilled,
                                done and not seq.generated) for seq, n, done in plan]
@@ -393,6 +407,28 @@ class Engine:
             self._sample_rows([s for s, _ in started_now], np.stack([o for _, o in started_now]), new_masks.masks())
         self._release_done()
 
+    def _namespace(self, seq: SequenceState) -> str:
+        return self.prefix.namespace(seq.req.caller, seq.req.cache_salt)
+
+    def _reuse(self, seq: SequenceState) -> int:
+        """Positions of seq.context found in the prefix cache (to be copied into its slot by _step): at most all but
+        the last token, whose chunk computes the logits (or, after a preemption, writes the last position)."""
+        hit = self.prefix.lookup(self._namespace(seq), seq.context, len(seq.context) - 1)
+        if seq.cached_tokens < 0:  # usage reports the first start's reuse (a resumed one's is its own K/V)
+            seq.cached_tokens = min(hit.positions, len(seq.prompt))
+        seq.restore = hit if hit.positions else None
+        return hit.positions
+
+    def _keep(self, seq: SequenceState) -> None:
+        """Copy the full blocks of what the sequence's slot holds into the prefix cache (those not there yet)."""
+        if seq.slot < 0 or seq.restore is not None or not self.prefix.enabled:
+            return  # no slot, or a hit not copied in yet: the slot holds nothing of this sequence
+        written = seq.cache_len if seq.prefilled >= len(seq.context) else seq.prefilled  # decoding, or prefilling
+        if written < self.prefix.block:
+            return
+        tokens = np.concatenate([seq.prompt, np.asarray(seq.generated, dtype=np.int64)])[:written]
+        self.prefix.store(self.cache, seq.slot, self._namespace(seq), seq.req.caller, tokens)
+
     def _oom(self, seq: SequenceState, exc: BaseException) -> None:
         if seq is self._prefilling:
             self._prefilling = None
@@ -436,6 +472,7 @@ class Engine:
         would report one cached position too few if it were moved in the middle of a step."""
         done, self._done = self._done, []
         for seq in done:
+            self._keep(seq)
             self._release(seq)
         self._admission.retire(done)
 

@@ -35,6 +35,8 @@ class SequenceState:
         self.max_context = max_context
         self.prefilled = 0
         self.slot = -1
+        self.cached_tokens = -1  # prompt positions reused from the prefix cache at its first start (-1: not started)
+        self.restore: Any = None  # a prefix cache hit to copy into the slot before the next step (scheduler)
         self.generated: list[int] = []
         self.detok = IncrementalDetokenizer(tokenizer)
         self.stops = StopMatcher(req.stop_sequences, req.include_stop_sequence)
@@ -129,7 +131,7 @@ class SequenceState:
             completion_tokens=len(self.generated), timings=timings, stop_sequence=stop, seed=self.seed,
             error=error or ("internal error" if reason is Finish.ERROR else ""),
             error_kind=error_kind or (ErrorKind.INTERNAL if reason is Finish.ERROR else None),
-            prompt_token_ids=self._echo(),
+            prompt_token_ids=self._echo(), cached_prompt_tokens=max(self.cached_tokens, 0),
         )
         self.pending = []
         return chunk

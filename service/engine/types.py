@@ -62,6 +62,8 @@ class GenerationRequest:
     priority: int = 0  # a higher one starts before any waiting request of a lower one (fair sharing within one)
     # Structured output: the compiled constraint the generated text must satisfy (constraints.py); None for none.
     constraint: CompiledConstraint | None = None
+    # Prefix reuse: only requests with the same salt (and, unless sharing is on, the same caller) share kept K/V.
+    cache_salt: str = ""
 
     @property
     def fair_caller(self) -> str:
@@ -123,3 +125,4 @@ class Chunk:
     error: str = ""
     error_kind: ErrorKind | None = None
     prompt_token_ids: tuple[int, ...] = ()
+    cached_prompt_tokens: int = 0  # on the final chunk: prompt positions reused from the prefix cache

@@ -27,7 +27,7 @@ _COMMON = frozenset({
     "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "n",
     "user", "frequency_penalty", "presence_penalty", "logit_bias",
     # Extensions that vLLM's OpenAI server also accepts, with the same meaning.
-    "top_k", "repetition_penalty", "min_tokens", "structured_outputs",
+    "top_k", "repetition_penalty", "min_tokens", "structured_outputs", "cache_salt",
 })
 CHAT_PARAMS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
                          "tool_choice", "parallel_tool_calls"}
@@ -352,6 +352,7 @@ def _finish(r: _Reader, chat: bool, request: GenerateParams, served_model: str, 
     if n is not None and n != 1:
         r.violation("n", "must be 1: one choice per request")
     r.get("user", (str,), "a string")
+    request.cache_salt = r.get("cache_salt", (str,), "a string") or ""
     for name in ("frequency_penalty", "presence_penalty"):
         value = r.number(name)
         if value:

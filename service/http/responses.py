@@ -118,14 +118,16 @@ class Responder:
         self.created = int(time.time())
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0
         self._started = False
         self._text = b""  # the bytes of the tokens so far, for the completions logprobs' text_offset
         self._tool = ToolCallStream(parsed.tool_call, "call_" + request_id) if parsed.tool_call and parsed.chat \
             else None
 
-    def _usage(self) -> dict[str, int]:
+    def _usage(self) -> dict[str, Any]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
     def _count(self, chunk: Chunk) -> None:
         if chunk.prompt_token_ids:
@@ -133,6 +135,7 @@ class Responder:
         self.completion_tokens += len(chunk.tokens)
         if chunk.finish is not None:
             self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+            self.cached_tokens = chunk.cached_prompt_tokens
 
     def _logprobs(self, tokens: Sequence[TokenOut]) -> dict[str, Any] | None:
         if not self.p.logprobs:

@@ -24,49 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftokenstream/v1/generation.proto\x12\x0etokenstream.v1\"\x9f\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x30\n\x08sampling\x18\x02 \x01(\x0b\x32\x1e.tokenstream.v1.SamplingParams\x12\x32\n\x08stopping\x18\x03 \x01(\x0b\x32 .tokenstream.v1.StoppingCriteria\x12-\n\x08messages\x18\x04 \x03(\x0b\x32\x1b.tokenstream.v1.ChatMessage\x12\x31\n\x08response\x18\x05 \x01(\x0b\x32\x1f.tokenstream.v1.ResponseOptions\x12\x34\n\nconstraint\x18\x06 \x01(\x0b\x32 .tokenstream.v1.OutputConstraint\"\x97\x01\n\x10OutputConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x17.tokenstream.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x90\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x42\x0e\n\x0c_temperatureB\x07\n\x05_seed\"\xbf\x01\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x1a\n\rtime_limit_ms\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x16\n\x0emin_new_tokens\x18\x04 \x01(\r\x12\x1d\n\x15include_stop_sequence\x18\x05 \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x10\n\x0e_time_limit_ms\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"N\n\x0fResponseOptions\x12\x10\n\x08logprobs\x18\x01 \x01(\x08\x12\r\n\x05top_n\x18\x02 \x01(\r\x12\x1a\n\x12\x65\x63ho_prompt_tokens\x18\x03 \x01(\x08\"\xb0\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12%\n\x06tokens\x18\x02 \x03(\x0b\x32\x15.tokenstream.v1.Token\x12\x33\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1c.tokenstream.v1.FinishReason\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.tokenstream.v1.Usage\x12(\n\x07timings\x18\x05 \x01(\x0b\x32\x17.tokenstream.v1.Timings\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\r\x12\x15\n\rerror_message\x18\t \x01(\tB\x07\n\x05_seed\"q\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12,\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x18.tokenstream.v1.TopTokenB\n\n\x08_logprob\"5\n\x08TopToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"`\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"c\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btruncate_to\x18\x02 \x01(\r\x12\x15\n\rreturn_tokens\x18\x03 \x01(\x08\x12\x16\n\x0ereturn_offsets\x18\x04 \x01(\x08\"m\n\x10TokenizeResponse\x12\x13\n\x0btoken_count\x18\x01 \x01(\r\x12\x0b\n\x03ids\x18\x02 \x03(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\t\x12\'\n\x07offsets\x18\x04 \x03(\x0b\x32\x16.tokenstream.v1.Offset\"$\n\x06Offset\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xc2\x02\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x1a\n\x12max_context_length\x18\x03 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x16\n\x0emax_batch_size\x18\t \x01(\r\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\x12\x11\n\tmax_top_n\x18\x0b \x01(\r\x12<\n\x14recommended_sampling\x18\x0c \x01(\x0b\x32\x1e.tokenstream.v1.SamplingParams*\xff\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46INISH_REASON_MAX_TOKENS\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TIME_LIMIT\x10\x04\x12 \n\x1c\x46INISH_REASON_CONTEXT_LENGTH\x10\x05\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x06\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x07\x32\x8e\x02\n\x11GenerationService\x12O\n\x08Generate\x12\x1f.tokenstream.v1.GenerateRequest\x1a .tokenstream.v1.GenerateResponse0\x01\x12M\n\x08Tokenize\x12\x1f.tokenstream.v1.TokenizeRequest\x1a .tokenstream.v1.TokenizeResponse\x12Y\n\x0cGetModelInfo\x12#.tokenstream.v1.GetModelInfoRequest\x1a$.tokenstream.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftokenstream/v1/generation.proto\x12\x0etokenstream.v1\"\xb3\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x30\n\x08sampling\x18\x02 \x01(\x0b\x32\x1e.tokenstream.v1.SamplingParams\x12\x32\n\x08stopping\x18\x03 \x01(\x0b\x32 .tokenstream.v1.StoppingCriteria\x12-\n\x08messages\x18\x04 \x03(\x0b\x32\x1b.tokenstream.v1.ChatMessage\x12\x31\n\x08response\x18\x05 \x01(\x0b\x32\x1f.tokenstream.v1.ResponseOptions\x12\x34\n\nconstraint\x18\x06 \x01(\x0b\x32 .tokenstream.v1.OutputConstraint\x12\x12\n\ncache_salt\x18\x07 \x01(\t\"\x97\x01\n\x10OutputConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x17.tokenstream.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x90\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x42\x0e\n\x0c_temperatureB\x07\n\x05_seed\"\xbf\x01\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x1a\n\rtime_limit_ms\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x16\n\x0emin_new_tokens\x18\x04 \x01(\r\x12\x1d\n\x15include_stop_sequence\x18\x05 \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x10\n\x0e_time_limit_ms\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"N\n\x0fResponseOptions\x12\x10\n\x08logprobs\x18\x01 \x01(\x08\x12\r\n\x05top_n\x18\x02 \x01(\r\x12\x1a\n\x12\x65\x63ho_prompt_tokens\x18\x03 \x01(\x08\"\xb0\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12%\n\x06tokens\x18\x02 \x03(\x0b\x32\x15.tokenstream.v1.Token\x12\x33\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1c.tokenstream.v1.FinishReason\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.tokenstream.v1.Usage\x12(\n\x07timings\x18\x05 \x01(\x0b\x32\x17.tokenstream.v1.Timings\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\r\x12\x15\n\rerror_message\x18\t \x01(\tB\x07\n\x05_seed\"q\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12,\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x18.tokenstream.v1.TopTokenB\n\n\x08_logprob\"5\n\x08TopToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"`\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"c\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btruncate_to\x18\x02 \x01(\r\x12\x15\n\rreturn_tokens\x18\x03 \x01(\x08\x12\x16\n\x0ereturn_offsets\x18\x04 \x01(\x08\"m\n\x10TokenizeResponse\x12\x13\n\x0btoken_count\x18\x01 \x01(\r\x12\x0b\n\x03ids\x18\x02 \x03(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\t\x12\'\n\x07offsets\x18\x04 \x03(\x0b\x32\x16.tokenstream.v1.Offset\"$\n\x06Offset\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xc2\x02\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x1a\n\x12max_context_length\x18\x03 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x16\n\x0emax_batch_size\x18\t \x01(\r\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\x12\x11\n\tmax_top_n\x18\x0b \x01(\r\x12<\n\x14recommended_sampling\x18\x0c \x01(\x0b\x32\x1e.tokenstream.v1.SamplingParams*\xff\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46INISH_REASON_MAX_TOKENS\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TIME_LIMIT\x10\x04\x12 \n\x1c\x46INISH_REASON_CONTEXT_LENGTH\x10\x05\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x06\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x07\x32\x8e\x02\n\x11GenerationService\x12O\n\x08Generate\x12\x1f.tokenstream.v1.GenerateRequest\x1a .tokenstream.v1.GenerateResponse0\x01\x12M\n\x08Tokenize\x12\x1f.tokenstream.v1.TokenizeRequest\x1a .tokenstream.v1.TokenizeResponse\x12Y\n\x0cGetModelInfo\x12#.tokenstream.v1.GetModelInfoRequest\x1a$.tokenstream.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenstream.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2223
-  _globals['_FINISHREASON']._serialized_end=2478
+  _globals['_FINISHREASON']._serialized_start=2273
+  _globals['_FINISHREASON']._serialized_end=2528
   _globals['_GENERATEREQUEST']._serialized_start=52
-  _globals['_GENERATEREQUEST']._serialized_end=339
-  _globals['_OUTPUTCONSTRAINT']._serialized_start=342
-  _globals['_OUTPUTCONSTRAINT']._serialized_end=493
-  _globals['_CHOICES']._serialized_start=495
-  _globals['_CHOICES']._serialized_end=521
-  _globals['_SAMPLINGPARAMS']._serialized_start=524
-  _globals['_SAMPLINGPARAMS']._serialized_end=668
-  _globals['_STOPPINGCRITERIA']._serialized_start=671
-  _globals['_STOPPINGCRITERIA']._serialized_end=862
-  _globals['_CHATMESSAGE']._serialized_start=864
-  _globals['_CHATMESSAGE']._serialized_end=908
-  _globals['_RESPONSEOPTIONS']._serialized_start=910
-  _globals['_RESPONSEOPTIONS']._serialized_end=988
-  _globals['_GENERATERESPONSE']._serialized_start=991
-  _globals['_GENERATERESPONSE']._serialized_end=1295
-  _globals['_TOKEN']._serialized_start=1297
-  _globals['_TOKEN']._serialized_end=1410
-  _globals['_TOPTOKEN']._serialized_start=1412
-  _globals['_TOPTOKEN']._serialized_end=1465
-  _globals['_USAGE']._serialized_start=1467
-  _globals['_USAGE']._serialized_end=1524
-  _globals['_TIMINGS']._serialized_start=1526
-  _globals['_TIMINGS']._serialized_end=1622
-  _globals['_TOKENIZEREQUEST']._serialized_start=1624
-  _globals['_TOKENIZEREQUEST']._serialized_end=1723
-  _globals['_TOKENIZERESPONSE']._serialized_start=1725
-  _globals['_TOKENIZERESPONSE']._serialized_end=1834
-  _globals['_OFFSET']._serialized_start=1836
-  _globals['_OFFSET']._serialized_end=1872
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1874
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1895
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1898
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2220
-  _globals['_GENERATIONSERVICE']._serialized_start=2481
-  _globals['_GENERATIONSERVICE']._serialized_end=2751
+  _globals['_GENERATEREQUEST']._serialized_end=359
+  _globals['_OUTPUTCONSTRAINT']._serialized_start=362
+  _globals['_OUTPUTCONSTRAINT']._serialized_end=513
+  _globals['_CHOICES']._serialized_start=515
+  _globals['_CHOICES']._serialized_end=541
+  _globals['_SAMPLINGPARAMS']._serialized_start=544
+  _globals['_SAMPLINGPARAMS']._serialized_end=688
+  _globals['_STOPPINGCRITERIA']._serialized_start=691
+  _globals['_STOPPINGCRITERIA']._serialized_end=882
+  _globals['_CHATMESSAGE']._serialized_start=884
+  _globals['_CHATMESSAGE']._serialized_end=928
+  _globals['_RESPONSEOPTIONS']._serialized_start=930
+  _globals['_RESPONSEOPTIONS']._serialized_end=1008
+  _globals['_GENERATERESPONSE']._serialized_start=1011
+  _globals['_GENERATERESPONSE']._serialized_end=1315
+  _globals['_TOKEN']._serialized_start=1317
+  _globals['_TOKEN']._serialized_end=1430
+  _globals['_TOPTOKEN']._serialized_start=1432
+  _globals['_TOPTOKEN']._serialized_end=1485
+  _globals['_USAGE']._serialized_start=1487
+  _globals['_USAGE']._serialized_end=1574
+  _globals['_TIMINGS']._serialized_start=1576
+  _globals['_TIMINGS']._serialized_end=1672
+  _globals['_TOKENIZEREQUEST']._serialized_start=1674
+  _globals['_TOKENIZEREQUEST']._serialized_end=1773
+  _globals['_TOKENIZERESPONSE']._serialized_start=1775
+  _globals['_TOKENIZERESPONSE']._serialized_end=1884
+  _globals['_OFFSET']._serialized_start=1886
+  _globals['_OFFSET']._serialized_end=1922
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1924
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1945
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1948
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2270
+  _globals['_GENERATIONSERVICE']._serialized_start=2531
+  _globals['_GENERATIONSERVICE']._serialized_end=2801
 # @@protoc_insertion_point(module_scope)

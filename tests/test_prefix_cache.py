@@ -1,0 +1,166 @@
+"""Prefix reuse across requests (service/engine/prefix_cache.py): exact, isolated per caller and salt, bounded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.engine.checkpoints.loader import LoadedModel, load_model
+from service.engine.prefix_cache import PrefixCache
+from service.engine.scheduler import Engine
+from service.engine.types import GenerationRequest, SamplingOptions
+from tests.gguf_files import smollm2_file
+from tests.support.servers import base_config, started
+from tests.test_engine import make_engine, run_many
+from tests.test_http import client, grpc_text, model_name
+from tokenstream.v1 import generation_pb2 as pb
+
+GREEDY = SamplingOptions()
+SEEDED = SamplingOptions(temperature=0.8, top_k=40, seed=1234)
+
+
+def turns(engine: Engine, first: list[int], follow_ups: list[list[int]], n: int,
+          sampling: SamplingOptions = GREEDY, **kw: object) -> list[tuple[list[int], int]]:
+    """A conversation: each turn's prompt is the last prompt, its reply and the next user tokens.
+    Returns each turn's (generated ids, cached prompt tokens)."""
+    out = []
+    prompt = list(first)
+    for extra in [[], *follow_ups]:
+        prompt = prompt + extra
+        (col,) = run_many(engine, [GenerationRequest(prompt, n, sampling=sampling, **kw)])  # type: ignore[arg-type]
+        out.append((col.ids, col.final.cached_prompt_tokens))
+        prompt = prompt + col.ids
+    return out
+
+
+def cached_tokens(engine: Engine, prompt: list[int], **kw: object) -> int:
+    """The cached prompt tokens a short request for `prompt` reports."""
+    (col,) = run_many(engine, [GenerationRequest(prompt, 2, **kw)])  # type: ignore[arg-type]
+    return col.final.cached_prompt_tokens
+
+
+def conversation(model: LoadedModel) -> tuple[list[int], list[list[int]]]:
+    enc = model.tokenizer.encode
+    first = enc("You are a helpful assistant. " * 12 + "Tell me about the sea.")
+    return first, [enc(" And the mountains, please?"), enc(" What about rivers and lakes in winter?")]
+
+
+@pytest.fixture(scope="module")
+def engines(loaded_model: LoadedModel) -> Iterator[tuple[Engine, Engine]]:
+    on, off = make_engine(loaded_model), make_engine(loaded_model, prefix_cache_mb=0)
+    yield on, off
+    on.stop()
+    off.stop()
+
+
+@pytest.mark.parametrize("sampling", [SamplingOptions(), SEEDED], ids=["greedy", "seeded"])
+def test_reused_prefix_gives_the_same_tokens(engines: tuple[Engine, Engine], loaded_model: LoadedModel,
+                                             sampling: SamplingOptions) -> None:
+    on, off = engines
+    first, rest = conversation(loaded_model)
+    with_reuse = turns(on, first, rest, 20, sampling, caller=f"exact-{sampling.greedy}")
+    without = turns(off, first, rest, 20, sampling)
+    assert [ids for ids, _ in with_reuse] == [ids for ids, _ in without]
+    assert all(cached == 0 for _, cached in without)
+    assert with_reuse[0][1] == 0 and with_reuse[1][1] >= 32 and with_reuse[2][1] >= with_reuse[1][1]
+    assert all(cached % 32 == 0 for _, cached in with_reuse)
+    stats = on.stats()
+    assert stats.prefix_hits >= 2 and stats.prefix_reused_tokens >= with_reuse[1][1] + with_reuse[2][1]
+
+
+def test_prefixes_are_reused_only_by_the_same_caller_and_salt(engines: tuple[Engine, Engine],
+                                                              loaded_model: LoadedModel) -> None:
+    on, _ = engines
+    prompt = loaded_model.tokenizer.encode("Isolation between tenants matters. " * 10)
+
+    def cached(**kw: object) -> int:
+        return cached_tokens(on, prompt, **kw)
+
+    assert cached(caller="alice") == 0
+    assert cached(caller="alice") > 0
+    assert cached(caller="bob") == 0  # another caller may not time alice's prompts
+    assert cached(caller="alice", cache_salt="s1") == 0  # a salt separates within a caller
+    assert cached(caller="alice", cache_salt="s1") > 0
+
+
+def test_shared_scope_reuses_across_callers(loaded_model: LoadedModel) -> None:
+    eng = make_engine(loaded_model, prefix_cache_scope="shared")
+    try:
+        prompt = loaded_model.tokenizer.encode("A shared system prompt for everyone. " * 10)
+
+        def cached(**kw: object) -> int:
+            return cached_tokens(eng, prompt, **kw)
+
+        assert cached(caller="alice") == 0
+        assert cached(caller="bob") > 0
+        assert cached(caller="bob", cache_salt="x") == 0  # the salt still separates
+        assert eng.info.prefix_cache_scope == "shared"
+    finally:
+        eng.stop()
+
+
+class _FakeCache:
+    """Just what PrefixCache reads of a slot cache: 1 layer, 1 head, head_dim 1, positions numbered."""
+
+    num_layers, kv_heads, head_dim, dtype = 1, 1, 1, "float32"
+
+    def read_slot(self, slot: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.arange(start, end, dtype=np.float32).reshape(1, 1, -1, 1)
+        return rows, rows.copy()
+
+
+def test_the_budget_evicts_the_biggest_holder_first() -> None:
+    block_bytes = 2 * 4 * 4  # K and V, 4 positions of 4 bytes
+    store = PrefixCache(budget_bytes=6 * block_bytes, block=4)
+    cache = _FakeCache()
+    small = np.arange(8)  # 2 blocks
+    assert store.store(cache, 0, store.namespace("small", ""), "small", small) == 8  # type: ignore[arg-type]
+    big = np.arange(100, 124)  # 6 blocks
+    store.store(cache, 0, store.namespace("big", ""), "big", big)  # type: ignore[arg-type]
+    assert store.nbytes <= store.budget
+    assert store.owner_bytes()["small"] == 2 * block_bytes  # the big caller evicted its own blocks
+    assert store.lookup(store.namespace("small", ""), small, 8).positions == 8
+    assert store.lookup(store.namespace("big", ""), big, 24).positions == 16  # its oldest leaves went first
+    assert store.lookup(store.namespace("small", ""), np.arange(1, 9), 8).positions == 0  # tokens must match
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> LoadedModel:
+    return load_model(smollm2_file())
+
+
+@pytest.mark.parametrize("sampling", [SamplingOptions(), SEEDED], ids=["greedy", "seeded"])
+def test_smollm2_chat_turns_are_token_identical_with_reuse(smollm2: LoadedModel, sampling: SamplingOptions) -> None:
+    on, off = make_engine(smollm2), make_engine(smollm2, prefix_cache_mb=0)
+    try:
+        first, rest = conversation(smollm2)
+        with_reuse = turns(on, first, rest, 24, sampling)
+        without = turns(off, first, rest, 24, sampling)
+    finally:
+        on.stop()
+        off.stop()
+    assert [ids for ids, _ in with_reuse] == [ids for ids, _ in without]
+    assert with_reuse[1][1] > 0 and with_reuse[2][1] >= with_reuse[1][1]
+
+
+def test_both_fronts_report_cached_prompt_tokens_and_take_a_salt(model_dir: Path) -> None:
+    srv = started(base_config(model_dir, http_port=-1))
+    try:
+        prompt = "Both fronts report reused prompt tokens. " * 10
+        req = pb.GenerateRequest(prompt=prompt, stopping=pb.StoppingCriteria(max_new_tokens=2), cache_salt="t")
+        _, first = grpc_text(srv, req)
+        _, second = grpc_text(srv, req)
+        assert first.usage.cached_prompt_tokens == 0 and second.usage.cached_prompt_tokens > 0
+        assert second.usage.cached_prompt_tokens < second.usage.prompt_tokens
+        sdk = client(srv)
+        body = {"model": model_name(srv), "prompt": prompt, "max_tokens": 2, "temperature": 0}
+        other_salt = sdk.completions.create(**body, extra_body={"cache_salt": "u"})  # type: ignore[call-overload]
+        assert other_salt.usage.prompt_tokens_details.cached_tokens == 0
+        same_salt = sdk.completions.create(**body, extra_body={"cache_salt": "t"})  # type: ignore[call-overload]
+        assert same_salt.usage.prompt_tokens_details.cached_tokens == second.usage.cached_prompt_tokens
+        assert srv.engine.info.prefix_cache_bytes > 0 and srv.engine.info.prefix_cache_scope == "caller"
+    finally:
+        srv.close()
