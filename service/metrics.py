@@ -53,6 +53,14 @@ class _EngineCollector(Collector):
                                   "below its share", value=s.displaced)
         yield CounterMetricFamily("tokenstream_slow_readers", "Streams ended because their reader stopped reading",
                                   value=s.slow_readers)
+        yield CounterMetricFamily("tokenstream_prefix_cache_queries", "Prompts looked up in the prefix cache",
+                                  value=s.prefix_queries)
+        yield CounterMetricFamily("tokenstream_prefix_cache_hits", "Prompt lookups that reused at least one block",
+                                  value=s.prefix_hits)
+        yield CounterMetricFamily("tokenstream_prefix_cache_reused_tokens", "Prompt positions copied from the prefix "
+                                  "cache instead of prefilled", value=s.prefix_reused_tokens)
+        yield GaugeMetricFamily("tokenstream_prefix_cache_bytes", "Bytes of K/V kept for prefix reuse",
+                                value=s.prefix_cache_bytes)
         yield from _model_server_protocol(s)
 
 

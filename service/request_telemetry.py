@@ -84,7 +84,8 @@ class RequestRecord:
             fields["error"] = error
         if final is not None:
             fields.update(finish_reason=final.finish.value if final.finish else None,
-                          prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens)
+                          prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens,
+                          cached_prompt_tokens=final.cached_prompt_tokens)
             if final.timings is not None:
                 t = final.timings
                 fields.update(queue_ms=round(t.queue_ms, 3), ttft_ms=round(t.ttft_ms, 3),
@@ -98,6 +99,8 @@ class RequestRecord:
     def _usage(self, chunk: Chunk) -> None:
         span = self.span
         span.set_attribute("gen_ai.usage.input_tokens", chunk.prompt_tokens)
+        # Of those, reused from the prefix cache instead of prefilled (OpenAI's prompt_tokens_details.cached_tokens).
+        span.set_attribute("tokenstream.usage.cached_input_tokens", chunk.cached_prompt_tokens)
         span.set_attribute("gen_ai.usage.output_tokens", chunk.completion_tokens)
         span.set_attribute("gen_ai.response.finish_reasons", [chunk.finish.value] if chunk.finish else [])
         if chunk.timings is None:

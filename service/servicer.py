@@ -187,6 +187,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             has_chat_template=info.has_chat_template,
             max_top_n=cfg.max_top_n,
             recommended_sampling=to_sampling_params(recommended_sampling(info.generation_defaults)),
+            prefix_cache=pb.PrefixCachePolicy(budget_bytes=info.prefix_cache_bytes,
+                                              block_positions=info.prefix_cache_block, scope=info.prefix_cache_scope),
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tests.support.servers import base_config, started
 from tests.test_engine import make_engine, run_many
 from tests.test_http import client, grpc_text, model_name
 from tokenstream.v1 import generation_pb2 as pb
+from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 
 GREEDY = SamplingOptions()
 SEEDED = SamplingOptions(temperature=0.8, top_k=40, seed=1234)
@@ -162,5 +164,50 @@ def test_both_fronts_report_cached_prompt_tokens_and_take_a_salt(model_dir: Path
         same_salt = sdk.completions.create(**body, extra_body={"cache_salt": "t"})  # type: ignore[call-overload]
         assert same_salt.usage.prompt_tokens_details.cached_tokens == second.usage.cached_prompt_tokens
         assert srv.engine.info.prefix_cache_bytes > 0 and srv.engine.info.prefix_cache_scope == "caller"
+    finally:
+        srv.close()
+
+
+def test_metrics_count_lookups_hits_and_reused_tokens_and_model_info_states_the_policy(model_dir: Path) -> None:
+    """The counters say what happened: two lookups of the same prompt, one hit, the reused positions equal to what
+    the second request's usage reports; GetModelInfo states the policy the engine runs."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    srv = started(base_config(model_dir, metrics_port=-1, prefix_cache_scope="shared"))
+    try:
+        req = pb.GenerateRequest(prompt="Counted prompt tokens, block by block. " * 10,
+                                 stopping=pb.StoppingCriteria(max_new_tokens=2))
+        grpc_text(srv, req)
+        _, second = grpc_text(srv, req)
+        assert srv.engine.wait_until(lambda s: s.active == 0, 60)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{srv.running.metrics_port}/metrics", timeout=10).read()
+        seen = {s.name: s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+        assert seen["tokenstream_prefix_cache_queries_total"] == 2
+        assert seen["tokenstream_prefix_cache_hits_total"] == 1
+        assert seen["tokenstream_prefix_cache_reused_tokens_total"] == second.usage.cached_prompt_tokens > 0
+        assert seen["tokenstream_prefix_cache_bytes"] > 0
+        with srv.channel() as ch:
+            info = pb_grpc.GenerationServiceStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+        policy = info.prefix_cache
+        assert (policy.budget_bytes, policy.block_positions, policy.scope) == (1024 << 20, 32, "shared")
+    finally:
+        srv.close()
+
+
+def test_the_span_counts_the_reused_prompt_tokens(model_dir: Path) -> None:
+    from tests.support.tracing import Spans
+
+    spans = Spans()
+    srv = started(base_config(model_dir), tracer_provider=spans.provider)
+    try:
+        req = pb.GenerateRequest(prompt="A traced prompt, reused the second time. " * 10,
+                                 stopping=pb.StoppingCriteria(max_new_tokens=2))
+        grpc_text(srv, req)
+        _, second = grpc_text(srv, req)
+        first_span, second_span = sorted(spans.finished("/tokenstream.v1.GenerationService/Generate", count=2),
+                                         key=lambda s: s.start_time or 0)
+        assert dict(first_span.attributes or {})["tokenstream.usage.cached_input_tokens"] == 0
+        reused = dict(second_span.attributes or {})["tokenstream.usage.cached_input_tokens"]
+        assert reused == second.usage.cached_prompt_tokens > 0
     finally:
         srv.close()

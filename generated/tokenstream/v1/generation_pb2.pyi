@@ -213,7 +213,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "architecture", "max_context_length", "max_new_tokens", "vocab_size", "eos_token_ids", "dtype", "device", "max_batch_size", "has_chat_template", "max_top_n", "recommended_sampling")
+    __slots__ = ("model_name", "architecture", "max_context_length", "max_new_tokens", "vocab_size", "eos_token_ids", "dtype", "device", "max_batch_size", "has_chat_template", "max_top_n", "recommended_sampling", "prefix_cache")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +226,7 @@ class GetModelInfoResponse(_message.Message):
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOP_N_FIELD_NUMBER: _ClassVar[int]
     RECOMMENDED_SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     max_context_length: int
@@ -238,4 +239,15 @@ class GetModelInfoResponse(_message.Message):
     has_chat_template: bool
     max_top_n: int
     recommended_sampling: SamplingParams
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context_length: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., max_top_n: _Optional[int] = ..., recommended_sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    prefix_cache: PrefixCachePolicy
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context_length: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., max_top_n: _Optional[int] = ..., recommended_sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., prefix_cache: _Optional[_Union[PrefixCachePolicy, _Mapping]] = ...) -> None: ...
+
+class PrefixCachePolicy(_message.Message):
+    __slots__ = ("budget_bytes", "block_positions", "scope")
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    budget_bytes: int
+    block_positions: int
+    scope: str
+    def __init__(self, budget_bytes: _Optional[int] = ..., block_positions: _Optional[int] = ..., scope: _Optional[str] = ...) -> None: ...
