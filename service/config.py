@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -84,7 +85,7 @@ class Config:
                 raise ValueError(f"trusted_proxies: {exc}") from exc
         self.priorities  # noqa: B018 -- parsed at start, so a bad value stops the server with its name
 
-    @property
+    @functools.cached_property  # read on every call (calls.read_call): parsed once
     def priorities(self) -> dict[str, int]:
         """objective_priorities as a mapping; ValueError naming the setting when an entry is not name=integer."""
         out: dict[str, int] = {}

@@ -11,7 +11,7 @@ picker reads by default, vLLM's, so that an InferencePool of tokenstream pods ne
 `vllm:num_requests_waiting` (TotalQueuedRequests), `vllm:num_requests_running` (TotalRunningRequests),
 `vllm:kv_cache_usage_perc` (KVCacheUtilization, a 0-1 fraction of the blocks the cache holds at its maximum) and
 `vllm:cache_config_info{block_size,num_gpu_blocks}` (BlockSize, NumGPUBlocks; value 1, as vLLM's info gauge).
-Prefix-cache counters are left out until the engine reuses prefixes. The registry is served on the metrics port
+The registry is served on the metrics port
 and at GET /metrics on the HTTP port, where the picker scrapes by default.
 """
 
@@ -31,6 +31,18 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
 
+# Counters the engine keeps in EngineStats: (metric name, description, EngineStats field).
+_ENGINE_COUNTERS = (
+    ("tokenstream_preemptions", "Sequences sent back to the queue for another caller", "preemptions"),
+    ("tokenstream_displaced", "Queued requests refused to make room for a caller below its share", "displaced"),
+    ("tokenstream_slow_readers", "Streams ended because their reader stopped reading", "slow_readers"),
+    ("tokenstream_prefix_cache_queries", "Prompts looked up in the prefix cache", "prefix_queries"),
+    ("tokenstream_prefix_cache_hits", "Prompt lookups that reused at least one block", "prefix_hits"),
+    ("tokenstream_prefix_cache_reused_tokens", "Prompt positions copied from the prefix cache instead of prefilled",
+     "prefix_reused_tokens"),
+)
+
+
 class _EngineCollector(Collector):
     """Gauges read from the engine at scrape time, so the decode loop does no bookkeeping for them."""
 
@@ -47,18 +59,8 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("tokenstream_kv_cache_fill_ratio",
                                 "Cached positions over max_slots * max_context", value=s.kv_fill_ratio)
         yield GaugeMetricFamily("tokenstream_kv_cache_bytes", "Bytes allocated to the KV cache", value=s.cache_bytes)
-        yield CounterMetricFamily("tokenstream_preemptions", "Sequences sent back to the queue for another caller",
-                                  value=s.preemptions)
-        yield CounterMetricFamily("tokenstream_displaced", "Queued requests refused to make room for a caller "
-                                  "below its share", value=s.displaced)
-        yield CounterMetricFamily("tokenstream_slow_readers", "Streams ended because their reader stopped reading",
-                                  value=s.slow_readers)
-        yield CounterMetricFamily("tokenstream_prefix_cache_queries", "Prompts looked up in the prefix cache",
-                                  value=s.prefix_queries)
-        yield CounterMetricFamily("tokenstream_prefix_cache_hits", "Prompt lookups that reused at least one block",
-                                  value=s.prefix_hits)
-        yield CounterMetricFamily("tokenstream_prefix_cache_reused_tokens", "Prompt positions copied from the prefix "
-                                  "cache instead of prefilled", value=s.prefix_reused_tokens)
+        for name, description, stat in _ENGINE_COUNTERS:
+            yield CounterMetricFamily(name, description, value=getattr(s, stat))
         yield GaugeMetricFamily("tokenstream_prefix_cache_bytes", "Bytes of K/V kept for prefix reuse",
                                 value=s.prefix_cache_bytes)
         yield from _model_server_protocol(s)

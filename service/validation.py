@@ -66,8 +66,9 @@ class GenerateParams:
     """One Generate request whichever front it came through, unchecked (a front fills it as it parses). Field paths
     in errors are the gRPC contract's ("sampling.top_p"); the HTTP front spells them the OpenAI way."""
 
-    prompt: str = ""  # "" is unset; set either prompt or messages
+    prompt: str = ""  # "" is unset; set one of prompt, messages and prompt_ids
     messages: tuple[Message, ...] = ()
+    prompt_ids: tuple[int, ...] | None = None  # a prompt the caller tokenized itself (vLLM's contract)
     sampling: Sampling = Sampling()
     max_new_tokens: int | None = None
     min_new_tokens: int = 0
@@ -146,7 +147,14 @@ def _check_stopping(p: GenerateParams, cfg: Config, max_context: int,
     return max_new, min(time_limit, cfg.max_request_ms)
 
 
-def _prompt_ids(p: GenerateParams, cfg: Config, tok: Tokenizing, bad: list[FieldViolation]) -> list[int] | None:
+def _prompt_ids(p: GenerateParams, cfg: Config, tok: Tokenizing, vocab_size: int,
+                bad: list[FieldViolation]) -> list[int] | None:
+    if p.prompt_ids is not None:
+        if p.prompt or p.messages:
+            bad.append(FieldViolation("prompt_ids", "set either prompt_ids or a prompt, not both"))
+        elif any(not 0 <= i < vocab_size for i in p.prompt_ids):
+            bad.append(FieldViolation("prompt_ids", f"ids must be below the vocabulary's {vocab_size}"))
+        return None if bad else list(p.prompt_ids)
     if p.prompt and p.messages:
         bad.append(FieldViolation("messages", "set either prompt or messages, not both"))
         return None
@@ -199,9 +207,9 @@ def to_generation_request(p: GenerateParams, cfg: Config, engine: EngineClient,
     if sum(len(m.role.encode("utf-8")) + len(m.content.encode("utf-8")) for m in p.messages) > cfg.max_prompt_bytes:
         bad.append(FieldViolation("messages", f"longer than {cfg.max_prompt_bytes} bytes in all"))
     compiled = _check_constraint(p, engine, bad)
-    ids = _prompt_ids(p, cfg, tok, bad)
+    ids = _prompt_ids(p, cfg, tok, engine.info.vocab_size, bad)
     if ids is not None and not bad:
-        field = "messages" if p.messages else "prompt"
+        field = "messages" if p.messages else "prompt_ids" if p.prompt_ids is not None else "prompt"
         if not ids:
             bad.append(FieldViolation(field, "has no tokens"))
         elif len(ids) >= max_context:

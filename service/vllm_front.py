@@ -23,7 +23,6 @@ message's (as vLLM's delta outputs have it); otherwise one GenerateComplete with
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -37,9 +36,9 @@ from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
 from service.callers import peer_ip
-from service.calls import CallInfo, Front, metadata_headers, read_call, with_request_id
+from service.calls import Front, metadata_headers, read_call, with_request_id
 from service.engine.api import KV_BLOCK, EngineClient
-from service.engine.types import Chunk, Finish, GenerationRequest
+from service.engine.types import Chunk, Finish
 from service.errors import FieldViolation, InvalidRequestError, NotReadyError, ShuttingDownError, abort
 from service.generation import GenerateLifecycle, GenerateRunner
 from service.grpc_handlers import register, require_decoded
@@ -60,7 +59,7 @@ FINISH = {
 FIELD_NAMES = {
     "sampling.": "sampling_params.", "stopping.max_new_tokens": "sampling_params.max_tokens",
     "stopping.min_new_tokens": "sampling_params.min_tokens", "stopping.stop_sequences": "sampling_params.stop",
-    "response.top_n": "sampling_params.logprobs", "prompt": "text",
+    "response.top_n": "sampling_params.logprobs", "prompt": "text", "prompt_ids": "tokenized.input_ids",
 }
 # Set fields that are refused: (path, what it is set to mean).
 _UNSUPPORTED_SAMPLING = ("min_p", "frequency_penalty", "presence_penalty", "stop_token_ids", "ignore_eos",
@@ -78,8 +77,8 @@ def _is_set(msg: Any, name: str) -> bool:
     return bool(getattr(msg, name))
 
 
-def to_params(req: vpb.GenerateRequest) -> tuple[GenerateParams, tuple[int, ...] | None]:
-    """The request as the shared model has it, and its token ids when it came tokenized (else None)."""
+def to_params(req: vpb.GenerateRequest) -> GenerateParams:
+    """The request as the shared model has it (a tokenized input as prompt_ids)."""
     require_decoded(req)
     bad: list[FieldViolation] = []
     s = req.sampling_params
@@ -106,10 +105,9 @@ def to_params(req: vpb.GenerateRequest) -> tuple[GenerateParams, tuple[int, ...]
         bad.append(FieldViolation("text", "set text or tokenized"))
     if bad:
         raise InvalidRequestError(bad)
-    params = GenerateParams(
-        # A tokenized request is validated with a one-character stand-in prompt; its ids replace the stand-in's
-        # (_TokenizedLifecycle): the shared GenerateParams has no field for token ids.
-        prompt=req.text if ids is None else _STAND_IN,
+    return GenerateParams(
+        prompt=req.text if ids is None else "",
+        prompt_ids=ids,
         sampling=Sampling(temperature=s.temperature if s.HasField("temperature") else None,
                           top_k=s.top_k or None, top_p=s.top_p or None,
                           repetition_penalty=s.repetition_penalty or None,
@@ -121,10 +119,6 @@ def to_params(req: vpb.GenerateRequest) -> tuple[GenerateParams, tuple[int, ...]
         logprobs=s.HasField("logprobs"),
         top_n=s.logprobs if s.HasField("logprobs") else 0,
     )
-    return params, ids
-
-
-_STAND_IN = "x"
 
 
 def _renamed(exc: InvalidRequestError) -> InvalidRequestError:
@@ -135,34 +129,6 @@ def _renamed(exc: InvalidRequestError) -> InvalidRequestError:
         return path
 
     return InvalidRequestError([FieldViolation(name(v.field), v.description) for v in exc.violations])
-
-
-class _TokenizedLifecycle(GenerateLifecycle):
-    """The shared lifecycle for a request that came as token ids: validated as the shared model validates a
-    prompt (sampling, stopping, limits), then the ids checked against the model and the limits, and used."""
-
-    def __init__(self, runner: GenerateRunner, params: GenerateParams, call: CallInfo,
-                 ids: tuple[int, ...]) -> None:
-        super().__init__(runner, params, call)
-        self.ids = ids
-
-    def _request(self, engine: EngineClient) -> tuple[GenerationRequest, int]:
-        req, limit_ms = super()._request(engine)
-        info, cfg = engine.info, self.state.config
-        bad = []
-        if not self.ids:
-            bad.append(FieldViolation("tokenized.input_ids", "must not be empty"))
-        elif any(i >= info.vocab_size for i in self.ids):
-            bad.append(FieldViolation("tokenized.input_ids", f"ids must be below the vocabulary's {info.vocab_size}"))
-        elif len(self.ids) >= info.max_context:
-            bad.append(FieldViolation("tokenized.input_ids", f"is {len(self.ids)} tokens; the context holds "
-                                      f"{info.max_context}, including at least one generated token"))
-        elif cfg.max_prompt_tokens and len(self.ids) > cfg.max_prompt_tokens:
-            bad.append(FieldViolation("tokenized.input_ids", f"is {len(self.ids)} tokens; at most "
-                                      f"{cfg.max_prompt_tokens} are allowed"))
-        if bad:
-            raise InvalidRequestError(bad)
-        return dataclasses.replace(req, prompt_ids=list(self.ids)), limit_ms
 
 
 def _logprobs(chunks: list[Chunk], params: GenerateParams) -> vpb.OutputLogProbs | None:
@@ -209,13 +175,12 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):
                          {"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": "Generate"},
                          remaining_s=context.time_remaining())
         try:
-            params, ids = to_params(request)
+            params = to_params(request)
         except InvalidRequestError as exc:
             self.runner.reject(call, exc)
             await abort(context, exc)
         call = with_request_id(call, request.request_id)
-        life = (GenerateLifecycle(self.runner, params, call) if ids is None
-                else _TokenizedLifecycle(self.runner, params, call, ids))
+        life = GenerateLifecycle(self.runner, params, call)
         rid = request.request_id
         if rid:
             self._running[rid] = life

@@ -237,6 +237,8 @@ def test_a_dead_engine_fails_streams_health_and_new_requests_fast(model_dir: Pat
             for msg in statuses:
                 if msg.status == NOT_SERVING:
                     break
+            else:
+                pytest.fail("health's Watch ended without NOT_SERVING")
             statuses.cancel()
     finally:
         srv.close()
