@@ -7,9 +7,10 @@ import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from service.admission import SLO_HEADERS
-from service.callers import OBJECTIVE, Caller, bearer_token, identify, vouched
+from service.callers import OBJECTIVE, Caller, bearer_token, identify, peer_ip, vouched
 from service.engine.api import ModelInfo
 from service.state import ServerState
 from service.validation import Sampling
@@ -61,6 +62,13 @@ def read_call(state: ServerState, headers: Mapping[str, str], peer: str, front: 
                     carrier=headers, span_attributes=span_attributes,
                     priority=state.config.priorities.get(naming.get(OBJECTIVE, ""), 0),
                     slo_headers={k: headers[k] for k in SLO_HEADERS if k in headers})
+
+
+def read_grpc_call(state: ServerState, context: Any, front: Front, service: str, method: str) -> CallInfo:
+    """read_call for a gRPC method of `service` (its full name): the metadata, the peer, the caller's deadline."""
+    attributes: dict[str, str | int] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+    return read_call(state, metadata_headers(context.invocation_metadata() or ()), peer_ip(context.peer() or ""),
+                     front, f"/{service}/{method}", attributes, remaining_s=context.time_remaining())
 
 
 def with_request_id(call: CallInfo, given: str) -> CallInfo:

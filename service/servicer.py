@@ -11,8 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 from google.rpc import code_pb2
 
-from service.callers import peer_ip
-from service.calls import Front, metadata_headers, read_call
+from service.calls import Front, read_grpc_call
 from service.engine.types import Chunk, Finish
 from service.errors import (
     FieldViolation,
@@ -124,10 +123,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        call = read_call(self.state, metadata_headers(context.invocation_metadata() or ()),
-                         peer_ip(context.peer() or ""), GRPC, GENERATE,
-                         {"rpc.system": "grpc", "rpc.service": GENERATE.split("/")[1], "rpc.method": "Generate"},
-                         remaining_s=context.time_remaining())
+        call = read_grpc_call(self.state, context, GRPC, GENERATE.split("/")[1], "Generate")
         try:
             params = to_params(request)
         except InvalidRequestError as exc:

@@ -35,8 +35,7 @@ from google.rpc import code_pb2
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
-from service.callers import peer_ip
-from service.calls import Front, metadata_headers, read_call, with_request_id
+from service.calls import Front, read_grpc_call, with_request_id
 from service.engine.api import KV_BLOCK, EngineClient
 from service.engine.types import Chunk, Finish
 from service.errors import FieldViolation, InvalidRequestError, NotReadyError, ShuttingDownError, abort
@@ -169,11 +168,7 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):
     async def Generate(self, request: vpb.GenerateRequest,  # noqa: N802 -- gRPC method names
                        context: grpc.aio.ServicerContext) -> AsyncIterator[vpb.GenerateResponse]:
         self.last_receive = time.time()
-        span = f"/{SERVICE_NAME}/Generate"
-        call = read_call(self.state, metadata_headers(context.invocation_metadata() or ()),
-                         peer_ip(context.peer() or ""), VLLM, span,
-                         {"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": "Generate"},
-                         remaining_s=context.time_remaining())
+        call = read_grpc_call(self.state, context, VLLM, SERVICE_NAME, "Generate")
         try:
             params = to_params(request)
         except InvalidRequestError as exc:
