@@ -10,13 +10,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 
-from service.engine.api import EngineConfig, default_model_cache
+from service.engine.api import EngineConfig, check_bounds, default_model_cache, setting
 
 
 @dataclass(frozen=True)
 class Config:
     host: str = "127.0.0.1"
-    port: int = 50051
+    port: int = setting(50051, at_least=0, at_most=65535)
     # A registered name (`python -m service.models list`), or a checkpoint: a directory in the Hugging Face or
     # PaddleFormers layout, a .gguf file, or a directory holding one .gguf (dequantized to float32 at load, with a
     # float32 cache written next to it, or under ~/.cache/tokenstream/gguf where that is read-only), or
@@ -27,32 +27,39 @@ class Config:
     # whose origin you trust. Off, such a checkpoint is refused before a byte of it is unpickled.
     trust_pickle: bool = False
     # Limits of a request
-    max_new_tokens: int = 256  # default when a request leaves it unset
-    max_new_tokens_limit: int = 2048  # largest a request may ask for (capped by the context)
-    max_request_ms: int = 120_000  # server-side maximum request time: ends a stream with TIME_LIMIT
-    deadline_margin_ms: int = 50  # end gracefully this long (or two decode steps, if longer) before the deadline
-    max_prompt_bytes: int = 65_536
-    max_prompt_tokens: int = 0  # 0: whatever fits the context with one generated token
-    max_stop_sequences: int = 8
-    max_stop_sequence_chars: int = 256
-    max_top_n: int = 10
-    max_messages: int = 256
-    max_metadata_bytes: int = 8192
-    max_receive_message_bytes: int = 1_048_576
+    max_new_tokens: int = setting(256, at_least=1)  # default when a request leaves it unset
+    max_new_tokens_limit: int = setting(2048, at_least=1)  # largest a request may ask for (capped by the context)
+    # server-side maximum request time: ends a stream with TIME_LIMIT
+    max_request_ms: int = setting(120_000, at_least=1)
+    # end gracefully this long (or two decode steps, if longer) before the deadline
+    deadline_margin_ms: int = setting(50, at_least=0)
+    max_prompt_bytes: int = setting(65_536, at_least=1)
+    max_prompt_tokens: int = setting(0, at_least=0)  # 0: whatever fits the context with one generated token
+    max_stop_sequences: int = setting(8, at_least=0)
+    max_stop_sequence_chars: int = setting(256, at_least=1)
+    max_top_n: int = setting(10, at_least=0)
+    max_messages: int = setting(256, at_least=1)
+    max_metadata_bytes: int = setting(8192, at_least=1)
+    max_receive_message_bytes: int = setting(1_048_576, at_least=1)
     engine: EngineConfig = field(default_factory=EngineConfig)
     # sys.setswitchinterval. Measured (bench/): at Python's 5 ms the event loop's p99 lateness next to a batch-8
     # decode was no worse than at 1 ms, and batch-1 throughput was better, since Paddle ops release the GIL.
-    switch_interval_ms: float = 5.0
+    switch_interval_ms: float = setting(5.0, above=0)
     # Operations
-    grace_s: float = 20.0  # drain time for in-flight streams after SIGTERM
-    metrics_port: int = 0  # Prometheus exposition; 0 turns it off, -1 picks a free port
-    http_port: int = 0  # the OpenAI-compatible HTTP front and its chat page at /; 0 turns it off, -1 picks a free port
+    grace_s: float = setting(20.0, at_least=0)  # drain time for in-flight streams after SIGTERM
+    # Prometheus exposition; 0 turns it off, -1 picks a free port
+    metrics_port: int = setting(0, at_least=-1, at_most=65535)
+    # the OpenAI-compatible HTTP front and its chat page at /; 0 turns it off, -1 picks a free port
+    http_port: int = setting(0, at_least=-1, at_most=65535)
     # Comma-separated Host header values the HTTP front answers (e.g. "llm.example.com,10.0.0.5:8000"), against
     # DNS rebinding; empty: any host.
     allowed_hosts: str = ""
-    http_header_timeout_s: float = 5.0  # an HTTP connection that has not sent a request's headers by then is closed
-    http_max_connections: int = 1024  # open HTTP connections; a connection beyond them is closed at once
-    watchdog_s: float = 30.0  # liveness fails when no engine iteration for this long while work is queued
+    # an HTTP connection that has not sent a request's headers by then is closed
+    http_header_timeout_s: float = setting(5.0, above=0)
+    # open HTTP connections; a connection beyond them is closed at once
+    http_max_connections: int = setting(1024, at_least=1)
+    # liveness fails when no engine iteration for this long while work is queued
+    watchdog_s: float = setting(30.0, above=0)
     log_text: bool = False  # log prompts and outputs (off: privacy)
     # Callers: who a call comes from (service/callers.py), and optional per-caller limits (0: off)
     # A metadata key / header naming the caller (e.g. x-llm-d-inference-fairness-id), honoured only from a trusted
@@ -67,8 +74,10 @@ class Config:
     objective_priorities: str = ""
     caller_class_key: str = "x-caller-class"  # names the caller's class, for metrics
     caller_classes: str = ""  # comma-separated: the classes metrics may carry; any other is "default"
-    caller_tokens_per_s: float = 0.0  # generated tokens per second one caller may use, on average (0: no cap)
-    caller_token_burst: int = 0  # tokens a caller may use at once before the rate applies (0: 10 s of its rate)
+    # generated tokens per second one caller may use, on average (0: no cap)
+    caller_tokens_per_s: float = setting(0.0, at_least=0)
+    # tokens a caller may use at once before the rate applies (0: 10 s of its rate)
+    caller_token_burst: int = setting(0, at_least=0)
     # Security
     tls_cert: str = ""
     tls_key: str = ""
@@ -78,6 +87,7 @@ class Config:
     auth_reflection: bool = False  # whether reflection needs the bearer token too
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         for part in filter(None, (p.strip() for p in self.trusted_proxies.split(","))):
             try:
                 ipaddress.ip_network(part, strict=False)

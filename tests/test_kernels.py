@@ -17,7 +17,7 @@ import pytest
 
 from service.engine import kernels
 from service.engine.checkpoints.loader import LoadedModel, load_model
-from service.engine.decoder import LlamaDecoder, PrefillChunk
+from service.engine.decoder import DecoderOptions, LlamaDecoder, PrefillChunk
 from service.engine.kernels import Kernels, choose
 from service.engine.kv_cache import SlotKVCache
 from tests.gguf_files import smollm2_file
@@ -177,3 +177,15 @@ def test_the_setting_takes_auto_or_plain_from_a_flag_or_the_environment() -> Non
         load_config([], env={"TOKENSTREAM_KERNELS": "fused"})
     with pytest.raises(SystemExit):  # argparse names the flag and its choices on stderr
         load_config(["--kernels", "fused"], env={})
+
+
+def test_two_decode_threads_and_one_agree_on_smollm2(smollm2_model: LoadedModel) -> None:
+    """The engine's default (--decode-threads 0: two threads on two CPUs) against one: MKL splits the matmuls
+    differently, which may move the last bits, never a greedy token of these chats."""
+    cfg, w = smollm2_model.config, smollm2_model.weights
+    one = greedy_run(smollm2_model, LlamaDecoder(cfg, w, 512, "float32", options=DecoderOptions(threads=1)))
+    two = greedy_run(smollm2_model, LlamaDecoder(cfg, w, 512, "float32", options=DecoderOptions(threads=2)))
+    assert two[0] == one[0]
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(one[1], two[1], strict=True))
+    print(f"\n2 threads against 1: max |logit diff| {worst:.2e} over {STEPS} steps of 3 rows")
+    assert worst < LOGIT_TOL

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,6 +18,30 @@ PREFIX_SCOPES = ("caller", "shared")  # service/engine/prefix_cache.py SCOPES
 # positions (service/engine/attention.py KEY_BLOCK, the same number: tests/test_gateway.py checks it), so a sequence
 # of n positions occupies ceil(n / KV_BLOCK) of them.
 KV_BLOCK = 32
+AUTO_DECODE_THREADS = 2  # the most threads decode_threads=0 picks: the most ever measured (bench/PROFILE.md)
+
+
+def setting(default: Any, *, at_least: float | None = None, above: float | None = None, at_most: float | None = None,
+            choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with its bounds, declared beside its default: checked at start by check_bounds (a value out of
+    range stops the server with the setting's name), and the choices given to the flag's parser."""
+    meta = {k: v for k, v in (("at_least", at_least), ("above", above), ("at_most", at_most), ("choices", choices))
+            if v is not None}
+    return field(default=default, metadata=meta)
+
+
+def check_bounds(config: Any) -> None:
+    """ValueError naming the first setting of a config dataclass whose value is outside its declared bounds."""
+    for f in fields(config):
+        value, meta = getattr(config, f.name), f.metadata
+        if "at_least" in meta and value < meta["at_least"]:
+            raise ValueError(f"{f.name}: must be at least {meta['at_least']}, not {value!r}")
+        if "above" in meta and value <= meta["above"]:
+            raise ValueError(f"{f.name}: must be above {meta['above']}, not {value!r}")
+        if "at_most" in meta and value > meta["at_most"]:
+            raise ValueError(f"{f.name}: must be at most {meta['at_most']}, not {value!r}")
+        if "choices" in meta and value not in meta["choices"]:
+            raise ValueError(f"{f.name}: {value!r} is not one of {', '.join(meta['choices'])}")
 
 
 def default_model_cache() -> Path:
@@ -27,30 +51,42 @@ def default_model_cache() -> Path:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_slots: int = 32  # sequences decoded together in one step
-    max_prefill_tokens: int = 256  # prompt tokens per step at most, across requests
+    max_slots: int = setting(32, at_least=1)  # sequences decoded together in one step
+    max_prefill_tokens: int = setting(256, at_least=1)  # prompt tokens per step at most, across requests
     # While streams decode, a step may carry prompt tokens worth this many decode steps of extra time (measured):
     # new prompts start soon, and running streams never freeze for a whole long prompt.
-    prefill_stall_steps: float = 1.5
-    max_context: int = 2048  # capped at the model's own limit when it loads
-    max_queue: int = 64  # waiting requests beyond the slots
-    max_backlog: int = 256  # undelivered chunks per stream before it is ended as a slow consumer
+    prefill_stall_steps: float = setting(1.5, above=0)
+    max_context: int = setting(2048, at_least=2)  # capped at the model's own limit when it loads
+    max_queue: int = setting(64, at_least=0)  # waiting requests beyond the slots
+    max_backlog: int = setting(256, at_least=1)  # undelivered chunks per stream before it is ended as a slow consumer
     # A stream whose reader has taken no message for this long while messages wait is ended ("the client
     # stopped reading"), and its slot freed: a write blocked on a full HTTP/2 window counts, however few wait.
-    slow_reader_s: float = 5.0
-    caller_max_streams: int = 0  # per caller, running or queued (0: no cap)
-    caller_max_queued: int = 0  # per caller, queued (0: no cap)
+    slow_reader_s: float = setting(5.0, above=0)
+    caller_max_streams: int = setting(0, at_least=0)  # per caller, running or queued (0: no cap)
+    caller_max_queued: int = setting(0, at_least=0)  # per caller, queued (0: no cap)
     device: str = "cpu"
     dtype: str = "float32"
     # Optional fused kernels (RMSNorm, SwiGLU): "auto" uses each where a child-process probe proved it on this CPU
     # (service/engine/kernels.py); "plain" never calls them. Either way the one-forward step runs.
-    kernels: str = field(default="auto", metadata={"choices": KERNEL_MODES})
+    kernels: str = setting("auto", choices=KERNEL_MODES)
+    # MKL/OpenMP threads in the decoder's ops. 0: one per CPU this process may use, at most AUTO_DECODE_THREADS (two
+    # threads on two cores: 1.26x / 1.6x / 1.5x tokens/s served at 1 / 8 / 32 streams, bench/PROFILE.md "Two cores";
+    # more were never measured).
+    decode_threads: int = setting(0, at_least=0)
     # Prefix reuse (service/engine/prefix_cache.py): K/V of ended or preempted sequences kept on the host, up to this
     # many MiB (SmolLM2: 46,080 bytes a position, so 1 GiB holds ~23,000), in blocks of KV_BLOCK positions; 0: off.
-    prefix_cache_mb: int = 1024
+    prefix_cache_mb: int = setting(1024, at_least=0)
     # Whose kept prefixes a request may reuse: its own caller's ("caller"), or every caller's ("shared"). A request's
     # cache_salt separates further either way.
-    prefix_cache_scope: str = field(default="caller", metadata={"choices": PREFIX_SCOPES})
+    prefix_cache_scope: str = setting("caller", choices=PREFIX_SCOPES)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+    @property
+    def threads(self) -> int:
+        """decode_threads with 0 resolved: the CPUs this process may run on, at most AUTO_DECODE_THREADS."""
+        return self.decode_threads or min(len(os.sched_getaffinity(0)), AUTO_DECODE_THREADS)
 
 
 @dataclass(frozen=True)

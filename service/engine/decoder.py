@@ -86,7 +86,8 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
 
 @dataclass(frozen=True)
 class DecoderOptions:
-    """The decoder's levers that only the benchmarks turn (bench/PROFILE.md); the engine runs the defaults."""
+    """The decoder's levers (bench/PROFILE.md): the engine sets threads (EngineConfig.decode_threads); the others only
+    the benchmarks turn."""
 
     threads: int | None = None  # MKL and OpenMP threads, set per call; None: Paddle's own (one on CPU)
     lm_head: str = "auto"  # "auto", or one forced: "numpy", "paddle" (NN on the copy), "paddle_nt"
