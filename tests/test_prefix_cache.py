@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from service.engine.checkpoints.loader import LoadedModel, load_model
+from service.engine.kv_cache import SlotKVCache
 from service.engine.prefix_cache import PrefixCache
 from service.engine.scheduler import Engine
 from service.engine.types import GenerationRequest, SamplingOptions
 from tests.gguf_files import smollm2_file
+from tests.support.engines import make_engine, run_many
+from tests.support.http_front import client, grpc_text, model_name
 from tests.support.servers import base_config, started
-from tests.test_engine import make_engine, run_many
-from tests.test_http import client, grpc_text, model_name
 from tokenstream.v1 import generation_pb2 as pb
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 
@@ -127,6 +128,49 @@ def test_the_budget_evicts_the_biggest_holder_first() -> None:
     assert store.lookup(store.namespace("small", ""), small, 8).positions == 8
     assert store.lookup(store.namespace("big", ""), big, 24).positions == 16  # its oldest leaves went first
     assert store.lookup(store.namespace("small", ""), np.arange(1, 9), 8).positions == 0  # tokens must match
+
+
+def test_a_store_never_evicts_a_caller_holding_no_more_than_the_one_storing() -> None:
+    """A 3-block budget: quiet keeps 2 blocks, then flood stores 2 (4 in all). Both hold 2: the tie goes against the
+    caller storing, which loses its oldest block, and quiet keeps both of its own."""
+    block_bytes = 2 * 4 * 4
+    store = PrefixCache(budget_bytes=3 * block_bytes, block=4)
+    cache = _FakeCache()
+    quiet, flood = np.arange(8), np.arange(50, 58)
+    store.store(cache, 0, store.namespace("quiet", ""), "quiet", quiet)  # type: ignore[arg-type]
+    store.store(cache, 0, store.namespace("flood", ""), "flood", flood)  # type: ignore[arg-type]
+    assert store.owner_bytes() == {"quiet": 2 * block_bytes, "flood": block_bytes}
+    assert store.lookup(store.namespace("quiet", ""), quiet, 8).positions == 8
+
+
+def test_slot_copies_are_exact_and_touch_only_the_positions_named() -> None:
+    """The cache's copies (the prefix cache's keep and restore, the packing move): the positions named, bit for bit,
+    in a grown cache (its rows depend on capacity and slots), and nothing else."""
+    cache = SlotKVCache(num_layers=3, max_slots=4, kv_heads=2, head_dim=8, max_context=256, dtype="float32")
+    cache.ensure(100, 4)
+    assert (cache.capacity, cache.slots) == (128, 4)
+    rng = np.random.default_rng(7)
+    k, v = (rng.standard_normal([3, 2, 40, 8]).astype(np.float32) for _ in range(2))
+    cache.write_slot(2, 32, k, v)
+    cache.move(2, 0, 72)
+
+    def expected_slot(slot: int) -> np.ndarray:
+        out = np.zeros([2, 3, 2, cache.capacity, 8], dtype=np.float32)  # K and V
+        if slot in (0, 2):
+            out[0, :, :, 32:72], out[1, :, :, 32:72] = k, v
+        return out
+
+    for slot in range(4):
+        assert np.array_equal(np.stack(cache.read_slot(slot, 0, cache.capacity)), expected_slot(slot)), slot
+    part_k, part_v = cache.read_slot(0, 40, 50)
+    assert np.array_equal(part_k, k[:, :, 8:18]) and np.array_equal(part_v, v[:, :, 8:18])
+    # A read is a copy, also where the positions read lie contiguous in the storage (one layer, one head).
+    single = SlotKVCache(num_layers=1, max_slots=1, kv_heads=1, head_dim=8, max_context=64, dtype="float32")
+    ones = np.ones([1, 1, 32, 8], dtype=np.float32)
+    single.write_slot(0, 0, ones, ones)
+    kept, _ = single.read_slot(0, 0, 32)
+    single.write_slot(0, 0, 2 * ones, 2 * ones)
+    assert np.array_equal(kept, ones)
 
 
 @pytest.fixture(scope="module")

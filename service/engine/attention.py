@@ -64,11 +64,11 @@ class Attention:
             views = self._active_views(cache, b)
             if any(gr.blocks is not None for gr in groups):
                 blocks = self._block_views(cache)
-        keys = np.arange(cap)[None, :]
         chunk_masks = []
-        for slot, start, c in chunks:
-            allowed = keys <= (start + np.arange(c))[:, None]  # [C, cap]
-            chunk_masks.append((slot, c, self.mask(allowed, (cfg.num_kv_heads, cfg.group_size, c, cap))))
+        for slot, start, c in chunks:  # over its own positions (to start + C, a whole block), not the capacity
+            span = min(cap, -(-(start + c) // KEY_BLOCK) * KEY_BLOCK)
+            allowed = np.arange(span)[None, :] <= (start + np.arange(c))[:, None]  # [C, span]
+            chunk_masks.append((slot, c, self.mask(allowed, (cfg.num_kv_heads, cfg.group_size, c, span))))
         return AttentionPlan(cfg, cache, b, groups, order, *views, *blocks, chunk_masks)
 
     def decode_groups(self, cache: SlotKVCache, positions: np.ndarray) -> tuple[list[RowGroup], paddle.Tensor | None]:
@@ -147,7 +147,7 @@ class AttentionPlan:
     v_views: list[paddle.Tensor]
     k_blocks: list[paddle.Tensor]  # per layer [slots kv cap/KEY_BLOCK, KEY_BLOCK d]; empty: no group gathers
     v_blocks: list[paddle.Tensor]
-    chunks: list[tuple[int, int, paddle.Tensor]]  # per prompt chunk (slot, C, mask [kv, g, C, cap])
+    chunks: list[tuple[int, int, paddle.Tensor]]  # per prompt chunk (slot, C, mask [kv, g, C, span])
 
     def layer(self, i: int, q: paddle.Tensor) -> paddle.Tensor:
         """Layer i's attention of the step's queries q [N, nh, d] (pre-scaled; the B decode rows first): [N, nh d]."""
@@ -192,11 +192,14 @@ class AttentionPlan:
     def _chunk(self, i: int, slot: int, q: paddle.Tensor, mask: paddle.Tensor) -> paddle.Tensor:
         """Attention of a chunk's C queries [C, nh, d] (pre-scaled) over its slot's cache: [C, nh d]."""
         cfg = self.cfg
-        c = int(q.shape[0])
-        kv, g, d, cap = cfg.num_kv_heads, cfg.group_size, cfg.head_dim, self.cache.capacity
+        c, span = int(q.shape[0]), int(mask.shape[-1])
+        kv, g, d = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
         k_cache, v_cache = self.cache.layer(i)  # [slots, kv, cap, d]
+        # Only the positions written so far: a 126-token turn at position 1,344 attends over 1,472 keys, not the
+        # 2,048 of the capacity (half the attention time of a chat's later turns, bench/PROFILE.md).
+        k, v = k_cache[slot, :, :span], v_cache[slot, :, :span]  # [kv, span, d]
         qg = q.transpose([1, 0, 2]).reshape([kv, g * c, d])  # [kv, g C, d]; no repeat_kv copy
-        scores = paddle.matmul(qg, k_cache[slot], transpose_y=True).reshape([kv, g, c, cap]) + mask
-        probs = F.softmax(scores, axis=-1).reshape([kv, g * c, cap])
-        out = paddle.matmul(probs, v_cache[slot])  # [kv, g C, d]
+        scores = paddle.matmul(qg, k, transpose_y=True).reshape([kv, g, c, span]) + mask
+        probs = F.softmax(scores, axis=-1).reshape([kv, g * c, span])
+        out = paddle.matmul(probs, v)  # [kv, g C, d]
         return out.reshape([cfg.num_heads, c, d]).transpose([1, 0, 2]).reshape([c, cfg.num_heads * d])

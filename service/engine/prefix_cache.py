@@ -7,8 +7,13 @@ that block. Each block holds its K and V for every layer, [layers, kv_heads, BLO
 when a sequence ends or is preempted and copied back into the slot of a new one, whose prefill then starts after it.
 
 Memory is bounded by a budget in bytes. Eviction takes the least recently used block of the owner (the caller who
-stored it) holding the most bytes: one caller's cache evicts its own before anyone else's. A lookup touches a chain
-leaf first and root last, so within an owner the leaves of a chain go before their parents.
+stored it) holding the most bytes, the one storing on a tie: one caller's cache evicts its own before anyone else's,
+and a store never evicts a caller holding no more than the caller storing. So however much one caller floods, each
+of n owners keeps what it holds up to budget / n. A lookup touches a chain leaf first and root last, so within an
+owner the leaves of a chain go before their parents.
+
+Copies go block by block between the host store and the slot (SlotKVCache.read_slot, write_slot): a keep copies
+only the blocks not stored yet.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
-import paddle
 
 from service.engine.kv_cache import SlotKVCache
 
@@ -116,11 +120,9 @@ class PrefixCache:
 
     def restore(self, cache: SlotKVCache, slot: int, hit: Hit) -> None:
         """Copy the hit's blocks into positions 0.. of `slot` (the cache must already hold hit.positions)."""
-        if not hit.keys:
-            return
-        k = np.concatenate([self._blocks[key].k for key in hit.keys], axis=2)
-        v = np.concatenate([self._blocks[key].v for key in hit.keys], axis=2)
-        cache.write_slot(slot, paddle.to_tensor(k), paddle.to_tensor(v))
+        for i, key in enumerate(hit.keys):
+            entry = self._blocks[key]
+            cache.write_slot(slot, i * self.block, entry.k, entry.v)
 
     def store(self, cache: SlotKVCache, slot: int, namespace: str, owner: str, tokens: np.ndarray) -> int:
         """Keep the full blocks of `tokens` (the slot's positions 0..len-1) not stored yet; returns positions copied."""
@@ -138,23 +140,22 @@ class PrefixCache:
         if not new:
             return 0
         start, end = first * self.block, (first + len(new)) * self.block
-        k, v = cache.read_slot(slot, start, end)
         lru = self._lru.setdefault(owner, OrderedDict())
         for i, (key, parent, raw) in enumerate(new):
-            cols = slice(i * self.block, (i + 1) * self.block)
-            entry = _Block(owner, parent, raw, np.ascontiguousarray(k[:, :, cols]), np.ascontiguousarray(v[:, :, cols]))
+            at = start + i * self.block
+            entry = _Block(owner, parent, raw, *cache.read_slot(slot, at, at + self.block))  # a copy per block
             self._blocks[key] = entry
             lru[key] = None
             self.nbytes += entry.nbytes
             self._owner_bytes[owner] = self._owner_bytes.get(owner, 0) + entry.nbytes
         self._touch([key for key, _, _ in chain[: first + len(new)]])
         self.stored_tokens += end - start
-        self._evict(keep={key for key, _, _ in new})
+        self._evict(owner, keep={key for key, _, _ in new})
         return end - start
 
-    def _evict(self, keep: set[bytes]) -> None:
+    def _evict(self, storing: str, keep: set[bytes]) -> None:
         while self.nbytes > self.budget and self._blocks:
-            owner = max(self._owner_bytes, key=lambda o: self._owner_bytes[o])
+            owner = max(self._owner_bytes, key=lambda o: (self._owner_bytes[o], o == storing))
             lru = self._lru[owner]
             key = next((k for k in lru if k not in keep), None) if len(keep) else next(iter(lru))
             if key is None:

@@ -1,7 +1,10 @@
 """Per-row token choice: greedy, or temperature/top-k/top-p sampling with a per-request seeded generator.
 
-Each sampled row draws exactly one uniform number per step from its own generator and picks by inverse CDF
-over candidates in a fixed order, so a seeded request's tokens do not depend on what else is in the batch.
+Each sampled row draws exactly one uniform number per step from its own generator and picks by inverse CDF over
+its candidates in id order, so a seeded request's tokens do not depend on what else is in the batch. Id order, not
+probability order: another batch changes the logits in their last bits (MKL blocks the matmuls by batch size), which
+reorders near-equal candidates; walked in id order, such a change moves a token only when the draw falls within
+rounding of a CDF boundary or the top-p cut.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ def sample_row(logits: np.ndarray, opts: SamplingOptions, rng: np.random.Generat
         return int(np.argmax(logits))
     z = logits / opts.temperature
     ids, probs = _candidates(z, opts.top_k, opts.top_p)
+    order = np.argsort(ids, kind="stable")  # id order: see the module's docstring
+    ids, probs = ids[order], probs[order]
     cdf = np.cumsum(probs)
     u = rng.random() * cdf[-1]
     return int(ids[min(int(np.searchsorted(cdf, u, side="right")), len(ids) - 1)])

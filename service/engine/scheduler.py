@@ -28,7 +28,7 @@ import paddle
 from service.engine.api import KV_BLOCK, EngineConfig, EngineStats, EngineStoppedError, ModelInfo
 from service.engine.checkpoints.loader import LoadedModel
 from service.engine.constraints import MaskBatch
-from service.engine.decoder import LlamaDecoder, PrefillChunk
+from service.engine.decoder import DecoderOptions, LlamaDecoder, PrefillChunk
 from service.engine.delivery import AsyncStream, Outbox, StreamHandle, iterate_sync
 from service.engine.fairness import (
     CallerAdmission,
@@ -61,7 +61,8 @@ class Engine:
         self._hooks = hooks  # None in production: test seams only
         paddle.set_device(self.config.device)
         kernels = select_kernels(self.config.kernels)
-        self.decoder = LlamaDecoder(model.config, model.weights, max_context, self.config.dtype, kernels=kernels)
+        self.decoder = LlamaDecoder(model.config, model.weights, max_context, self.config.dtype, kernels=kernels,
+                                    options=DecoderOptions(threads=self.config.threads))
         self.cache = SlotKVCache(
             model.config.num_layers, self.config.max_slots, model.config.num_kv_heads, model.config.head_dim,
             max_context, self.config.dtype,
@@ -73,6 +74,8 @@ class Engine:
         self._waiting = FairQueue()  # engine thread only
         self._active: list[SequenceState] = []  # decode rows; index == slot
         self._prefilling: SequenceState | None = None  # partly prefilled, at slot len(_active)
+        # Taken from the queue for this iteration's step and not yet placed by it: a failing iteration ends them too.
+        self._planned: list[SequenceState] = []
         self._outbox = Outbox()
         self._done: list[SequenceState] = []  # finished in this step, slots not yet freed
         self._steps = 0
@@ -250,6 +253,7 @@ class Engine:
         decode = bool(self._active) and (self._hooks is None or self._hooks.allow_decode())
         if plan or decode:
             self._step(plan, decode)
+        self._planned.clear()
         busy = bool(self._active or len(self._waiting) or self._prefilling)
         if self._busy and not busy:
             _return_heap()  # the burst is over: give its freed memory back
@@ -304,7 +308,8 @@ class Engine:
         self._release_done()
 
     def _everyone(self) -> list[SequenceState]:
-        return [*self._waiting, *self._running()]
+        running = self._running()
+        return [*self._waiting, *running, *(s for s in self._planned if all(s is not r for r in running))]
 
     def _prefill_budget(self) -> int:
         """Prompt tokens this iteration: all of max_prefill_tokens when nothing decodes; otherwise what keeps a step
@@ -330,6 +335,7 @@ class Engine:
             seq = self._waiting.pop_next(holders([*self._active, *(p[0] for p in plan)]))
             if seq is None:
                 break
+            self._planned.append(seq)
             seq.slot = len(self._active) + len(plan)
             if not seq.prefill_start_ns:
                 seq.prefill_start_ns = seq.handle.marks.prefill_start_ns = time.time_ns()
@@ -343,12 +349,23 @@ class Engine:
                 try:
                     self._hooks.before_prefill(seq.req.request_id)
                 except MemoryError as exc:  # an injected out-of-memory: this prompt only
-                    plan = plan[: [p[0] for p in plan].index(seq)]
+                    at = [p[0] for p in plan].index(seq)
+                    for later, _, _ in reversed(plan[at + 1:]):  # not this step's: back to the queue, in order
+                        self._unplan(later)
+                    plan = plan[:at]
                     self._oom(seq, exc)
                     break
         if plan and not plan[-1][2]:
             self._prefilling = plan[-1][0]
         return plan
+
+    def _unplan(self, seq: SequenceState) -> None:
+        """Return a planned prompt to the front of the queue as it was before planning."""
+        if seq is self._prefilling:
+            self._prefilling = None
+        seq.slot, seq.prefilled, seq.restore = -1, 0, None
+        self._planned.remove(seq)
+        self._waiting.push(seq, front=True)
 
     def _step(self, plan: list[tuple[SequenceState, int, bool]], decode: bool) -> None:
         """One forward: a token for every active row (when decoding), and this iteration's prompt chunks, sharing
@@ -420,8 +437,12 @@ class Engine:
         return hit.positions
 
     def _keep(self, seq: SequenceState) -> None:
-        """Copy the full blocks of what the sequence's slot holds into the prefix cache (those not there yet)."""
-        if seq.slot < 0 or seq.restore is not None or not self.prefix.enabled:
+        """Copy the full blocks of what the sequence's slot holds into the prefix cache (those not there yet).
+        Nothing once the engine is stopping or cancelling every stream (drain): no request will reuse them, and
+        copying would only hold back the streams' final messages."""
+        if not self.prefix.enabled or self._stopping or self._cancel_all:
+            return
+        if seq.slot < 0 or seq.restore is not None:
             return  # no slot, or a hit not copied in yet: the slot holds nothing of this sequence
         written = seq.cache_len if seq.prefilled >= len(seq.context) else seq.prefilled  # decoding, or prefilling
         if written < self.prefix.block:
@@ -498,6 +519,7 @@ class Engine:
         self._done = []
         self._waiting.clear()
         self._active.clear()
+        self._planned.clear()
         self._prefilling = None
 
     def _warmup(self) -> None:

@@ -1,4 +1,5 @@
-"""Helpers for tests of the HTTP front: its URL, SSE parsing, and a raw connection whose end the test controls."""
+"""Helpers for tests of the HTTP front: its URL and clients, the same request on gRPC, SSE parsing, the server's end of
+a connection, and a raw connection whose end the test controls."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import socket
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import openai
+
 from tests.support.servers import ServerThread
+from tokenstream.v1 import generation_pb2 as pb
+from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 
 DONE = "[DONE]"
 
@@ -16,6 +21,40 @@ DONE = "[DONE]"
 def base_url(server: ServerThread, scheme: str = "http") -> str:
     assert server.running.http_port, "the server was started without http_port"
     return f"{scheme}://127.0.0.1:{server.running.http_port}"
+
+
+def client(server: ServerThread, **kwargs: Any) -> openai.OpenAI:
+    kwargs.setdefault("api_key", "unused")
+    return openai.OpenAI(base_url=base_url(server) + "/v1", max_retries=0, timeout=60, **kwargs)
+
+
+def model_name(server: ServerThread) -> str:
+    return server.engine.info.name
+
+
+def grpc_messages(server: ServerThread, request: pb.GenerateRequest) -> list[pb.GenerateResponse]:
+    """The same request on the gRPC front, for comparing both fronts: every message of its stream."""
+    with server.channel() as ch:
+        return list(pb_grpc.GenerationServiceStub(ch).Generate(request, timeout=120))
+
+
+def grpc_text(server: ServerThread, request: pb.GenerateRequest) -> tuple[str, pb.GenerateResponse]:
+    msgs = grpc_messages(server, request)
+    return "".join(m.text for m in msgs), msgs[-1]
+
+
+async def _accepted_nodelay(server: ServerThread, client_port: int) -> int:
+    assert server.running.http is not None
+    for conn in server.running.http.server.server_state.connections:  # uvicorn's protocol, one per connection
+        if conn.client is not None and conn.client[1] == client_port:
+            return int(conn.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+    raise AssertionError(f"no accepted connection from port {client_port}")
+
+
+def accepted_nodelay(server: ServerThread, sock: socket.socket) -> int:
+    """TCP_NODELAY on the server's end of this client socket's connection (the accepted socket), read on the
+    server's loop."""
+    return int(server.call(_accepted_nodelay(server, sock.getsockname()[1])))
 
 
 def sse_payloads(lines: Iterable[str]) -> Iterator[Any]:
