@@ -7,8 +7,8 @@ NODE_MODULES := clients/node/node_modules/.package-lock.json
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: install serve test prepare prepare-llamacpp prepare-browser prepare-image proto proto-check lint deploy-check \
-	image-test ci bench soak clean
+.PHONY: install serve test test-deep prepare prepare-llamacpp prepare-browser prepare-image proto proto-check lint \
+	deploy-check image-test ci bench soak clean
 
 # The venv is (re)built whenever pyproject.toml changes. `serve` needs only the runtime;
 # the dev extra adds the test tools and the numerical references (paddleformers, torch CPU).
@@ -51,6 +51,12 @@ prepare-image:
 test: $(STAMP) $(NODE_MODULES) prepare
 	TOKENSTREAM_LLAMACPP_REQUIRED=1 $(PY) -m pytest $(PYTEST_ARGS)
 
+# The property tests under hypothesis's "deep" profile (tests/conftest.py): 200 examples each, new ones every run,
+# where `make test` runs the same 25. A failure prints the example and its @reproduce_failure blob.
+DEEP_TESTS ?= tests/test_contract.py
+test-deep: $(STAMP) $(NODE_MODULES) prepare
+	HYPOTHESIS_PROFILE=deep TOKENSTREAM_LLAMACPP_REQUIRED=1 $(PY) -m pytest $(DEEP_TESTS) $(PYTEST_ARGS)
+
 # Stubs are checked in; proto-check fails when regenerating them changes anything.
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I proto --python_out=generated --pyi_out=generated \
@@ -83,7 +89,7 @@ ci: lint proto-check deploy-check test
 bench: $(STAMP)
 	$(PY) -m bench.run $(if $(PEERS),--peers $(PEERS)) $(BENCH_ARGS)
 
-# The 10-minute soak of 64 streams (a 20 s version runs in `make test`).
+# The 10-minute soak of 64 streams, deadlines following the machine (a 400-request version runs in `make test`).
 soak: $(STAMP)
 	$(PY) -m tests.soak --streams 64 --minutes 10 --out bench/results/soak.json
 

@@ -120,6 +120,7 @@ async def wait_serving(target: str) -> None:
                                                                wait_for_ready=True):
             if msg.status == health_pb2.HealthCheckResponse.SERVING:
                 return
+    raise RuntimeError(f"health Watch of {target} ended without SERVING")
 
 
 def bearer(name: str) -> list[tuple[str, str]]:

@@ -1,6 +1,9 @@
-"""An independent, deliberately naive reference: a Llama forward in float64 numpy over the whole sequence.
+"""References for the decoder, and the one way its logits are compared with them.
 
-No KV cache, no batching, no Paddle: every step recomputes everything from the HF-layout weights on disk.
+- NumpyLlama: an independent, deliberately naive Llama forward in float64 numpy over the whole sequence. No KV
+  cache, no batching, no Paddle: every step recomputes everything from the HF-layout weights on disk.
+- our_logits / max_diff: our decoder's logits over a prompt prefilled in chunks and in one piece, then batched
+  decode steps, against a reference's logits for the same ids (tests/test_numerics.py, tests/test_gguf.py).
 """
 
 from __future__ import annotations
@@ -10,6 +13,13 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
+
+from service.engine.checkpoints.loader import LoadedModel
+from service.engine.decoder import LlamaDecoder
+from service.engine.kv_cache import SlotKVCache
+
+PROMPT, DECODE = 10, 3  # prompt tokens, then decode steps: a comparison covers PROMPT + DECODE ids
+MAX_CONTEXT = 64
 
 
 class NumpyLlama:
@@ -73,3 +83,29 @@ class NumpyLlama:
             out.append(tok)
             ids.append(tok)
         return out
+
+
+def our_logits(model: LoadedModel, ids: list[int], dtype: str = "float32",
+               weights: object = None) -> tuple[np.ndarray, np.ndarray]:
+    """(prefill logits [2, V]: slot 0 in two chunks, slot 1 in one; decode logits [DECODE, 2, V], both slots)."""
+    cfg = model.config
+    decoder = LlamaDecoder(cfg, weights or model.weights, MAX_CONTEXT, dtype)
+    cache = SlotKVCache(cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim, MAX_CONTEXT, dtype)
+    prompt = np.asarray(ids[:PROMPT], dtype=np.int64)
+    assert decoder.prefill(cache, 0, prompt[:6], 0, want_logits=False) is None
+    chunked = decoder.prefill(cache, 0, prompt[6:], 6, want_logits=True)
+    single = decoder.prefill(cache, 1, prompt, 0, want_logits=True)
+    steps = []
+    for s in range(DECODE):
+        pos = PROMPT + s
+        out = decoder.decode_step(cache, np.array([ids[pos]] * 2, dtype=np.int64), np.array([pos, pos]))
+        steps.append(np.asarray(out, dtype=np.float32))
+    return np.stack([np.asarray(chunked, dtype=np.float32), np.asarray(single, dtype=np.float32)]), np.stack(steps)
+
+
+def max_diff(model: LoadedModel, ref: np.ndarray, ids: list[int], **kw: object) -> float:
+    """Largest |our logit - reference logit| over the prefill and every decode step; `ref`: [T, V] for `ids`."""
+    prefill, decode = our_logits(model, ids, **kw)
+    diffs = [np.abs(prefill - ref[PROMPT - 1]).max()]
+    diffs += [np.abs(decode[s] - ref[PROMPT + s]).max() for s in range(DECODE)]
+    return float(max(diffs))

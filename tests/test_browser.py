@@ -24,9 +24,10 @@ from pathlib import Path
 import openai
 import pytest
 
+from service.config import Config
 from tests.support.hooks import StepGate
 from tests.support.http_front import base_url
-from tests.support.servers import ServerThread, base_config, started
+from tests.support.servers import ServerThread, base_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTEFACTS = ROOT / "build" / "browser-test"
@@ -75,10 +76,9 @@ def browser_packages() -> None:
 
 
 @pytest.fixture(scope="module")
-def demo_server() -> Iterator[ServerThread]:
-    srv = started(base_config("demo", http_port=-1), hooks=StepGate(gated=True))
-    yield srv
-    srv.close()
+def gated_config() -> Config:
+    """conftest's gated server (`gated_server`, with its `gate`) serves the demo model and the chat page."""
+    return base_config("demo", http_port=-1)
 
 
 @pytest.fixture(scope="module")
@@ -96,17 +96,6 @@ def browser(browser_packages: None) -> Iterator[WebDriver]:
             yield driver
         finally:
             driver.quit()
-
-
-@pytest.fixture
-def gate(demo_server: ServerThread) -> Iterator[StepGate]:
-    gate = demo_server.hooks
-    assert gate is not None
-    gate.close()
-    yield gate
-    gate.open()  # let anything left finish, then check nothing was
-    assert demo_server.engine.wait_until(lambda s: s.active + s.waiting == 0, WAIT_S)
-    gate.close()
 
 
 def open_page(driver: WebDriver, server: ServerThread) -> None:
@@ -142,6 +131,10 @@ def type_prompt(driver: WebDriver) -> None:
     assert box.get_attribute("value") == PROMPT_CJK + PROMPT_EMOJI
 
 
+def buttons(driver: WebDriver) -> dict[str, bool]:
+    return {name: driver.find_element(By.ID, name).is_enabled() for name in ("stop", "generate")}
+
+
 def set_setting(driver: WebDriver, element_id: str, value: str) -> None:
     box = driver.find_element(By.ID, element_id)
     driver.execute_script("arguments[0].closest('details').open = true", box)
@@ -149,10 +142,10 @@ def set_setting(driver: WebDriver, element_id: str, value: str) -> None:
     box.send_keys(value)
 
 
-def test_the_answer_streams_into_the_page_token_by_token(browser: WebDriver, demo_server: ServerThread,
+def test_the_answer_streams_into_the_page_token_by_token(browser: WebDriver, gated_server: ServerThread,
                                                          gate: StepGate) -> None:
-    engine = demo_server.engine
-    open_page(browser, demo_server)
+    engine = gated_server.engine
+    open_page(browser, gated_server)
     set_setting(browser, "max-tokens", "40")
     set_setting(browser, "temperature", "0")
     type_prompt(browser)
@@ -163,7 +156,7 @@ def test_the_answer_streams_into_the_page_token_by_token(browser: WebDriver, dem
     snapshots = []
     wait(browser, lambda d: answer(d) != "", "the first token")
     snapshots.append(answer(browser))
-    assert browser.find_element(By.ID, "stop").is_enabled() and not browser.find_element(By.ID, "generate").is_enabled()
+    assert buttons(browser) == {"stop": True, "generate": False}
     while len(snapshots) < 6 and page_state(browser) == "streaming":
         target = engine.stats().steps + 4
         gate.permit(4)
@@ -183,7 +176,7 @@ def test_the_answer_streams_into_the_page_token_by_token(browser: WebDriver, dem
     for earlier, later in itertools.pairwise(snapshots):
         assert later.startswith(earlier) and len(later) >= len(earlier)
     assert len(set(snapshots)) >= 4
-    sdk = openai.OpenAI(base_url=base_url(demo_server) + "/v1", api_key="unused", max_retries=0, timeout=60)
+    sdk = openai.OpenAI(base_url=base_url(gated_server) + "/v1", api_key="unused", max_retries=0, timeout=60)
     reference = sdk.chat.completions.create(model=engine.info.name, max_tokens=40, temperature=0,
                                             messages=[{"role": "user", "content": PROMPT_CJK + PROMPT_EMOJI}])
     assert final == reference.choices[0].message.content
@@ -198,18 +191,18 @@ def test_the_answer_streams_into_the_page_token_by_token(browser: WebDriver, dem
     assert re.fullmatch(r"\d+ ms", shown(browser, "ttft")), shown(browser, "ttft")
     assert re.fullmatch(r"\d+(\.\d)?", shown(browser, "rate")), shown(browser, "rate")
     assert shown(browser, "tokens") == str(reference.usage.completion_tokens)
-    assert glyphs_render(browser)
+    assert glyphs_render(browser) == {"cjk_inked": True, "cjk_distinct": True, "emoji_coloured": True}
 
     screenshot = ARTEFACTS / "page.png"
-    assert browser.save_screenshot(str(screenshot))
+    assert browser.save_screenshot(str(screenshot)) is True
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 10_000
 
 
-def test_stop_cancels_the_request_on_the_server(browser: WebDriver, demo_server: ServerThread,
+def test_stop_cancels_the_request_on_the_server(browser: WebDriver, gated_server: ServerThread,
                                                 gate: StepGate) -> None:
     """Keyboard only: Enter generates, Escape stops. The stream is held by the gate, so Stop comes mid-answer."""
-    engine = demo_server.engine
-    open_page(browser, demo_server)
+    engine = gated_server.engine
+    open_page(browser, gated_server)
     set_setting(browser, "max-tokens", "400")
     type_prompt(browser)
     browser.find_element(By.ID, "prompt").send_keys(Keys.ENTER)
@@ -223,13 +216,13 @@ def test_stop_cancels_the_request_on_the_server(browser: WebDriver, demo_server:
     wait(browser, lambda d: page_state(d) == "stopped", "the page to show the stop")
     notes = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .note")
     assert answer(browser) != "" and "stopped" in notes[-1].text  # the partial answer stays
-    assert browser.find_element(By.ID, "generate").is_enabled() and not browser.find_element(By.ID, "stop").is_enabled()
+    assert buttons(browser) == {"stop": False, "generate": True}
 
 
-def glyphs_render(driver: WebDriver) -> bool:
-    """CJK and emoji are drawn with real glyphs in the page's font: two different Chinese characters draw
+def glyphs_render(driver: WebDriver) -> dict[str, bool]:
+    """CJK and emoji are drawn with real glyphs in the page's font: two different Chinese characters draw ink, and
     differently (a missing glyph draws the same box for both), and the emoji draws in colour."""
-    return bool(driver.execute_script("""
+    return dict(driver.execute_script("""
         const font = getComputedStyle(document.body).font;
         function pixels(text) {
           const canvas = document.createElement("canvas");
@@ -249,5 +242,5 @@ def glyphs_render(driver: WebDriver) -> bool:
         for (let i = 0; i < e.length; i += 4) {
           if (e[i + 3] > 0 && (Math.abs(e[i] - e[i + 1]) > 40 || Math.abs(e[i + 1] - e[i + 2]) > 40)) coloured = true;
         }
-        return inked(a) && inked(b) && differ && coloured;
+        return {cjk_inked: inked(a) && inked(b), cjk_distinct: differ, emoji_coloured: coloured};
     """))

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import threading
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
 
-from service.engine.api import EngineConfig
 from service.engine.checkpoints.loader import LoadedModel
 from service.engine.scheduler import Engine
 from service.engine.tokenizer import IncrementalDetokenizer
-from service.engine.types import Chunk, Finish, GenerationRequest, SamplingOptions
+from service.engine.types import Finish, GenerationRequest, SamplingOptions
 from tests.reference import NumpyLlama
+from tests.support.engines import Collector, make_engine, run_many
+from tests.support.hooks import StepGate
 
 PROMPTS = [
     "The quick brown fox",
@@ -26,49 +27,11 @@ PROMPTS = [
 ]
 
 
-def make_engine(model: LoadedModel, **overrides: object) -> Engine:
-    values: dict = {"max_slots": 8, "max_prefill_tokens": 256, "max_context": 512}
-    values.update(overrides)
-    engine = Engine(model, EngineConfig(**values))
-    engine.start(warmup=False)
-    return engine
-
-
 @pytest.fixture(scope="module")
 def engine(loaded_model: LoadedModel) -> Iterator[Engine]:
     eng = make_engine(loaded_model)
     yield eng
     eng.stop()
-
-
-class Collector:
-    """Collects one stream's chunks on the engine thread; `done` is set by the final chunk."""
-
-    def __init__(self) -> None:
-        self.chunks: list[Chunk] = []
-        self.done = threading.Event()
-
-    def __call__(self, batch: list[Chunk]) -> None:
-        self.chunks.extend(batch)
-        if any(c.finish is not None for c in batch):
-            self.done.set()
-
-    @property
-    def ids(self) -> list[int]:
-        return [t.id for c in self.chunks for t in c.tokens]
-
-    @property
-    def final(self) -> Chunk:
-        return self.chunks[-1]
-
-
-def run_many(engine: Engine, reqs: list[GenerationRequest], timeout: float = 120) -> list[Collector]:
-    collectors = [Collector() for _ in reqs]
-    for req, col in zip(reqs, collectors, strict=True):
-        engine.submit(req, col)
-    for col in collectors:
-        assert col.done.wait(timeout), "stream did not finish"
-    return collectors
 
 
 def greedy(model: LoadedModel, prompt: str, n: int = 16, **kw: object) -> GenerationRequest:
@@ -103,21 +66,49 @@ def test_batch_output_equals_batch_one(engine: Engine, loaded_model: LoadedModel
     assert engine.wait_until(lambda s: s.active == 0 and s.used_positions == 0, 10)
 
 
-def test_requests_join_and_leave_a_running_batch(engine: Engine, loaded_model: LoadedModel) -> None:
+def test_requests_join_and_leave_a_running_batch(loaded_model: LoadedModel) -> None:
+    """Five short streams join a long one after its 10th decode step (the gate holds decode steps while they are
+    prefilled beside it), then finish at different steps and leave while it goes on. Every decode step's batch is
+    what that schedule makes it, and every stream's tokens are its solo run's."""
+    lengths = (3, 9, 17, 5, 30)
     long_req = greedy(loaded_model, PROMPTS[3], 80)
-    short = [greedy(loaded_model, p, n) for p, n in zip(PROMPTS[:5], (3, 9, 17, 5, 30), strict=True)]
-    solo_long = run_many(engine, [long_req])[0].ids
-    solo_short = [run_many(engine, [r])[0].ids for r in short]
-
-    long_col = Collector()
-    engine.submit(long_req, long_col)
-    # Join while the long stream is decoding: wait (on the engine's own steps) until it has produced tokens.
-    assert engine.wait_until(lambda s: len(long_col.ids) >= 10 or long_col.done.is_set(), 30)
-    joined = run_many(engine, short)  # they join, finish at different steps and leave; slots get repacked
-    assert long_col.done.wait(60)
+    short = [greedy(loaded_model, p, n) for p, n in zip(PROMPTS[:5], lengths, strict=True)]
+    gate = StepGate(gated=True)
+    eng = make_engine(loaded_model, hooks=gate)
+    try:
+        gate.open()
+        solo_long = run_many(eng, [long_req])[0].ids
+        solo_short = [run_many(eng, [r])[0].ids for r in short]
+        assert [len(solo_long), *map(len, solo_short)] == [80, *lengths]  # no early EOS: the schedule below holds
+        gate.close()
+        before = eng.stats()
+        long_col = Collector()
+        eng.submit(long_req, long_col)
+        assert eng.wait_until(lambda s: s.active == 1, 30)  # prefilled: its first token
+        gate.permit(10)
+        assert eng.wait_until(lambda s: s.steps == before.steps + 10, 30)  # 11 tokens of 80: running
+        joined = [Collector() for _ in short]
+        for req, col in zip(short, joined, strict=True):
+            eng.submit(req, col)
+        # They are prefilled while the long stream holds its slot; no decode step runs until the gate opens.
+        assert eng.wait_until(lambda s: s.active == 6 and s.prefilling == 0 and s.waiting == 0, 30)
+        assert len(long_col.ids) == 11
+        gate.open()
+        for col in [long_col, *joined]:
+            assert col.done.wait(60)
+        assert eng.wait_until(lambda s: s.active == 0 and s.used_positions == 0, 10)  # every slot freed
+        after = eng.stats()
+    finally:
+        eng.stop()
+    batches = Counter({rows: after.batch_sizes[rows] - before.batch_sizes[rows]
+                       for rows in range(len(after.batch_sizes))})
+    # 10 steps of the long stream alone; then at step k, the long one and each short one still short of its end.
+    expected = Counter({1: 10})
+    for k in range(1, 80 - 11 + 1):
+        expected[1 + sum(n - 1 >= k for n in lengths)] += 1
+    assert +batches == expected
     assert [c.ids for c in joined] == solo_short
     assert long_col.ids == solo_long
-    assert engine.wait_until(lambda s: s.active == 0, 10)
 
 
 def test_cancel_inside_a_batch_leaves_the_others_unharmed(engine: Engine, loaded_model: LoadedModel) -> None:
@@ -149,7 +140,17 @@ def test_mixed_sampling_rows_are_batch_independent(engine: Engine, loaded_model:
     ])
     assert alone.ids == again.ids == mixed[1].ids
     assert alone.final.seed == 7
-    assert mixed[3].final.seed is not None  # an unseeded sampled request reports the seed it drew
+    # An unseeded sampled request reports the seed it drew: given back, in the same batch, it draws the same tokens.
+    # (Top-p 0.5 over this random model's flat distribution cuts among thousands of near-equal candidates, where
+    # another batch's last-bit logit changes can move the cut: README "The contract" says so.)
+    drawn = mixed[3].final.seed
+    replay = run_many(engine, [
+        greedy(loaded_model, PROMPTS[1], 30),
+        seeded,
+        greedy(loaded_model, PROMPTS[2], 30, sampling=SamplingOptions(temperature=1.3, seed=99)),
+        greedy(loaded_model, PROMPTS[5], 30, sampling=SamplingOptions(temperature=0.7, top_p=0.5, seed=drawn)),
+    ])[3]
+    assert replay.ids == mixed[3].ids and replay.final.seed == drawn
     # Sampling really samples: a different seed gives a different continuation.
     other = run_many(engine, [greedy(loaded_model, PROMPTS[0], 30,
                                      sampling=SamplingOptions(temperature=0.9, top_k=50, top_p=0.9, seed=8))])[0]

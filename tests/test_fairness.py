@@ -6,14 +6,11 @@ when the engine decodes, and the gate counts the decode steps.
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from service.engine.api import CallerQuotaError, EngineConfig, QueueFullError
 from service.engine.delivery import StreamHandle
@@ -21,7 +18,9 @@ from service.engine.fairness import CallerAdmission, FairQueue, displacement_vic
 from service.engine.sequence import SequenceState
 from service.engine.tokenizer import Tokenizer
 from service.engine.types import GenerationRequest
+from tests.support.callers import TOKENS, Reader, as_caller
 from tests.support.hooks import StepGate
+from tests.support.rpc import error_details, ids_of
 from tests.support.servers import base_config, started
 from tokenstream.v1 import generation_pb2 as pb
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc
@@ -124,41 +123,10 @@ def test_the_first_token_estimate_follows_the_callers_own_place(tok: Tokenizer) 
 
 # -- the real server ------------------------------------------------------------------------------------------
 
-TOKENS = "token-a,token-b"
-
-
-def as_caller(name: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer token-{name}")]
-
-
-def ids_of(msgs: list[pb.GenerateResponse]) -> list[int]:
-    return [t.id for m in msgs for t in m.tokens]
-
 
 def request(prompt: str, n: int, **response: bool | int) -> pb.GenerateRequest:
     return pb.GenerateRequest(prompt=prompt, stopping=pb.StoppingCriteria(max_new_tokens=n),
                               response=pb.ResponseOptions(**response))  # type: ignore[arg-type]
-
-
-class Reader:
-    """Reads one stream to its end on a thread; records the messages or the error status."""
-
-    def __init__(self, call: grpc.Call) -> None:
-        self.msgs: list[pb.GenerateResponse] = []
-        self.code = grpc.StatusCode.OK
-        self._thread = threading.Thread(target=self._read, args=(call,), daemon=True)
-        self._thread.start()
-
-    def _read(self, call: grpc.Call) -> None:
-        try:
-            self.msgs.extend(call)  # type: ignore[arg-type]
-        except grpc.RpcError as err:
-            self.code = err.code()
-
-    def join(self) -> Reader:
-        self._thread.join(120)
-        assert not self._thread.is_alive()
-        return self
 
 
 # Sampled among the top 8: the draw decides, not float rounding. (On this random-weight model the full vocabulary is
@@ -214,8 +182,8 @@ def test_a_second_caller_starts_ahead_of_the_queue_by_preemption_and_the_preempt
 
 def test_a_preempted_stream_that_sent_tokens_is_never_displaced(model_dir: Path) -> None:
     """The issue's case: max_slots=4, max_queue=2; A opens 6 streams, B opens 3. A's streams that sent tokens
-    (3 each) are preempted, not displaced: each ends with MAX_TOKENS and the ids of its solo run; only requests
-    that had sent nothing are refused (RESOURCE_EXHAUSTED, before any message)."""
+    (3 each) are preempted, not displaced: each ends with MAX_TOKENS and the ids of its solo run; the requests the
+    engine displaced had sent nothing, and are refused before any message with RESOURCE_EXHAUSTED and RetryInfo."""
     gate = StepGate()
     srv = started(base_config(model_dir, max_slots=4, max_queue=2, auth_tokens=TOKENS), hooks=gate)
     prompts = [f"caller a, stream {i}" for i in range(6)]
@@ -225,10 +193,12 @@ def test_a_preempted_stream_that_sent_tokens_is_never_displaced(model_dir: Path)
             solo = {p: ids_of(list(stub.Generate(request(p, 8), metadata=as_caller("a"), timeout=60)))
                     for p in prompts}
             gate.close()
-            a = [Reader(stub.Generate(request(p, 8), metadata=as_caller("a"), timeout=120)) for p in prompts]
+            a = [Reader(stub.Generate(request(p, 8), metadata=[*as_caller("a"), ("x-request-id", f"a-{i}")],
+                                      timeout=120)) for i, p in enumerate(prompts)]
             assert srv.engine.wait_until(lambda s: s.active == 4 and s.waiting == 2, 60)
             gate.permit(2)  # A's four running streams have sent 3 tokens each
             assert srv.engine.wait_until(lambda s: s.steps >= 2, 60)
+            sent = {f"a-{i}" for i in range(6)} & set(gate.first_token_step)  # the streams that sent tokens
             b = []
             for i in range(3):
                 b.append(Reader(stub.Generate(request(f"caller b, stream {i}", 8), metadata=as_caller("b"),
@@ -236,20 +206,23 @@ def test_a_preempted_stream_that_sent_tokens_is_never_displaced(model_dir: Path)
                 # Each arrival has been taken in: it is running, waiting, or was displaced.
                 assert srv.engine.wait_until(lambda s, n=i + 1: s.active + s.prefilling + s.waiting + s.displaced
                                              == 6 + n, 60)
-            assert srv.engine.stats().preemptions >= 1
+            stats = srv.engine.stats()
             gate.open()
             for r in [*a, *b]:
                 r.join()
     finally:
         srv.close()
-    for prompt, r in zip(prompts, a, strict=True):
-        if r.code != grpc.StatusCode.OK:
-            assert r.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not r.msgs, prompt  # refused before sending
-            continue
-        assert r.msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS, (prompt, r.msgs[-1].error_message)
-        assert ids_of(r.msgs) == solo[prompt], prompt
-    assert sum(r.code == grpc.StatusCode.OK for r in a) >= 4  # every stream that had sent tokens finished
-    assert all(r.code == grpc.StatusCode.OK and r.msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS for r in b)
+    assert len(sent) == 4 and stats.preemptions >= 1 and stats.displaced >= 1
+    refused = {f"a-{i}" for i, r in enumerate(a) if r.code != grpc.StatusCode.OK}
+    assert len(refused) == stats.displaced and not refused & sent  # only requests that had sent nothing
+    for i, (prompt, r) in enumerate(zip(prompts, a, strict=True)):
+        if f"a-{i}" in refused:  # refused before any message, with when to retry
+            assert (r.code, r.msgs) == (grpc.StatusCode.RESOURCE_EXHAUSTED, []), prompt
+            assert r.error is not None and error_details(r.error).kinds == ["RetryInfo"], prompt
+        else:
+            assert r.msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS, (prompt, r.msgs[-1].error_message)
+            assert ids_of(r.msgs) == solo[prompt], prompt
+    assert [r.msgs[-1].finish_reason for r in b] == [pb.FINISH_REASON_MAX_TOKENS] * 3
 
 
 def test_an_unread_flood_cannot_lock_out_another_caller(model_dir: Path) -> None:
@@ -320,16 +293,9 @@ def test_a_deadline_counts_the_callers_own_place_not_the_whole_queue(model_dir: 
 
 
 def quota_failure(err: grpc.RpcError) -> tuple[float, list[str]]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    retry, subjects = 0.0, []
-    for detail in status.details:
-        info, quota = error_details_pb2.RetryInfo(), error_details_pb2.QuotaFailure()
-        if detail.Unpack(info):
-            retry = info.retry_delay.ToMilliseconds() / 1000
-        elif detail.Unpack(quota):
-            subjects += [v.subject for v in quota.violations]
-    return retry, subjects
+    details = error_details(err)
+    assert details.has_status
+    return details.retry_s or 0.0, details.quota_subjects
 
 
 @pytest.mark.parametrize(("caps", "running"), [({"caller_max_streams": 2}, 2),
@@ -349,7 +315,7 @@ def test_per_caller_caps_answer_resource_exhausted_with_retry_info_and_quota_fai
                 list(stub.Generate(request("one too many", 5), metadata=as_caller("a"), timeout=30))
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             retry, subjects = quota_failure(err.value)
-            assert retry > 0 and len(subjects) == 1 and subjects[0].startswith("caller:token:")
+            assert retry == 1.0 and len(subjects) == 1 and subjects[0].startswith("caller:token:")
             other = stub.Generate(request("caller b is not capped by a", 2), metadata=as_caller("b"), timeout=60)
             srv.hooks.open()  # type: ignore[union-attr]
             assert list(other)[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS
@@ -364,13 +330,15 @@ def test_a_per_caller_token_rate(model_dir: Path) -> None:
     try:
         with srv.channel() as ch:
             stub = pb_grpc.GenerationServiceStub(ch)
-            assert list(stub.Generate(request("spend", 10), metadata=as_caller("a"), timeout=60))[-1].finish_reason
+            spent = list(stub.Generate(request("spend", 10), metadata=as_caller("a"), timeout=60))
+            assert spent[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS
             with pytest.raises(grpc.RpcError) as err:  # 5 - 10 tokens: the bucket is 5 below empty
                 list(stub.Generate(request("again", 2), metadata=as_caller("a"), timeout=30))
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             retry, subjects = quota_failure(err.value)
             assert 4 < retry <= 6 and subjects[0].startswith("caller:token:")
-            assert list(stub.Generate(request("b has its own", 2), metadata=as_caller("b"), timeout=60))
+            other = list(stub.Generate(request("b has its own", 2), metadata=as_caller("b"), timeout=60))
+            assert other[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS
     finally:
         srv.close()
 

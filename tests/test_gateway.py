@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.config import Config
 from service.engine.api import KV_BLOCK
 from service.engine.attention import KEY_BLOCK
 from tests.support.hooks import StepGate
@@ -32,12 +32,9 @@ PICKER_GAUGES = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm
 
 
 @pytest.fixture(scope="module")
-def gated_server(model_dir: Path) -> Iterator[ServerThread]:
-    """Two slots, both ports on, decode steps only when a test permits them (conftest's `gate`)."""
-    srv = started(base_config(model_dir, max_slots=SLOTS, max_context=CONTEXT, metrics_port=-1, http_port=-1),
-                  hooks=StepGate(gated=True))
-    yield srv
-    srv.close()
+def gated_config(model_dir: Path) -> Config:
+    """Two slots and both ports on, for conftest's gated server (decode steps only when a test permits them)."""
+    return base_config(model_dir, max_slots=SLOTS, max_context=CONTEXT, metrics_port=-1, http_port=-1)
 
 
 @pytest.fixture

@@ -11,8 +11,6 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from service.config import load_config
 from service.engine.delivery import StreamHandle
@@ -22,6 +20,7 @@ from service.engine.tokenizer import Tokenizer
 from service.engine.types import GenerationRequest
 from tests.support.hooks import StepGate
 from tests.support.http_front import base_url
+from tests.support.rpc import error_details
 from tests.support.servers import ServerThread, base_config, started
 from tokenstream.v1 import generation_pb2 as pb
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc
@@ -97,15 +96,8 @@ def test_the_objective_orders_admission_only_from_a_trusted_gateway(model_dir: P
 
 
 def _details(err: grpc.RpcError) -> tuple[str, float | None, list[str]]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    retry, fields = None, []
-    for detail in status.details if status else ():
-        info, bad = error_details_pb2.RetryInfo(), error_details_pb2.BadRequest()
-        if detail.Unpack(info):
-            retry = info.retry_delay.ToMilliseconds() / 1000.0
-        elif detail.Unpack(bad):
-            fields += [v.field for v in bad.field_violations]
-    return err.details() or "", retry, fields
+    details = error_details(err)
+    return err.details() or "", details.retry_s, list(details.bad_fields)
 
 
 def test_targets_the_server_cannot_meet_are_refused_before_they_queue(gateway_server: ServerThread) -> None:

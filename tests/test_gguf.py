@@ -32,7 +32,6 @@ from service.engine.checkpoints.loader import CheckpointNotFoundError, LoadedMod
 from service.engine.progress import Progress
 from service.engine.tokenizer import Tokenizer
 from service.engine.types import GenerationRequest
-from tests import test_contract as contract
 from tests.checkpoints import transformers_with_torch
 from tests.gguf_files import (
     FLOAT_TYPES,
@@ -46,12 +45,16 @@ from tests.gguf_files import (
     tiny_llama,
     tiny_vocab,
 )
+from tests.reference import DECODE, PROMPT, max_diff
+from tests.support import properties
+from tests.support.engines import make_engine, run_many
+from tests.support.hooks import StepGate
 from tests.support.servers import ServerThread, base_config, started
-from tests.test_engine import make_engine, run_many
-from tests.test_numerics import DECODE, PROMPT, max_diff
 from tokenstream.v1 import generation_pb2 as pb
 
-LOGIT_TOL = 1e-3
+# The README's bound: SmolLM2's logits within 1.5e-4 of transformers' GGUF loader (measured 1.06e-4 with the plain
+# decoder, 8.8e-5 with the fused kernels; the served logprobs within 2e-5).
+LOGIT_TOL = 1.5e-4
 # A 135M model takes ~1 s per property example even on an idle machine: a few examples per property here; the
 # contract's own runs (tests/test_contract.py) explore the space on the small test model.
 GGUF_PROPERTY = settings(max_examples=3, deadline=None, derandomize=True,
@@ -131,15 +134,14 @@ def test_config_and_tokenizer_come_from_the_metadata(gguf_model: LoadedModel) ->
     assert (cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == (
         "LlamaForCausalLM", 30, 576, 9, 3)
     assert (cfg.vocab_size, cfg.max_position_embeddings, cfg.rope_theta) == (49152, 8192, 100000.0)
-    assert cfg.tie_word_embeddings
+    assert cfg.tie_word_embeddings is True
     assert cfg.eos_token_ids == (2,)
     tok = gguf_model.tokenizer
     assert tok.vocab_size == 49152
-    assert not tok.add_bos
+    assert tok.add_bos is False
     assert tok.decode([1, 2]) == "<|im_start|><|im_end|>"
     assert len(control_ids(tok)) == 17  # <|endoftext|>, ChatML, and the code/issue markers
     assert gguf_model.generation_defaults == {"bos_token_id": 1, "eos_token_id": [2]}
-    assert tok.chat_template
     assert "<|im_start|>" in tok.chat_template
 
 
@@ -245,10 +247,9 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(gguf_model: LoadedModel, 
     ref = transformers.AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name).backend_tokenizer
     tok = gguf_model.tokenizer
     for text in TEXTS:
-        ids = tok.encode(text)
-        assert tok.decode(ids) == text
-        if text != NUMBERS:
-            assert ids == ref.encode(text, add_special_tokens=False).ids, text
+        assert tok.decode(tok.encode(text)) == text
+    for text in [t for t in TEXTS if t != NUMBERS]:
+        assert tok.encode(text) == ref.encode(text, add_special_tokens=False).ids, text
     # transformers' converter drops SmolLM2's digit pre-tokenizer, which llama.cpp's `smollm` keeps (\p{N} split
     # off first, as SmolLM2's own tokenizer.json does with Digits): they differ where a space precedes a digit
     # such as '²' that a merge can join. With SmolLM2's pre-tokenizer put back, every text agrees.
@@ -271,7 +272,7 @@ def test_qwen2_pre_tokenizer_matches_the_real_qwen2_tokenizer(model_dir: Path) -
     for text in TEXTS:
         assert ours.encode(text, add_special_tokens=False).ids == ref.encode(text, add_special_tokens=False).ids
     assert generation["eos_token_id"] == [vocab.eos]
-    assert not add_bos
+    assert add_bos is False
 
 
 def test_llama3_pre_tokenizer_splits_as_its_regex_says(tmp_path: Path) -> None:
@@ -280,7 +281,7 @@ def test_llama3_pre_tokenizer_splits_as_its_regex_says(tmp_path: Path) -> None:
     # Digits in threes, punctuation keeps its newlines, a space before a letter joins the word.
     assert pieces == ["Hello", "Ġ", "123", "45", "Ġworld", "!!ĊĊ", "Ġ", "Ġx", "'s"]
     # llama.cpp prepends BOS for Llama 3 vocabularies unless the file says otherwise.
-    assert gguf_reader.gguf_tokenizer(tmp_path / "x.gguf", _meta(tiny_vocab(pre="llama-bpe")))[3]
+    assert gguf_reader.gguf_tokenizer(tmp_path / "x.gguf", _meta(tiny_vocab(pre="llama-bpe")))[3] is True
 
 
 def _meta(vocab: Any) -> dict[str, Any]:
@@ -350,7 +351,7 @@ def test_templates_that_change_content_refuse_forged_turns(tmp_path: Path) -> No
 @pytest.fixture(scope="module")
 def server(smollm2: Path) -> Iterator[ServerThread]:
     """A real server on port 0 serving the GGUF file (overrides conftest's server for this module)."""
-    srv = started(base_config(smollm2, max_new_tokens=64))
+    srv = started(base_config(smollm2, max_new_tokens=64), hooks=StepGate())  # open; the batch property closes it
     yield srv
     srv.close()
 
@@ -392,29 +393,27 @@ def test_model_info_describes_the_gguf_model(stub: Any, smollm2: Path) -> None:
     info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     assert (info.model_name, info.architecture, info.vocab_size) == (smollm2.stem, "LlamaForCausalLM", 49152)
     assert list(info.eos_token_ids) == [2]
-    assert info.has_chat_template
+    assert info.has_chat_template is True
 
 
-@given(prompt=contract.prompts(), seed=st.integers(0, 2**63 - 1))
+@given(prompt=properties.prompts(), seed=st.integers(0, 2**63 - 1))
 @GGUF_PROPERTY
 def test_deltas_concatenate_on_this_tokenizer(stub: Any, tok: Tokenizer, prompt: str, seed: int) -> None:
-    contract.test_deltas_concatenate_to_the_decode_byte_for_byte.hypothesis.inner_test(stub, tok, prompt, seed)
+    properties.deltas_concatenate(stub, tok, prompt, seed)
 
 
-@given(prompt=contract.prompts(), seed=st.integers(0, 2**32), start=st.integers(0, 40), length=st.integers(1, 6),
-       include=st.booleans())
+@given(prompt=properties.prompts(), seed=st.integers(0, 2**32), include=st.booleans(), data=st.data())
 @GGUF_PROPERTY
-def test_stop_sequences_on_this_tokenizer(stub: Any, tok: Tokenizer, prompt: str, seed: int, start: int,
-                                          length: int, include: bool) -> None:
-    contract.test_stop_sequences_match_across_tokens_and_never_leak.hypothesis.inner_test(
-        stub, tok, prompt, seed, start, length, include)
+def test_stop_sequences_on_this_tokenizer(stub: Any, prompt: str, seed: int, include: bool, data: Any) -> None:
+    properties.stops_match_as_the_oracle_says(stub, prompt, seed, include, data)
 
 
-@given(seed=st.integers(0, 2**63 - 1), prompt=contract.prompts(), others=st.integers(1, 2))
+@given(seed=st.integers(0, 2**63 - 1), prompt=properties.prompts(), others=st.integers(1, 2))
 @GGUF_PROPERTY
 def test_seeds_reproduce_on_this_model(server: ServerThread, stub: Any, seed: int, prompt: str, others: int) -> None:
-    contract.test_seeded_sampling_reproduces_whatever_shares_the_batch.hypothesis.inner_test(
-        server, stub, seed, prompt, others)
+    gate = server.hooks
+    assert isinstance(gate, StepGate)
+    properties.seeds_reproduce_in_a_shared_step(server, gate, stub, seed, prompt, others)
 
 
 def test_logprobs_match_transformers(stub: Any, tok: Tokenizer, hf_reference: Any) -> None:
@@ -429,6 +428,7 @@ def test_logprobs_match_transformers(stub: Any, tok: Tokenizer, hf_reference: An
         lp = z - z.max() - np.log(np.exp(z - z.max()).sum())
         assert abs(token.logprob - lp[token.id]) < LOGIT_TOL
         assert {t.id for t in token.top_tokens} == set(np.argsort(-lp)[:5].tolist())
+        assert max(abs(t.logprob - lp[t.id]) for t in token.top_tokens) < LOGIT_TOL
 
 
 # -- loading, cache and progress with small files ----------------------------------------------------------
@@ -462,7 +462,7 @@ def test_qwen2_gguf_matches_transformers(model_dir: Path, tmp_path: Path) -> Non
     path = tiny_llama(tmp_path / "qwen2.gguf", arch="qwen2", vocab=tiny_vocab(pre="qwen2"))
     model = load_model(path)
     assert model.config.architecture == "Qwen2ForCausalLM"
-    assert model.config.attention_bias
+    assert model.config.attention_bias is True
     transformers = transformers_with_torch()
     import torch
 
@@ -490,10 +490,10 @@ def test_second_read_comes_from_the_float32_cache(tmp_path: Path) -> None:
     path = tiny_llama(tmp_path / "m.gguf", "Q4_K")
     first = gguf_reader.read_gguf(path)
     caches = list(tmp_path.glob("m.gguf.*.f32.safetensors"))
-    assert not first.from_cache
+    assert first.from_cache is False
     assert len(caches) == 1
     second = gguf_reader.read_gguf(path)
-    assert second.from_cache
+    assert second.from_cache is True
     assert second.config == first.config
     assert second.generation == first.generation
     assert second.tokenizer.encode(TEXTS[0]).ids == first.tokenizer.encode(TEXTS[0]).ids
@@ -501,9 +501,9 @@ def test_second_read_comes_from_the_float32_cache(tmp_path: Path) -> None:
         np.testing.assert_array_equal(second.state[name], value)
     # The cache is keyed by content: a touched file keeps it; a changed file is read again, and the stale cache goes.
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
-    assert gguf_reader.read_gguf(path).from_cache
+    assert gguf_reader.read_gguf(path).from_cache is True
     tiny_llama(path, "Q4_K", seed=1)
-    assert not gguf_reader.read_gguf(path).from_cache
+    assert gguf_reader.read_gguf(path).from_cache is False
     assert list(tmp_path.glob("m.gguf.*.f32.safetensors")) != caches
     assert len(list(tmp_path.glob("m.gguf.*.f32.safetensors"))) == 1
 
@@ -515,9 +515,9 @@ def test_damaged_cache_is_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     cache.write_bytes(cache.read_bytes()[:1000])
     with caplog.at_level(logging.WARNING, logger="tokenstream.gguf"):
         again = gguf_reader.read_gguf(path)
-    assert not again.from_cache
+    assert again.from_cache is False
     assert "unreadable GGUF cache" in caplog.text
-    assert gguf_reader.read_gguf(path).from_cache
+    assert gguf_reader.read_gguf(path).from_cache is True
 
 
 def test_cache_falls_back_to_the_next_writable_place(tmp_path: Path) -> None:
@@ -527,7 +527,7 @@ def test_cache_falls_back_to_the_next_writable_place(tmp_path: Path) -> None:
     blocked.write_text("not a directory")
     good = gguf_reader.cache_paths(path, tmp_path / "cache")[0]
     assert gguf_reader._write_cache(ckpt, [blocked / good.name, good], path) == good
-    assert gguf_reader.read_gguf(path, cache_dir=good.parent).from_cache
+    assert gguf_reader.read_gguf(path, cache_dir=good.parent).from_cache is True
 
 
 def test_progress_draws_a_bar_on_a_terminal() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import json
 import logging
 import re
@@ -17,9 +18,8 @@ import signal
 import socket
 import ssl
 import subprocess
-import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,20 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.server import load_engine
 from tests.support.certs import certificates
 from tests.support.hooks import StepGate
-from tests.support.http_front import DONE, RawCall, base_url, sse_payloads
+from tests.support.http_front import (
+    DONE,
+    RawCall,
+    accepted_nodelay,
+    base_url,
+    client,
+    grpc_messages,
+    grpc_text,
+    model_name,
+    sse_payloads,
+)
+from tests.support.loaders import held_loader
 from tests.support.servers import ServerThread, Subprocess, base_config, started, wait_serving
 from tests.support.tracing import Spans
 from tokenstream.v1 import generation_pb2 as pb
@@ -67,19 +77,12 @@ def held_gate(held_server: ServerThread) -> Iterator[StepGate]:
     assert held_server.engine.wait_until(lambda s: s.active + s.waiting == 0, 30), "a test left a stream behind"
 
 
-def client(server: ServerThread, **kwargs: Any) -> openai.OpenAI:
-    kwargs.setdefault("api_key", "unused")
-    return openai.OpenAI(base_url=base_url(server) + "/v1", max_retries=0, timeout=60, **kwargs)
-
-
-def model_name(server: ServerThread) -> str:
-    return server.engine.info.name
-
-
-def grpc_text(server: ServerThread, request: pb.GenerateRequest) -> tuple[str, pb.GenerateResponse]:
-    with server.channel() as ch:
-        msgs = list(pb_grpc.GenerationServiceStub(ch).Generate(request, timeout=60))
-    return "".join(m.text for m in msgs), msgs[-1]
+@pytest.fixture(scope="module")
+def smollm2_http() -> Iterator[ServerThread]:
+    """The real pretrained SmolLM2-135M-Instruct, where what a parameter does to real text matters."""
+    srv = started(base_config("default", http_port=-1, max_context=1024, max_new_tokens=128))
+    yield srv
+    srv.close()
 
 
 # -- the openai SDK ------------------------------------------------------------------------------------------------
@@ -138,8 +141,8 @@ def test_sdk_chat_logprobs(http_server: ServerThread) -> None:
     for entry in content:
         assert len(entry.top_logprobs) == 3
         assert entry.logprob == pytest.approx(max(t.logprob for t in entry.top_logprobs))  # greedy: the best one
-        if entry.bytes is not None:
-            assert bytes(entry.bytes).decode() == entry.token
+    raw = [bytes(entry.bytes) for entry in content if entry.bytes is not None]
+    assert len(raw) == 6 and b"".join(raw) == (out.choices[0].message.content or "").encode()
 
 
 def test_sampling_parameters_reach_the_engine(http_server: ServerThread) -> None:
@@ -170,6 +173,157 @@ def test_models(http_server: ServerThread) -> None:
     assert sdk.models.retrieve(name).id == name
     with pytest.raises(openai.NotFoundError):
         sdk.models.retrieve("gpt-4")
+
+
+# -- vLLM's top_k, repetition_penalty and min_tokens; continuous usage; the sampling defaults ------------------------
+
+VLLM_EXTRAS = ("top_k", "repetition_penalty", "min_tokens")  # not in the openai SDK's signature: sent as extra_body
+
+
+def chat_choice(server: ServerThread, messages: list[dict[str, str]] = CHAT, max_tokens: int = 12,
+                **params: Any) -> Any:
+    """One non-streamed chat answer's choice, through the openai SDK, with vLLM's extensions where given."""
+    extra = {name: params.pop(name) for name in VLLM_EXTRAS if name in params}
+    return client(server).chat.completions.create(model=model_name(server), messages=messages, max_tokens=max_tokens,
+                                                  extra_body=extra, **params).choices[0]
+
+
+def in_top(entry: Any) -> bool:
+    """Whether a logprobs entry's token is among the model's most likely ones at its position (its top_logprobs)."""
+    return bool(entry.logprob >= min(t.logprob for t in entry.top_logprobs))
+
+
+def test_top_k_keeps_only_the_k_most_likely_tokens(http_server: ServerThread) -> None:
+    """At a temperature so hot that an unlimited sample lands anywhere in the vocabulary, top_k=1 is greedy and
+    top_k=5 keeps every token among the model's five most likely (the logprobs are the model's own)."""
+    hot = {"temperature": 5.0, "seed": 7, "logprobs": True, "top_logprobs": 5}
+    greedy = chat_choice(http_server, temperature=0).message.content
+    assert chat_choice(http_server, **hot, top_k=1).message.content == greedy
+    limited, unlimited = chat_choice(http_server, **hot, top_k=5), chat_choice(http_server, **hot)
+    assert [in_top(e) for e in limited.logprobs.content] == [True] * 12
+    assert [in_top(e) for e in unlimited.logprobs.content] == [False] * 12
+    grpc_answer, _ = grpc_text(http_server, pb.GenerateRequest(
+        messages=[pb.ChatMessage(**m) for m in CHAT], stopping=pb.StoppingCriteria(max_new_tokens=12),
+        sampling=pb.SamplingParams(temperature=5.0, top_k=5, seed=7)))
+    assert limited.message.content == grpc_answer != greedy
+
+
+def repeats(prompt_ids: Sequence[int], ids: Sequence[int]) -> int:
+    """How many generated tokens repeat one already in the prompt or the output."""
+    seen, count = set(prompt_ids), 0
+    for token in ids:
+        count += token in seen
+        seen.add(token)
+    return count
+
+
+def test_repetition_penalty_is_the_grpc_penalty_and_repeats_less(smollm2_http: ServerThread) -> None:
+    prompt, penalty = "1, 1, 1, 1, 1, 1,", 1.5
+    sdk, name = client(smollm2_http), model_name(smollm2_http)
+    plain, penalized = (sdk.completions.create(model=name, prompt=prompt, max_tokens=12, temperature=0,
+                                               extra_body=extra).choices[0].text
+                        for extra in ({}, {"repetition_penalty": penalty}))
+
+    def grpc_ids(sampling: pb.SamplingParams) -> tuple[str, list[int], list[int]]:
+        msgs = grpc_messages(smollm2_http, pb.GenerateRequest(
+            prompt=prompt, sampling=sampling, stopping=pb.StoppingCriteria(max_new_tokens=12),
+            response=pb.ResponseOptions(echo_prompt_tokens=True)))
+        return "".join(m.text for m in msgs), list(msgs[0].prompt_token_ids), [t.id for m in msgs for t in m.tokens]
+
+    grpc_penalized, prompt_ids, penalized_ids = grpc_ids(pb.SamplingParams(repetition_penalty=penalty))
+    grpc_plain, _, plain_ids = grpc_ids(pb.SamplingParams())
+    assert (penalized, plain) == (grpc_penalized, grpc_plain)  # greedy, the same engine request on both fronts
+    assert penalized != plain
+    assert repeats(prompt_ids, penalized_ids) < repeats(prompt_ids, plain_ids) == 12, (plain, penalized)
+
+
+def test_min_tokens_keeps_the_end_of_sequence_away(smollm2_http: ServerThread) -> None:
+    """A question SmolLM2 answers in a word ends with EOS at once; min_tokens suppresses EOS until that many tokens
+    came, and the answer goes on from the same start (greedy), as on gRPC with min_new_tokens."""
+    ask, least = [{"role": "user", "content": "Say only the word yes."}], 8
+    short = chat_choice(smollm2_http, ask, max_tokens=16, temperature=0)
+    assert short.model_extra["tokenstream"]["finish_reason"] == "eos_token" and short.finish_reason == "stop"
+    kept = client(smollm2_http).chat.completions.create(
+        model=model_name(smollm2_http), messages=ask, max_tokens=16, temperature=0, extra_body={"min_tokens": least})
+    assert kept.usage is not None and kept.usage.completion_tokens >= least
+    text = kept.choices[0].message.content or ""
+    assert text.startswith(short.message.content) and len(text) > len(short.message.content)
+    grpc_answer, _ = grpc_text(smollm2_http, pb.GenerateRequest(
+        messages=[pb.ChatMessage(**m) for m in ask], stopping=pb.StoppingCriteria(max_new_tokens=16,
+                                                                                  min_new_tokens=least)))
+    assert text == grpc_answer
+
+
+def test_continuous_usage_stats_count_the_tokens_so_far_in_every_chunk(held_server: ServerThread,
+                                                                        held_gate: StepGate) -> None:
+    """One decode step at a time, so chunk k carries exactly k tokens; without include_usage there is no separate
+    usage chunk after the last."""
+    _, prefilled = grpc_text(held_server, pb.GenerateRequest(  # one token: prefill's, no decode step needed
+        messages=[pb.ChatMessage(**m) for m in CHAT], stopping=pb.StoppingCriteria(max_new_tokens=1)))
+    prompt_tokens = prefilled.usage.prompt_tokens
+    call = RawCall(held_server.running.http_port, "/v1/chat/completions", {
+        "messages": CHAT, "max_tokens": 4, "temperature": 0, "stream": True,
+        "stream_options": {"continuous_usage_stats": True}})
+    events = call.payloads()
+    try:
+        chunks = [next(events)]  # prefill's token
+        for _ in range(3):
+            held_gate.permit(1)
+            chunks.append(next(events))
+        rest = list(events)
+    finally:
+        call.close()
+    counts = [(c["usage"]["prompt_tokens"], c["usage"]["completion_tokens"], c["usage"]["total_tokens"])
+              for c in chunks]
+    assert counts == [(prompt_tokens, k, prompt_tokens + k) for k in range(1, 5)]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and rest == [DONE]
+
+
+RECOMMENDED = {"temperature": 1.5, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.3}
+UNRECOMMENDED = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}  # OpenAI's, no limits
+
+
+def recommending_model(model_dir: Path, into: Path) -> Path:
+    """The suite's model, with a generation_config.json that recommends RECOMMENDED."""
+    for path in model_dir.iterdir():
+        if path.name != "generation_config.json":
+            (into / path.name).symlink_to(path)
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    (into / "generation_config.json").write_text(json.dumps({**config, "do_sample": True, **RECOMMENDED}))
+    return into
+
+
+def sampled(server: ServerThread, **params: Any) -> tuple[str, int | None]:
+    """A chat answer's text and the seed it sampled with: the server's own pick when the request sets none, None
+    when it decoded greedily."""
+    choice = chat_choice(server, **params)
+    return choice.message.content, choice.model_extra["tokenstream"].get("seed")
+
+
+def test_unset_sampling_takes_the_models_recommendation(model_dir: Path, tmp_path: Path) -> None:
+    srv = started(base_config(recommending_model(model_dir, tmp_path), http_port=-1))
+    try:
+        with srv.channel() as ch:
+            info = pb_grpc.GenerationServiceStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+        advertised = info.recommended_sampling
+        assert {name: getattr(advertised, name) for name in RECOMMENDED} == pytest.approx(RECOMMENDED)
+        text, seed = sampled(srv)  # no sampling parameter at all
+        assert sampled(srv, **RECOMMENDED, seed=seed) == (text, seed)
+        for name, value in UNRECOMMENDED.items():  # each recommended value is in effect: without it, another sample
+            assert sampled(srv, **{**RECOMMENDED, name: value}, seed=seed)[0] != text, name
+        assert chat_choice(srv, temperature=0).message.content != text
+    finally:
+        srv.close()
+
+
+def test_unset_sampling_is_openai_temperature_1_without_a_recommendation(http_server: ServerThread) -> None:
+    with http_server.channel() as ch:
+        info = pb_grpc.GenerationServiceStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+    assert not info.HasField("recommended_sampling")  # the suite's model recommends nothing
+    text, seed = sampled(http_server)
+    assert sampled(http_server, temperature=1.0, seed=seed) == (text, seed)
+    assert sampled(http_server, temperature=0.5, seed=seed)[0] != text
+    assert chat_choice(http_server, temperature=0).message.content != text
 
 
 # -- errors --------------------------------------------------------------------------------------------------------
@@ -284,7 +438,7 @@ def held_stream(server: ServerThread, front: str) -> Any:
     channel = server.channel()
     stream = pb_grpc.GenerationServiceStub(channel).Generate(
         pb.GenerateRequest(prompt="held", stopping=pb.StoppingCriteria(max_new_tokens=400)), timeout=60)
-    assert next(stream).tokens
+    assert len(next(stream).tokens) == 1  # prefill's token
 
     def leave() -> None:
         stream.cancel()
@@ -370,13 +524,8 @@ def test_a_client_that_stops_reading_is_ended_with_a_clear_reason(model_dir: Pat
 
 
 def test_503_while_the_model_loads(model_dir: Path) -> None:
-    release = threading.Event()
-
-    def slow_loader(config):  # the real loader, held until the test has asked
-        assert release.wait(60)
-        return load_engine(config)
-
-    srv = ServerThread(base_config(model_dir, http_port=-1), loader=slow_loader)
+    loader = held_loader()  # the real loader, held until the test has asked
+    srv = ServerThread(base_config(model_dir, http_port=-1), loader=loader)
     try:
         sdk = client(srv)
         with pytest.raises(openai.InternalServerError) as err:
@@ -385,11 +534,12 @@ def test_503_while_the_model_loads(model_dir: Path) -> None:
         assert "loading" in err.value.message
         assert httpx.get(base_url(srv) + "/v1/models", timeout=30).status_code == 503
         assert httpx.get(base_url(srv) + "/", timeout=30).status_code == 200  # the page itself is static
-        release.set()
+        loader.release()
         srv.wait_ready()
-        assert sdk.chat.completions.create(model=model_name(srv), messages=CHAT, max_tokens=2).choices
+        answer = sdk.chat.completions.create(model=model_name(srv), messages=CHAT, max_tokens=2)
+        assert answer.usage is not None and answer.usage.completion_tokens == 2
     finally:
-        release.set()
+        loader.release()
         srv.close()
 
 
@@ -473,7 +623,8 @@ def test_the_same_tls_and_mtls(model_dir: Path, tmp_path: Path) -> None:
         with httpx.Client(verify=context) as http:
             sdk = openai.OpenAI(base_url=base_url(srv, "https") + "/v1", api_key="unused", http_client=http,
                                 max_retries=0)
-            assert sdk.chat.completions.create(model=model_name(srv), messages=CHAT, max_tokens=2).choices
+            answer = sdk.chat.completions.create(model=model_name(srv), messages=CHAT, max_tokens=2)
+            assert answer.usage is not None and answer.usage.completion_tokens == 2
         anonymous = ssl.create_default_context(cafile=str(files["ca.crt"]))
         with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)), \
                 httpx.Client(verify=anonymous) as http:
@@ -521,10 +672,16 @@ def test_http_requests_get_spans_metrics_and_log_lines(model_dir: Path, caplog: 
 
 
 def test_connections_send_each_frame_at_once(http_server: ServerThread) -> None:
-    """asyncio sets TCP_NODELAY only on connections accepted from a socket that names IPPROTO_TCP; without it,
-    Nagle's algorithm held each SSE frame after the headers for the client's delayed ACK (40 ms more TTFT)."""
-    assert http_server.running.http is not None
-    assert http_server.running.http.listener.proto == socket.IPPROTO_TCP
+    """The server's end of an accepted connection has TCP_NODELAY: without it, Nagle's algorithm held each SSE frame
+    after the headers for the client's delayed ACK (40 ms more TTFT). The client's end is a plain socket, without
+    it, so only the server can have set it on its own end."""
+    with socket.create_connection(("127.0.0.1", http_server.running.http_port), timeout=60) as sock:
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        response = http.client.HTTPResponse(sock)
+        response.begin()  # answered: the server has accepted the connection, which stays open (keep-alive)
+        assert response.status == 200 and json.loads(response.read())["data"][0]["id"] == model_name(http_server)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        assert accepted_nodelay(http_server, sock) == 1
 
 
 def test_the_page_is_one_self_contained_file(http_server: ServerThread) -> None:
@@ -560,21 +717,23 @@ def test_logprobs_bytes_offsets_and_no_end_of_sequence_entry(model_dir: Path) ->
     tok = Tokenizer.from_dir(model_dir)
     text = "三国 𝄞⺀⺁ ok"  # 𝄞 and ⺀ are each split across two tokens in this vocabulary
     ids = tok.encode_full(text).ids
-    eos = tok._tok.token_to_id("<|im_end|>") if tok._tok.token_to_id("<|im_end|>") is not None else 0
+    eos = tok._tok.token_to_id("<|im_end|>")
+    assert isinstance(eos, int), "the Qwen2 vocabulary has <|im_end|>"
     tokens = tuple(TokenOut(i, tok.decode([i]), -0.5) for i in [*ids, eos])
     assert any("\ufffd" in t.text for t in tokens), "the text should split a character across tokens"
     final = Chunk(text, tokens, Finish.EOS_TOKEN, 3, len(tokens))
-    for chat in (True, False):
-        parsed = Parsed(chat, GenerateParams(logprobs=True))
-        responder = Responder(parsed, "m", "r", eos_ids=(eos,), token_bytes=tok.token_bytes)
-        logprobs = responder.whole([final])["choices"][0]["logprobs"]
-        if chat:
-            entries = logprobs["content"]
-            assert len(entries) == len(ids) and all(e["bytes"] is not None for e in entries)
-            assert b"".join(bytes(e["bytes"]) for e in entries) == text.encode()
-        else:
-            assert len(logprobs["tokens"]) == len(ids)
-            offsets = logprobs["text_offset"]
-            starts = [text.encode()[:n].decode("utf-8", "ignore") for n in
-                      [sum(len(bytes(e["bytes"])) for e in entries[:k]) for k in range(len(ids))]]
-            assert offsets == [len(s) for s in starts] and offsets[-1] < len(text)
+
+    def logprobs(chat: bool) -> Any:
+        responder = Responder(Parsed(chat, GenerateParams(logprobs=True)), "m", "r", eos_ids=(eos,),
+                              token_bytes=tok.token_bytes)
+        return responder.whole([final])["choices"][0]["logprobs"]
+
+    entries = logprobs(chat=True)["content"]
+    assert [e["bytes"] is None for e in entries] == [False] * len(ids)  # one entry a token, EOS none
+    raw = [bytes(e["bytes"]) for e in entries]
+    assert b"".join(raw) == text.encode()
+    completion = logprobs(chat=False)
+    assert len(completion["tokens"]) == len(ids)
+    # A token starts after the whole characters of the bytes before it: one that continues a character, at it.
+    starts = [len(b"".join(raw[:k]).decode("utf-8", "ignore")) for k in range(len(ids))]
+    assert completion["text_offset"] == starts and starts[-1] < len(text)

@@ -17,6 +17,9 @@ from service.engine.checkpoints.loader import load_model
 from service.engine.checkpoints.registry import SOURCE_MODELS, UnknownModelError, canonical_name, locate
 from service.engine.scheduler import Engine
 from service.engine.types import GenerationRequest
+from tests.support.servers import base_config, started
+from tokenstream.v1 import generation_pb2 as pb
+from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = SOURCE_MODELS / "tokenstream-demo"
@@ -31,7 +34,7 @@ def test_the_demo_model_resolves_by_name_and_speaks(tmp_path: Path) -> None:
     name, path = locate("demo", tmp_path)
     assert (name, path) == ("demo", DEMO)
     model = load_model(path)
-    assert model.config.vocab_size <= 8192 and model.tokenizer.chat_template
+    assert model.config.vocab_size <= 8192 and "<|im_start|>" in model.tokenizer.chat_template
     engine = Engine(model, EngineConfig(max_slots=2, max_context=512))
     engine.start(warmup=False)
     try:
@@ -104,3 +107,48 @@ def test_an_installed_server_fails_loudly_for_a_model_it_does_not_have(installed
     assert done.returncode == 1
     fatal = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")][-1]
     assert "python -m service.models fetch" in fatal["msg"]
+
+
+# Qwen2.5-Instruct's own generation_config.json: the family whose vocabulary the suite's model has.
+QWEN25_GENERATION = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True,
+                     "eos_token_id": [151645, 151643], "repetition_penalty": 1.05, "temperature": 0.7,
+                     "top_p": 0.8, "top_k": 20, "transformers_version": "4.37.0"}
+
+
+def serve_model_info(model: Path, **limits: int) -> pb.GetModelInfoResponse:
+    srv = started(base_config(model, **limits))
+    try:
+        with srv.channel() as ch:
+            return pb_grpc.GenerationServiceStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+    finally:
+        srv.close()
+
+
+def test_model_info_caps_the_limits_at_the_models_own_context(model_dir: Path) -> None:
+    """Asked for more than the checkpoint's config.json allows, the server serves the model's context, and
+    max_new_tokens is capped at that less one prompt token; the model's generation_config.json recommends no
+    sampling, so none is reported."""
+    context = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
+    generation = json.loads((model_dir / "generation_config.json").read_text())
+    info = serve_model_info(model_dir, max_context=2 * context, max_new_tokens_limit=4 * context)
+    assert (info.max_context_length, info.max_new_tokens) == (context, context - 1)
+    assert "temperature" not in generation and info.HasField("recommended_sampling") is False
+
+
+def test_model_info_recommends_the_sampling_of_the_checkpoints_generation_config(model_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    """The suite's model with Qwen2.5-Instruct's generation_config.json: GetModelInfo recommends what that file
+    says (read back from the file served), and a limit below the context is reported as configured."""
+    served = tmp_path / "qwen2-with-recommendation"
+    served.mkdir()
+    for f in model_dir.iterdir():
+        (served / f.name).symlink_to(f)
+    (served / "generation_config.json").unlink()
+    (served / "generation_config.json").write_text(json.dumps(QWEN25_GENERATION))
+    info = serve_model_info(served, max_context=256, max_new_tokens_limit=100)
+    want = json.loads((served / "generation_config.json").read_text())
+    got = info.recommended_sampling
+    assert (info.max_context_length, info.max_new_tokens) == (256, 100)
+    assert (got.temperature, got.top_p, got.top_k, got.repetition_penalty) == pytest.approx(
+        (want["temperature"], want["top_p"], want["top_k"], want["repetition_penalty"]))
+    assert got.HasField("seed") is False

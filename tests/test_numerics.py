@@ -19,20 +19,16 @@ import pytest
 
 from service.engine.checkpoints.loader import (
     CheckpointNotFoundError,
-    LoadedModel,
     _read_checkpoint,
     build_weights,
     load_model,
     resolve_model,
 )
 from service.engine.checkpoints.model_config import ModelConfig, UnsupportedModelError
-from service.engine.decoder import LlamaDecoder
-from service.engine.kv_cache import SlotKVCache
 from tests.checkpoints import GENERATION_CONFIG, SPECS, VOCAB, TinyModel
+from tests.reference import DECODE, MAX_CONTEXT, PROMPT, max_diff
 
-PROMPT, DECODE = 10, 3
 TOL = 1e-4
-MAX_CONTEXT = 64
 
 CASES = [(name, layout) for name, spec in SPECS.items() for layout in spec.layouts]
 MEASURED: dict[str, float] = {}
@@ -53,31 +49,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], TinyModel]
 
 def token_ids(seed: int) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(4, VOCAB, PROMPT + DECODE)]
-
-
-def our_logits(model: LoadedModel, ids: list[int], dtype: str = "float32",
-               weights: object = None) -> tuple[np.ndarray, np.ndarray]:
-    """(prefill logits [2, V]: slot 0 in two chunks, slot 1 in one; decode logits [DECODE, 2, V], both slots)."""
-    cfg = model.config
-    decoder = LlamaDecoder(cfg, weights or model.weights, MAX_CONTEXT, dtype)
-    cache = SlotKVCache(cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim, MAX_CONTEXT, dtype)
-    prompt = np.asarray(ids[:PROMPT], dtype=np.int64)
-    assert decoder.prefill(cache, 0, prompt[:6], 0, want_logits=False) is None
-    chunked = decoder.prefill(cache, 0, prompt[6:], 6, want_logits=True)
-    single = decoder.prefill(cache, 1, prompt, 0, want_logits=True)
-    steps = []
-    for s in range(DECODE):
-        pos = PROMPT + s
-        out = decoder.decode_step(cache, np.array([ids[pos]] * 2, dtype=np.int64), np.array([pos, pos]))
-        steps.append(np.asarray(out, dtype=np.float32))
-    return np.stack([np.asarray(chunked, dtype=np.float32), np.asarray(single, dtype=np.float32)]), np.stack(steps)
-
-
-def max_diff(model: LoadedModel, ref: np.ndarray, ids: list[int], **kw: object) -> float:
-    prefill, decode = our_logits(model, ids, **kw)
-    diffs = [np.abs(prefill - ref[PROMPT - 1]).max()]
-    diffs += [np.abs(decode[s] - ref[PROMPT + s]).max() for s in range(DECODE)]
-    return float(max(diffs))
 
 
 @pytest.mark.parametrize(("arch", "layout"), CASES, ids=[f"{a}-{lay}" for a, lay in CASES])
@@ -202,7 +173,7 @@ def test_generation_config_and_tied_embeddings(tiny: Callable[[str], TinyModel])
     assert model.config.eos_token_ids == tuple(GENERATION_CONFIG["eos_token_id"])
     assert model.generation_defaults["temperature"] == 0.7
     assert model.generation_defaults["top_p"] == 0.9
-    assert model.config.tie_word_embeddings and model.config.attention_bias
+    assert model.config.tie_word_embeddings is True and model.config.attention_bias is True
     assert model.tokenizer.encode("w5 w17") == [5, 17]
 
 
@@ -212,7 +183,7 @@ def test_transformers5_rope_parameters_are_read(tiny: Callable[[str], TinyModel]
     assert llama3.rope_theta == 500000.0
     assert llama3.rope_scaling is not None and llama3.rope_scaling["rope_type"] == "llama3"
     ernie = load_model(tiny("ernie").save("erniekit")).config  # ERNIEKit: top-level rope_theta, alias name
-    assert ernie.architecture == "Ernie4_5ForCausalLM" and ernie.rope_theta == 500000.0 and ernie.rope_interleaved
+    assert (ernie.architecture, ernie.rope_theta, ernie.rope_interleaved) == ("Ernie4_5ForCausalLM", 500000.0, True)
     assert ernie.head_dim == 16 != ernie.hidden_size // ernie.num_heads
 
 

@@ -1,4 +1,4 @@
-"""Operations against the real server: health lifecycle and watchdog, SIGTERM drain in a real subprocess,
+"""Operations against the real server: health lifecycle and watchdog, SIGTERM and SIGINT drain in a real subprocess,
 metrics, trace propagation, request logs, and round-robin across two server processes."""
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.server import SERVICE_NAME, load_engine
+from service.server import SERVICE_NAME
 from tests.support.fake_dns import FakeDNS
 from tests.support.hooks import StepGate
+from tests.support.loaders import held_loader
 from tests.support.servers import ServerThread, Subprocess, base_config, free_port, started, wait_serving
 from tests.support.tracing import Spans
 from tokenstream.v1 import generation_pb2 as pb
@@ -48,19 +49,14 @@ def next_status(statuses: queue.Queue, timeout: float = 60) -> int:
 
 
 def test_health_watch_follows_load_serve_and_drain(model_dir: Path) -> None:
-    release = threading.Event()
-
-    def held_loader(config):
-        assert release.wait(60)
-        return load_engine(config)
-
-    srv = ServerThread(base_config(model_dir), loader=held_loader)
+    loader = held_loader()
+    srv = ServerThread(base_config(model_dir), loader=loader)
     try:
         with srv.channel() as ch:
             watches = {name: watch(ch, name) for name in ("", SERVICE_NAME)}
             for statuses in watches.values():
                 assert next_status(statuses) == NOT_SERVING
-            release.set()
+            loader.release()
             for statuses in watches.values():
                 assert next_status(statuses) == SERVING
             srv.call(srv.running.drain(1.0))
@@ -70,7 +66,7 @@ def test_health_watch_follows_load_serve_and_drain(model_dir: Path) -> None:
                 list(pb_grpc.GenerationServiceStub(ch).Generate(pb.GenerateRequest(prompt="hi"), timeout=10))
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
-        release.set()
+        loader.release()
         srv.close()
 
 
@@ -94,21 +90,56 @@ def test_watchdog_fails_liveness_while_the_engine_is_stuck(model_dir: Path) -> N
         srv.close()
 
 
-def test_health_answers_while_the_engine_decodes(gated_server: ServerThread, gate: StepGate) -> None:
-    with gated_server.channel() as ch:
-        stub = pb_grpc.GenerationServiceStub(ch)
-        calls = [stub.Generate(pb.GenerateRequest(prompt=f"busy {i}", stopping=pb.StoppingCriteria(
-            max_new_tokens=300)), timeout=120) for i in range(8)]
-        assert gated_server.engine.wait_until(lambda s: s.active == 8, 60)
-        steps = gated_server.engine.stats().steps
-        gate.open()  # eight streams decoding (300 tokens each), while health is asked 20 times
-        health = health_pb2_grpc.HealthStub(ch)
-        for _ in range(20):
-            assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == SERVING
-        assert gated_server.engine.stats().active == 8 or gated_server.engine.stats().steps > steps
-        for c in calls:
-            c.cancel()
-    assert gated_server.engine.wait_until(lambda s: s.active == 0, 30)
+class HeldStep(StepGate):
+    """A gated StepGate that can also hold the engine inside its next step (in in_step, within the timed forward),
+    so that a test acts while a decode step is certainly under way."""
+
+    def __init__(self) -> None:
+        super().__init__(gated=True)
+        self.hold_next = False
+        self.inside = threading.Event()  # the engine is held inside a step
+        self._leave = threading.Event()
+
+    def in_step(self) -> None:
+        super().in_step()
+        if self.hold_next:
+            self.hold_next = False
+            self.inside.set()
+            assert self._leave.wait(60)
+
+    def leave(self) -> None:
+        self._leave.set()
+
+
+def test_health_answers_while_the_engine_decodes(model_dir: Path) -> None:
+    """Eight streams decode; the engine is held inside one decode step of all eight while health is asked 20 times.
+    The step ends only after the answers: every SERVING came while it was under way."""
+    gate = HeldStep()
+    srv = started(base_config(model_dir), hooks=gate)
+    try:
+        with srv.channel() as ch:
+            stub = pb_grpc.GenerationServiceStub(ch)
+            calls = [stub.Generate(pb.GenerateRequest(prompt=f"busy {i}", stopping=pb.StoppingCriteria(
+                max_new_tokens=300)), timeout=120) for i in range(8)]
+            assert srv.engine.wait_until(lambda s: s.active == 8 and s.waiting == 0 and s.prefilling == 0, 60)
+            before = srv.engine.stats()
+            gate.hold_next = True
+            gate.permit(1)
+            assert gate.inside.wait(60), "the engine took no decode step"
+            health = health_pb2_grpc.HealthStub(ch)
+            answers = [health.Check(health_pb2.HealthCheckRequest(), timeout=10).status for _ in range(20)]
+            assert srv.engine.stats().steps == before.steps  # the step is still under way
+            gate.leave()
+            assert srv.engine.wait_until(lambda s: s.steps == before.steps + 1, 30)
+            assert answers == [SERVING] * 20
+            after = srv.engine.stats()
+            assert after.batch_sizes[8] == before.batch_sizes[8] + 1 and after.active == 8  # a step of all eight
+            for c in calls:
+                c.cancel()
+            assert srv.engine.wait_until(lambda s: s.active == 0, 30)
+    finally:
+        gate.leave()
+        srv.close()
 
 
 def test_metrics_are_exposed_with_genai_names(model_dir: Path) -> None:
@@ -123,6 +154,7 @@ def test_metrics_are_exposed_with_genai_names(model_dir: Path) -> None:
                 list(stub.Generate(pb.GenerateRequest(prompt=""), timeout=30))
         body = urllib.request.urlopen(f"http://127.0.0.1:{srv.running.metrics_port}/metrics", timeout=5).read()
         text = body.decode()
+        prompt_tokens = len(srv.engine.tokenizer.encode("metrics"))
     finally:
         srv.close()
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
@@ -136,9 +168,10 @@ def test_metrics_are_exposed_with_genai_names(model_dir: Path) -> None:
     assert samples["gen_ai_server_request_duration_seconds_count"] == 3
     assert samples["tokenstream_queue_time_seconds_count"] == 3
     assert samples['tokenstream_completion_tokens_total{caller_class="default"}'] == 15
-    assert samples["tokenstream_prompt_tokens_total"] > 0
-    for gauge in ("tokenstream_active_slots", "tokenstream_queue_depth", "tokenstream_kv_cache_fill_ratio"):
-        assert gauge in samples
+    assert samples["tokenstream_prompt_tokens_total"] == 3 * prompt_tokens
+    # Read from the engine at scrape time: every request has ended and freed its slot.
+    gauges = ("tokenstream_active_slots", "tokenstream_queue_depth", "tokenstream_kv_cache_fill_ratio")
+    assert {g: samples[g] for g in gauges} == dict.fromkeys(gauges, 0.0)
     # Batch size per decode step, not a copy of the active slots: 3 requests of 5 tokens, one at a time, are
     # 3 x 4 decode steps of one row (the first token comes from prefill).
     assert samples["tokenstream_batch_size_count"] == 12 and samples["tokenstream_batch_size_sum"] == 12
@@ -206,9 +239,11 @@ def spawn(model_dir: Path, *args: str, gated: bool = False) -> Subprocess:
     return Subprocess("--model-dir", str(model_dir), "--max-context", "512", *args, gated=gated)
 
 
-def test_sigterm_drains_streams_with_final_messages_and_exits_zero(model_dir: Path) -> None:
-    """The short stream finishes inside the grace period and the long one does not, because the test decides how
-    many decode steps the server's engine takes (a gated test entry point), not because of the machine's speed."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_drains_streams_with_final_messages_and_exits_zero(model_dir: Path, sig: signal.Signals) -> None:
+    """SIGTERM and SIGINT (Ctrl-C) drain alike. The short stream finishes inside the grace period and the long one
+    does not, because the test decides how many decode steps the server's engine takes (a gated test entry point),
+    not because of the machine's speed."""
     server = spawn(model_dir, "--port", "0", "--grace-s", "2", gated=True)
     target = f"127.0.0.1:{server.port}"
     try:
@@ -223,7 +258,7 @@ def test_sigterm_drains_streams_with_final_messages_and_exits_zero(model_dir: Pa
                 max_new_tokens=400)), timeout=60)
             server.await_active(2)
             server.step(4)  # both have 5 of their tokens: the short one is one step from its end
-            server.proc.send_signal(signal.SIGTERM)
+            server.proc.send_signal(sig)
             assert next_status(statuses) == NOT_SERVING
             with pytest.raises(grpc.RpcError) as err:
                 list(stub.Generate(pb.GenerateRequest(prompt="late"), timeout=10))

@@ -170,14 +170,16 @@ class FlipFlopHandle(StreamHandle):
 def test_a_verdict_that_changes_between_reads_ends_one_stream_not_the_batch(loaded_model: LoadedModel) -> None:
     """Regression: _reap computed the verdict twice; when the second disagreed, `_finish(seq, *None)` raised and the
     engine ended every stream in the batch with ERROR."""
-    engine = Engine(loaded_model, EngineConfig(max_slots=4, max_context=256, max_backlog=0))
+    engine = Engine(loaded_model, EngineConfig(max_slots=4, max_context=256, max_backlog=1))
     got: dict[str, list] = {"a": [], "b": []}
     ids = loaded_model.tokenizer.encode("hello there")
     steady = engine.submit(GenerationRequest(ids, 20, request_id="a"), got["a"].extend, paced=True)
     racy = engine.submit(GenerationRequest(ids, 20, request_id="b"), got["b"].extend, paced=True)
     with paddle.no_grad():
-        engine._iteration()  # both prefilled and decoded once, driven here rather than on the engine thread
-        engine._outbox.publish()
+        for _ in range(2):  # both prefilled and decoded: two chunks each, one more than max_backlog
+            engine._iteration()  # driven here rather than on the engine thread
+            engine._outbox.publish()
+        assert (steady.emitted, racy.emitted) == (2, 2)
         steady.consumed = steady.emitted  # this reader keeps up
         racy.__class__ = FlipFlopHandle
         engine._iteration()

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from grpc_status import rpc_status
 
-from service.server import SERVICE_NAME, load_engine
+from service.config import Config
+from service.server import SERVICE_NAME
 from tests.support.hooks import StepGate
+from tests.support.loaders import held_loader
+from tests.support.rpc import bad_fields, ids_of
 from tests.support.servers import ServerThread, base_config, started
 from tests.support.tracing import Spans
 from tokenstream.v1 import generation_pb2 as pb
@@ -24,25 +26,9 @@ def health_status(channel: grpc.Channel, service: str) -> int:
     return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
-def bad_fields(err: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None, "INVALID_ARGUMENT must carry google.rpc.Status details"
-    fields = []
-    for detail in status.details:
-        br = error_details_pb2.BadRequest()
-        if detail.Unpack(br):
-            fields += [v.field for v in br.field_violations]
-    return fields
-
-
 def test_health_is_not_serving_until_the_model_is_loaded(model_dir: Path) -> None:
-    release = threading.Event()
-
-    def slow_loader(config):  # the real loader, held until the test has looked at health
-        assert release.wait(60)
-        return load_engine(config)
-
-    srv = ServerThread(base_config(model_dir), loader=slow_loader)
+    loader = held_loader()  # the real loader, held until the test has looked at health
+    srv = ServerThread(base_config(model_dir), loader=loader)
     try:
         with srv.channel() as ch:
             for name in ("", SERVICE_NAME):
@@ -50,12 +36,12 @@ def test_health_is_not_serving_until_the_model_is_loaded(model_dir: Path) -> Non
             with pytest.raises(grpc.RpcError) as err:
                 list(pb_grpc.GenerationServiceStub(ch).Generate(pb.GenerateRequest(prompt="hi"), timeout=5))
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-            release.set()
+            loader.release()
             srv.wait_ready()
             for name in ("", SERVICE_NAME):
                 assert health_status(ch, name) == health_pb2.HealthCheckResponse.SERVING
     finally:
-        release.set()
+        loader.release()
         srv.close()
 
 
@@ -109,29 +95,88 @@ def test_client_cancel_stops_decoding(gated_server: ServerThread, gated_stub, ga
     assert engine.stats().steps == steps
 
 
-def test_deadline_ends_the_stream_and_the_work(gated_server: ServerThread, gated_stub, gate) -> None:
-    req = pb.GenerateRequest(prompt="a long story:", stopping=pb.StoppingCriteria(max_new_tokens=400))
-    msgs: list[pb.GenerateResponse] = []
-    code = grpc.StatusCode.OK
+STEP_S = 0.4  # an injected engine step: two of them (0.8 s) outweigh the default margin's 50 ms
+
+
+@pytest.fixture(scope="module")
+def slow_server(model_dir: Path) -> Iterator[ServerThread]:
+    """The default config, on an engine whose every step takes at least STEP_S (the gate's in_step sleep, which the
+    engine measures) and which has measured one decode step: the default deadline margin here is two steps."""
+    gate = StepGate(gated=True, step_delay_s=STEP_S)
+    srv = started(base_config(model_dir), hooks=gate)
     try:
-        for m in gated_stub.Generate(req, timeout=0.5):  # no decode step is permitted: it cannot finish in time
-            msgs.append(m)
-    except grpc.RpcError as err:  # a graceful TIME_LIMIT is expected; a bare deadline is tolerated
-        code = err.code()
-    assert code in (grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED)
-    if msgs and msgs[-1].finish_reason:
-        assert msgs[-1].finish_reason == pb.FINISH_REASON_TIME_LIMIT
-        assert msgs[-1].usage.completion_tokens == 1
-    assert gated_server.engine.wait_until(lambda s: s.active == 0, 10)
+        gate.permit(1)
+        # A long prompt, so that a prompt token looks cheap to admission's first-token estimate.
+        warm = pb.GenerateRequest(prompt="word " * 50, stopping=pb.StoppingCriteria(max_new_tokens=2))
+        with srv.channel() as ch:
+            assert list(pb_grpc.GenerationServiceStub(ch).Generate(warm, timeout=60))[-1].usage.completion_tokens == 2
+        yield srv
+    finally:
+        srv.close()
 
 
-def test_time_limit_ends_gracefully_with_partial_text(gated_stub, gate) -> None:
+def two_step_margin(srv: ServerThread) -> StepGate:
+    """The server's gate, after checking that the default margin there is two measured steps, not 50 ms."""
+    default_ms = Config().deadline_margin_ms
+    assert srv.running.state.config.deadline_margin_ms == default_ms and default_ms / 1000 < 2 * STEP_S
+    assert srv.engine.step_seconds >= STEP_S
+    assert srv.hooks is not None
+    return srv.hooks
+
+
+def test_deadline_ends_the_stream_gracefully_and_drops_the_work(slow_server: ServerThread) -> None:
+    """No decode step is permitted, so only the caller's deadline can end the stream: the server ends it first, by
+    the default margin, with the final message (a bare DEADLINE_EXCEEDED raises here and fails the test)."""
+    two_step_margin(slow_server).close()
+    engine = slow_server.engine
+    steps = engine.stats().steps
+    req = pb.GenerateRequest(prompt="a long story:", stopping=pb.StoppingCriteria(max_new_tokens=400))
+    with slow_server.channel() as ch:
+        msgs = list(pb_grpc.GenerationServiceStub(ch).Generate(req, timeout=3 * STEP_S))
+    final = msgs[-1]
+    assert final.finish_reason == pb.FINISH_REASON_TIME_LIMIT
+    assert final.usage.completion_tokens == len(ids_of(msgs))
+    assert final.usage.prompt_tokens == len(engine.tokenizer.encode("a long story:"))
+    assert engine.wait_until(lambda s: s.active == 0 and s.used_positions == 0, 10)
+    assert engine.stats().steps == steps  # it ended without a decode step: the deadline did it
+
+
+def test_the_default_margin_is_two_steps_when_steps_are_slow(slow_server: ServerThread) -> None:
+    """With the default deadline margin, a stream whose deadline comes while the engine is inside a 0.4 s step
+    still ends with the final message. The margin is max(50 ms, two measured steps): with 50 ms alone the server's
+    deadline (0.95 s) falls inside the third step (0.8-1.2 s) and is seen only after the caller's (1.0 s); with two
+    steps it is 0.2 s, inside the prefill step, and the final message goes out at its end, 0.6 s early."""
+    gate = two_step_margin(slow_server)
+    gate.open()
+    try:
+        req = pb.GenerateRequest(prompt="go", stopping=pb.StoppingCriteria(max_new_tokens=400))
+        with slow_server.channel() as ch:
+            msgs = list(pb_grpc.GenerationServiceStub(ch).Generate(req, timeout=2.5 * STEP_S))  # bare: raises
+    finally:
+        gate.close()
+    final = msgs[-1]
+    assert final.finish_reason == pb.FINISH_REASON_TIME_LIMIT
+    assert final.usage.completion_tokens == len(ids_of(msgs))
+    assert final.usage.prompt_tokens == len(slow_server.engine.tokenizer.encode("go"))
+
+
+def test_time_limit_ends_gracefully_with_partial_text(gated_server: ServerThread, gated_stub, gate: StepGate,
+                                                      loaded_model) -> None:
+    """Three decode steps are permitted, then none: only the time limit can end the stream. How many of the three
+    the engine takes before the limit is the machine's business; the final message must account for each."""
+    engine = gated_server.engine
+    steps = engine.stats().steps
     req = pb.GenerateRequest(prompt="go", stopping=pb.StoppingCriteria(max_new_tokens=400, time_limit_ms=300))
-    gate.permit(3)  # three decode steps, then none: the time limit must end it
+    gate.permit(3)
+    started_at = time.monotonic()
     msgs = list(gated_stub.Generate(req, timeout=30))
-    assert msgs[-1].finish_reason == pb.FINISH_REASON_TIME_LIMIT
-    assert msgs[-1].usage.completion_tokens == 4
-    assert msgs[-1].timings.total_ms >= 250  # never before its time limit
+    elapsed = time.monotonic() - started_at
+    taken = engine.stats().steps - steps  # the stream has ended: no decode step comes after it
+    final = msgs[-1]
+    assert final.finish_reason == pb.FINISH_REASON_TIME_LIMIT
+    assert final.usage.completion_tokens == len(ids_of(msgs)) == 1 + taken  # the prefill's token, one per step
+    assert "".join(m.text for m in msgs) == loaded_model.tokenizer.decode(ids_of(msgs))  # the partial text
+    assert elapsed >= 0.3  # never before its time limit
 
 
 def test_server_maximum_request_time(model_dir: Path) -> None:
@@ -236,7 +281,8 @@ def test_a_cancelled_stream_still_gets_usage_and_child_spans(model_dir: Path) ->
         assert attrs["gen_ai.operation.name"] == "chat"
         assert tuple(attrs["gen_ai.response.finish_reasons"]) == ("cancelled",)
         assert attrs["gen_ai.usage.output_tokens"] == 4  # the prefill's token and three decode steps
-        assert attrs["gen_ai.usage.input_tokens"] > 0
+        assert attrs["gen_ai.usage.input_tokens"] == len(srv.engine.tokenizer.encode_chat(
+            [{"role": "user", "content": "hello"}]))
         assert attrs["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
         assert set(spans.children(root)) == {"queue", "prefill", "decode"}
     finally:

@@ -12,15 +12,15 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import vllm_engine_pb2 as v
 
+from service.config import Config
 from tests.support.hooks import StepGate
-from tests.support.servers import ServerThread, base_config, started
+from tests.support.rpc import violations
+from tests.support.servers import ServerThread, base_config
 from tokenstream.v1 import generation_pb2 as pb
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 
@@ -28,11 +28,9 @@ PROMPT = "The river ran past the mill and"
 
 
 @pytest.fixture(scope="module")
-def gated_server(model_dir: Path) -> Iterator[ServerThread]:
-    """Two slots and the metrics port; decode steps only when a test permits them (conftest's `gate`)."""
-    s = started(base_config(model_dir, max_slots=2, metrics_port=-1), hooks=StepGate(gated=True))
-    yield s
-    s.close()
+def gated_config(model_dir: Path) -> Config:
+    """Two slots and the metrics port, for conftest's gated server (decode steps only when a test permits them)."""
+    return base_config(model_dir, max_slots=2, metrics_port=-1)
 
 
 @pytest.fixture
@@ -48,18 +46,6 @@ def vllm(srv: ServerThread) -> Iterator[vllm_engine_pb2_grpc.VllmEngineStub]:
 
 def greedy(max_tokens: int, **fields: Any) -> v.SamplingParams:
     return v.SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens, **fields)
-
-
-def violations(err: grpc.RpcError) -> dict[str, str]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    out: dict[str, str] = {}
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            out.update({fv.field: fv.description for fv in bad.field_violations})
-    return out
 
 
 def test_reflection_lists_both_contracts(srv: ServerThread) -> None:
@@ -95,7 +81,7 @@ def test_one_request_gives_the_same_tokens_on_both_contracts(srv: ServerThread, 
         sampling_params=greedy(12, logprobs=2)), timeout=60))
     assert list(only.complete.output_ids) == our_ids
     assert list(only.complete.output_logprobs.token_ids) == our_ids
-    assert all(len(top.token_ids) == 2 for top in only.complete.output_logprobs.top_logprobs)
+    assert [len(top.token_ids) for top in only.complete.output_logprobs.top_logprobs] == [2] * 12
 
 
 def test_unsupported_fields_are_refused_by_name(vllm: vllm_engine_pb2_grpc.VllmEngineStub) -> None:
@@ -131,7 +117,7 @@ def test_rpcs_not_served_answer_unimplemented(vllm: vllm_engine_pb2_grpc.VllmEng
 
 
 def test_management_rpcs_describe_the_engine(srv: ServerThread, vllm: vllm_engine_pb2_grpc.VllmEngineStub) -> None:
-    assert vllm.HealthCheck(v.HealthCheckRequest(), timeout=10).healthy
+    assert vllm.HealthCheck(v.HealthCheckRequest(), timeout=10).healthy is True
     info = vllm.GetModelInfo(v.GetModelInfoRequest(), timeout=10)
     assert (info.served_model_name, info.max_context_length, info.vocab_size) == (
         srv.engine.info.name, srv.engine.info.max_context, srv.engine.info.vocab_size)
@@ -166,7 +152,7 @@ def test_abort_ends_a_stream_and_get_loads_matches_the_gauges(srv: ServerThread,
         vllm.Abort(v.AbortRequest(request_ids=["load-0", "not-here"]), timeout=10)
         aborted = first[0].result(60)
         assert aborted[-1].complete.finish_reason == "abort"
-        assert aborted[-1].complete.completion_tokens < 20
+        assert aborted[-1].complete.completion_tokens == 1  # its prefill token: the gate permitted no step
         gate.open()
         assert first[1].result(60)[-1].complete.finish_reason == "length"
         assert third.result(60)[-1].complete.finish_reason == "length"

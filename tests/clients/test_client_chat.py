@@ -18,18 +18,15 @@ from typing import IO, Any
 
 import pytest
 
+from tests.support.tty import FakeTTY
+from tokenstream_client import Client
 from tokenstream_client.cli import main
 
 CLIENTS = Path(__file__).resolve().parents[2] / "clients"
 LONG = ("--max-new-tokens", "400", "--min-new-tokens", "400")  # EOS cannot end it
-FIRST_STEPS = 20  # decode steps the gated server may take before the Ctrl-C: the answer cannot end before it
+FIRST_STEPS = 20  # decode steps an answer gets before the Ctrl-C; then the gate holds it, far from LONG
 CLEAR_LINE = "\r\x1b[K"
 WAITING = "waiting for the first token"
-
-
-class FakeTTY(io.StringIO):
-    def isatty(self) -> bool:
-        return True
 
 
 def chat(server: Any, *argv: str, stdin: str, tty: bool = False, typed: bool = False) -> tuple[int, str, str]:
@@ -169,30 +166,54 @@ def read_answer(stdout: IO[str] | None) -> list[dict[str, Any]]:
     return records
 
 
+def read_tokens(stdout: IO[str] | None, count: int) -> list[dict[str, Any]]:
+    """The records that carry the answer's first `count` tokens."""
+    assert stdout is not None
+    records: list[dict[str, Any]] = []
+    while sum(len(r["token_ids"]) for r in records) < count:
+        records.append(json.loads(stdout.readline()))
+    return records
+
+
+def held(server: Any, gate: Any) -> int:
+    """Permit FIRST_STEPS decode steps: the next answer then waits, its slot taken, for a step that never comes;
+    only a cancel frees it. Returns the engine's step count once it is held so."""
+    steps = int(server.engine.stats().steps) + FIRST_STEPS
+    gate.permit(FIRST_STEPS)
+    return steps
+
+
+def cancelled_by_the_client(server: Any, finished_calls: Any, before: float) -> None:
+    """The Ctrl-C cancelled the call: its slot was freed while the engine was held, and the server ended it as
+    CANCELLED. (A call answered after the slot was freed proves the record written: it is written along with the
+    engine cancel, on the server's event loop.)"""
+    assert idle(server)
+    with Client(server.target, timeout=30) as client:
+        assert client.health() == "SERVING"
+    assert finished_calls(server, "cancelled", "CANCELLED") == before + 1
+
+
 def test_ctrl_c_stops_the_answer_keeps_it_and_the_chat_goes_on(
-    gated_server: Any, gate: Any, loaded_model: Any, chat_process: subprocess.Popen[str]
+    gated_server: Any, gate: Any, loaded_model: Any, chat_process: subprocess.Popen[str], finished_calls: Any
 ) -> None:
     server, proc = gated_server, chat_process
-    assert proc.stdout is not None
-    steps = server.engine.stats().steps
-    gate.permit(FIRST_STEPS)  # then the engine waits: the answer is still running when Ctrl-C comes
+    cancelled = finished_calls(server, "cancelled", "CANCELLED")
+    steps = held(server, gate)
     say(proc.stdin, "Tell me a long story")
-    first = json.loads(proc.stdout.readline())
-    assert first["token_ids"]  # part of the answer has been printed
-    assert server.engine.stats().active == 1  # and it is far from done
+    shown = read_tokens(proc.stdout, FIRST_STEPS + 1)  # the prefill's token and one per permitted step
+    assert server.engine.wait_until(lambda s: s.steps == steps and s.active == 1, timeout=30)  # held, far from done
     proc.send_signal(signal.SIGINT)
-    assert idle(server)
-    assert server.engine.stats().steps - steps <= FIRST_STEPS  # the slot was freed by the cancel
-    partial = [first, *read_answer(proc.stdout)]
-    assert partial[-1]["interrupted"] is True
-    assert 1 <= sum(len(r.get("token_ids", ())) for r in partial) <= FIRST_STEPS + 1
+    cancelled_by_the_client(server, finished_calls, cancelled)
+    rest = read_answer(proc.stdout)
+    assert [r.get("token_ids") for r in rest] == [None] and rest[0]["interrupted"] is True  # nothing after Ctrl-C
+    assert sum(len(r["token_ids"]) for r in shown) == FIRST_STEPS + 1
 
     gate.open()
     say(proc.stdin, "Go on")
     second = read_answer(proc.stdout)
     assert second[-1]["finish_reason"] in {"MAX_TOKENS", "CONTEXT_LENGTH"}  # a whole answer
-    assert second[0]["prompt_token_ids"] == prompt_ids(  # the partial answer stayed in the history
-        loaded_model, ("user", "Tell me a long story"), ("assistant", text(partial)), ("user", "Go on"))
+    assert second[0]["prompt_token_ids"] == prompt_ids(  # exactly what was shown stayed in the history
+        loaded_model, ("user", "Tell me a long story"), ("assistant", text(shown)), ("user", "Go on"))
 
     proc.send_signal(signal.SIGINT)  # at the prompt: quits
     assert proc.wait(timeout=30) == 130
@@ -217,7 +238,7 @@ def answer_started(screen: str) -> bool:
     return bool(last) and not (last.startswith(WAITING) or WAITING.startswith(last))
 
 
-def test_on_a_terminal(gated_server: Any, gate: Any) -> None:
+def test_on_a_terminal(gated_server: Any, gate: Any, finished_calls: Any) -> None:
     """A person at a terminal: a prompt, Ctrl-C stops an answer with its TTFT shown, /help, Ctrl-D quits."""
     server = gated_server
     controller, terminal = pty.openpty()
@@ -229,14 +250,13 @@ def test_on_a_terminal(gated_server: Any, gate: Any) -> None:
     os.close(terminal)
     try:
         assert "/help" in read_until(controller, lambda s: s.endswith("> "))  # the banner, then the prompt
-        steps = server.engine.stats().steps
-        gate.permit(FIRST_STEPS)
+        cancelled = finished_calls(server, "cancelled", "CANCELLED")
+        steps = held(server, gate)
         os.write(controller, b"Tell me a long story\n")
         read_until(controller, answer_started)
-        assert server.engine.stats().active == 1
+        assert server.engine.wait_until(lambda s: s.steps == steps and s.active == 1, timeout=30)  # held
         proc.send_signal(signal.SIGINT)
-        assert idle(server)
-        assert server.engine.stats().steps - steps <= FIRST_STEPS  # cancelled, not decoded to the end
+        cancelled_by_the_client(server, finished_calls, cancelled)
         screen = read_until(controller, lambda s: "interrupted · " in s and s.endswith("> "))
         assert "interrupted · TTFT " in screen
         os.write(controller, b"/help\n")

@@ -5,33 +5,23 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from tests.support.ports import free_port
+from tests.support.tty import FakeTTY
 from tokenstream_client.cli import main
 
 PROMPT = "Once upon a time"
 CLIENTS = Path(__file__).resolve().parents[2] / "clients"
 
 
-class FakeTTY(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
 def run(*argv: str, tty: bool = False) -> tuple[int, str, str]:
     out, err = (FakeTTY(), FakeTTY()) if tty else (io.StringIO(), io.StringIO())
     code = main(list(argv), stdout=out, stderr=err)
     return code, out.getvalue(), err.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_generate_json_lines(server: Any, loaded_model: Any) -> None:

@@ -17,12 +17,17 @@ from tokenstream_client import AsyncClient, Client, Delta, FinishReason, Tokenst
 PROMPT = "你好世界 Hello"
 LONG = 400  # tokens; the test context holds 512
 HELD_STEPS = 20  # decode steps a held stream gets: it is still running, far from LONG, whatever the machine
+# The server ends a stream gracefully this long before the caller's deadline: a wide margin, so that its final
+# message (TIME_LIMIT) reaches the client well before the deadline, however slow the machine.
+DEADLINE_MARGIN_S = 10
+DEADLINE_S = DEADLINE_MARGIN_S + 1.0  # the server ends the stream after about a second
 
 
 @pytest.fixture(scope="module")
 def server(model_dir: Any) -> Iterator[Any]:
-    """Overrides tests/conftest.py's: the same server, whose decode steps follow a gate (open unless `held`)."""
-    srv = started(base_config(model_dir), hooks=StepGate())
+    """Overrides tests/conftest.py's: the same server, whose decode steps follow a gate (open unless `held`), with
+    a wide deadline margin."""
+    srv = started(base_config(model_dir, deadline_margin_ms=DEADLINE_MARGIN_S * 1000), hooks=StepGate())
     yield srv
     srv.close()
 
@@ -35,6 +40,16 @@ def held(server: Any) -> Iterator[StepGate]:
     gate.permit(HELD_STEPS)
     yield gate
     gate.open()
+
+
+@pytest.fixture
+def frozen(server: Any) -> Iterator[StepGate]:
+    """The engine thread stopped: the server admits a stream but can send nothing for it until the test ends."""
+    gate = server.hooks
+    gate.freeze()
+    assert gate.frozen.wait(30)
+    yield gate
+    gate.thaw()
 
 
 @pytest.fixture
@@ -84,23 +99,25 @@ def test_stream_result_covers_iterated_deltas(client: Client) -> None:
     assert len(result.token_ids) == 8
 
 
-def test_deadline_ends_with_time_limit_or_deadline_exceeded(client: Client, server: Any, held: StepGate) -> None:
-    outcome: Any
-    try:
-        outcome = client.generate_text(PROMPT, max_new_tokens=LONG, timeout=0.3)
-    except TokenstreamError as error:
-        outcome = error
-    if isinstance(outcome, TokenstreamError):
-        assert outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    else:
-        assert outcome.finish_reason is FinishReason.TIME_LIMIT
-        assert outcome.usage.completion_tokens <= HELD_STEPS + 1
+def test_a_deadline_the_server_meets_ends_with_time_limit(client: Client, server: Any, held: StepGate) -> None:
+    result = client.generate_text(PROMPT, max_new_tokens=LONG, timeout=DEADLINE_S)
+    assert result.finish_reason is FinishReason.TIME_LIMIT and result.attempts == 1
+    assert result.usage.completion_tokens == len(result.token_ids) <= HELD_STEPS + 1  # the text so far
+    assert no_active_streams(server)
+
+
+def test_a_deadline_the_server_cannot_meet_is_deadline_exceeded(client: Client, server: Any,
+                                                                frozen: StepGate) -> None:
+    with pytest.raises(TokenstreamError) as info:
+        client.generate_text(PROMPT, max_new_tokens=LONG, timeout=1.0)
+    assert (info.value.code, info.value.attempts) == (grpc.StatusCode.DEADLINE_EXCEEDED, 1)  # not retried
+    frozen.thaw()
     assert no_active_streams(server)
 
 
 def test_closing_the_iterator_cancels_the_call(client: Client, server: Any, held: StepGate) -> None:
     stream = client.generate(PROMPT, max_new_tokens=LONG)
-    assert next(stream).tokens
+    assert 1 <= len(next(stream).token_ids) <= HELD_STEPS + 1
     assert server.engine.stats().active == 1  # still running: held after HELD_STEPS steps
     stream.close()
     assert no_active_streams(server)
@@ -148,11 +165,13 @@ def test_tokenize(client: Client, loaded_model: Any) -> None:
     assert client.tokenize(text, truncate_to=2).ids == result.ids[-2:]
 
 
-def test_model_info(client: Client, loaded_model: Any) -> None:
-    info = client.model_info()
-    assert info.vocab_size == 151_936 and info.architecture
+def test_model_info(client: Client, server: Any, loaded_model: Any) -> None:
+    info, engine = client.model_info(), server.engine.info
+    assert info.vocab_size == 151_936 and info.architecture == loaded_model.config.architecture
     assert info.max_context_length == 512 and info.max_batch_size == 8
-    assert set(info.eos_token_ids) and info.device
+    assert (info.model_name, info.eos_token_ids, info.dtype, info.device) == (
+        engine.name, engine.eos_token_ids, engine.dtype, engine.device)
+    assert set(loaded_model.config.eos_token_ids) <= set(info.eos_token_ids)
 
 
 def test_health(client: Client) -> None:
@@ -179,19 +198,21 @@ def test_async_generate_and_collect(server: Any, loaded_model: Any) -> None:
     assert health == "SERVING" and info.vocab_size == 151_936
 
 
-def test_async_deadline(server: Any, held: StepGate) -> None:
-    async def run() -> Any:
+def test_async_deadlines(server: Any, held: StepGate) -> None:
+    async def run(timeout: float) -> Any:
         async with AsyncClient(server.target) as client:
-            try:
-                return await client.generate_text(PROMPT, max_new_tokens=LONG, timeout=0.3)
-            except TokenstreamError as error:
-                return error
+            return await client.generate_text(PROMPT, max_new_tokens=LONG, timeout=timeout)
 
-    outcome = asyncio.run(run())
-    if isinstance(outcome, TokenstreamError):
-        assert outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    else:
-        assert outcome.finish_reason is FinishReason.TIME_LIMIT
+    result = asyncio.run(run(DEADLINE_S))
+    assert result.finish_reason is FinishReason.TIME_LIMIT and result.usage.completion_tokens <= HELD_STEPS + 1
+    held.freeze()
+    assert held.frozen.wait(30)
+    try:
+        with pytest.raises(TokenstreamError) as info:
+            asyncio.run(run(1.0))
+    finally:
+        held.thaw()
+    assert (info.value.code, info.value.attempts) == (grpc.StatusCode.DEADLINE_EXCEEDED, 1)
     assert no_active_streams(server)
 
 

@@ -91,6 +91,7 @@ def test_tokenize(server: Any, loaded_model: Any) -> None:
     assert out["offsets"][-1]["end"] == len("Hello, world")
 
 
-def test_model_info(server: Any) -> None:
+def test_model_info(server: Any, loaded_model: Any) -> None:
     out = json.loads(recipe(server, "model_info.sh"))
-    assert out["vocab_size"] == 151_936 and out["max_context_length"] == 512 and out["architecture"]
+    assert out["vocab_size"] == 151_936 and out["max_context_length"] == 512
+    assert out["architecture"] == loaded_model.config.architecture

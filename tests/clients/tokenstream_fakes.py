@@ -104,8 +104,7 @@ class FakeGenerationService:
 class FakeServer:
     """A grpc.aio server with the fake service, on its own event loop in a background thread."""
 
-    def __init__(self, credentials: grpc.ServerCredentials | None = None) -> None:
-        self.credentials = credentials
+    def __init__(self) -> None:
         self.service = FakeGenerationService()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -116,10 +115,7 @@ class FakeServer:
     async def _start(self) -> grpc.aio.Server:
         server = grpc.aio.server()
         server.add_generic_rpc_handlers((self.service.handler(),))
-        if self.credentials is None:
-            self.port = server.add_insecure_port("127.0.0.1:0")
-        else:
-            self.port = server.add_secure_port("127.0.0.1:0", self.credentials)
+        self.port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         return server
 

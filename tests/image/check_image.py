@@ -34,6 +34,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.support.servers import wait_serving
 from tokenstream.v1 import generation_pb2 as pb
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 
@@ -46,7 +47,9 @@ IMAGE = os.environ.get("TOKENSTREAM_IMAGE_TAG", "tokenstream:image-test")
 OUT = ROOT / "build" / "image-test"
 REQUIRED = os.environ.get("TOKENSTREAM_IMAGE_TEST_REQUIRED") == "1"
 SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 DRAIN_STREAMS = 8
+HANG_S = 600  # a wait that lasts this long is a hang, on any host this runs on
 REPORT: dict[str, Any] = {}
 # The first test also pays for installing podman, the stand-in base and a cold build (about 7 min here, loaded).
 pytestmark = pytest.mark.timeout(3600)
@@ -260,15 +263,6 @@ class Running:
         return podman(self.env, "exec", self.name, *cmd, timeout=timeout, check=False)
 
 
-def wait_serving(target: str, service: str, timeout: float) -> None:
-    """Block on Health.Watch until `service` is SERVING."""
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for msg in stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=True):
-            if msg.status == SERVING:
-                return
-
-
 @pytest.fixture(scope="module")
 def container(podman_env: dict[str, str], image: dict[str, Any], pod_spec: PodSpec) -> Iterator[Running]:
     name = f"tokenstream-image-test-{os.getpid()}"
@@ -285,7 +279,7 @@ def container(podman_env: dict[str, str], image: dict[str, Any], pod_spec: PodSp
         startup = pod_spec.container["startupProbe"]
         # Within the startup probe's budget, as the kubelet allows.
         budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
-        wait_serving(running.target(startup["grpc"]["port"]), startup["grpc"].get("service", ""), budget)
+        wait_serving(running.target(startup["grpc"]["port"]), budget, service=startup["grpc"].get("service", ""))
         report("serving_after_start_s", round(time.monotonic() - start, 2))
         yield running
     finally:
@@ -301,7 +295,7 @@ def test_image_matches_the_manifest(image: dict[str, Any], pod_spec: PodSpec) ->
     config = image["Config"]
     psc = pod_spec.pod["securityContext"]
     assert config["User"] == f"{psc['runAsUser']}:{psc['runAsGroup']}"
-    assert not psc.get("runAsNonRoot") or pod_spec.uid != 0
+    assert psc["runAsNonRoot"] is True and pod_spec.uid != 0
     assert {f"{p}/tcp" for p in pod_spec.ports} <= set(config.get("ExposedPorts", {}))
     assert config.get("StopSignal") in (None, "SIGTERM", "15")
     # docker format: an OCI image config has no field for HEALTHCHECK, and it would be dropped.
@@ -310,11 +304,10 @@ def test_image_matches_the_manifest(image: dict[str, Any], pod_spec: PodSpec) ->
     assert pod_spec.grace_period_s > float(pod_spec.env.get("TOKENSTREAM_GRACE_S", "20"))
     # The baked-in model must stay visible with the manifest's volumes mounted: no mount may cover it.
     env = dict(item.split("=", 1) for item in config["Env"]) | pod_spec.env
-    for key in ("TOKENSTREAM_MODEL_CACHE", "TOKENSTREAM_MODEL_DIR"):
-        path = env.get(key, "")
-        if path.startswith("/"):
-            covering = [m for m in pod_spec.mounts if Path(path).is_relative_to(m)]
-            assert not covering, f"{key}={path} lies under the volume mounted at {covering}: it would be hidden"
+    paths = {key: env[key] for key in ("TOKENSTREAM_MODEL_CACHE", "TOKENSTREAM_MODEL_DIR") if env[key].startswith("/")}
+    assert paths == {"TOKENSTREAM_MODEL_CACHE": "/opt/tokenstream/models"}, paths  # MODEL_DIR is a name in it
+    covered = {key: [m for m in pod_spec.mounts if Path(path).is_relative_to(m)] for key, path in paths.items()}
+    assert covered == {key: [] for key in paths}, f"under a mounted volume, so hidden: {covered}"
 
 
 def test_probes_and_healthcheck_pass(container: Running, pod_spec: PodSpec) -> None:
@@ -333,13 +326,18 @@ def test_probes_and_healthcheck_pass(container: Running, pod_spec: PodSpec) -> N
     assert done.returncode == 0, f"the image's HEALTHCHECK failed: {done.stdout}{done.stderr}"
 
 
-def test_metrics_where_the_pod_annotations_say(container: Running, pod_spec: PodSpec) -> None:
+def metrics(container: Running) -> str:
+    """The exposition where the pod's Prometheus annotations say."""
     annotations = yaml.safe_load(DEPLOYMENT.read_text())["spec"]["template"]["metadata"]["annotations"]
     port, path = int(annotations["prometheus.io/port"]), annotations["prometheus.io/path"]
-    assert port in pod_spec.ports
     with urllib.request.urlopen(f"http://{container.target(port)}{path}", timeout=10) as reply:
-        body = reply.read().decode()
-    assert "tokenstream_requests_total" in body
+        return str(reply.read().decode())
+
+
+def test_metrics_where_the_pod_annotations_say(container: Running, pod_spec: PodSpec) -> None:
+    annotations = yaml.safe_load(DEPLOYMENT.read_text())["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) in pod_spec.ports
+    assert "tokenstream_requests_total" in metrics(container)
 
 
 def test_model_info_names_the_default_model(container: Running, pod_spec: PodSpec) -> None:
@@ -356,15 +354,17 @@ def test_streams_a_request(container: Running, pod_spec: PodSpec) -> None:
         stub = pb_grpc.GenerationServiceStub(channel)
         request = pb.GenerateRequest(prompt="Once upon a time", stopping=pb.StoppingCriteria(
             max_new_tokens=24, min_new_tokens=24))
-        if pod_spec.token:  # the manifest ships with auth on: a call without the Secret's token is refused
-            with pytest.raises(grpc.RpcError) as refused:
-                list(stub.Generate(request, timeout=60))
-            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # The manifest ships with auth on (a Secret's token): a call without it is refused.
+        assert pod_spec.token == pod_spec.secrets["tokenstream-auth", "tokens"]
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Generate(request, timeout=60))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         msgs = list(stub.Generate(request, timeout=60, metadata=pod_spec.auth))
     assert len(msgs) > 1  # streamed, not one answer
     assert msgs[-1].finish_reason == pb.FINISH_REASON_MAX_TOKENS
-    assert msgs[-1].usage.completion_tokens == 24
-    assert "".join(m.text for m in msgs).strip()
+    assert msgs[-1].usage.completion_tokens == sum(len(m.tokens) for m in msgs) == 24
+    text = "".join(m.text for m in msgs)
+    assert len(text.split()) >= 8, text  # greedy (no sampling asked for): 24 tokens of an English continuation
 
 
 def test_http_front_streams_a_chat_and_serves_the_page(container: Running, pod_spec: PodSpec) -> None:
@@ -392,9 +392,10 @@ def test_cli_inside_the_container(container: Running, pod_spec: PodSpec) -> None
     assert done.returncode == 0, done.stderr
     assert "SERVING" in done.stdout
     done = container.exec("tokenstream", "generate", "Once upon a time", "--max-new-tokens", "8", "--json",
-                          "--target", target, *(["--token", pod_spec.token] if pod_spec.token else []))
+                          "--target", target, "--token", pod_spec.token)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1])["finish_reason"]
+    # Eight tokens of the real model: its limit, or its end of text.
+    assert json.loads(done.stdout.strip().splitlines()[-1])["finish_reason"] in ("MAX_TOKENS", "EOS_TOKEN")
 
 
 def test_runs_confined(container: Running, pod_spec: PodSpec) -> None:
@@ -417,7 +418,7 @@ print(json.dumps({"uid": os.getuid(), "caps": caps, "writable": {d: writable(d) 
     assert all(int(c, 16) == 0 for c in seen["caps"]), seen["caps"]
     writable = {d for d, ok in seen["writable"].items() if ok}
     assert writable == set(pod_spec.mounts), f"writable {sorted(writable)}, volumes {pod_spec.mounts}"
-    assert not seen["pip_conf"]
+    assert seen["pip_conf"] is False
 
 
 def test_prestop_hook_runs(container: Running, pod_spec: PodSpec) -> None:
@@ -426,27 +427,53 @@ def test_prestop_hook_runs(container: Running, pod_spec: PodSpec) -> None:
     assert done.returncode == 0, f"preStop {command}: {done.stderr}"
 
 
+def finished_calls(container: Running) -> int:
+    """Generate calls the server has finished (tokenstream_requests_total, all labels): a call counts once its
+    handler has taken the final message, before that message is sent."""
+    lines = metrics(container).splitlines()
+    return round(sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("tokenstream_requests_total{")))
+
+
+def stop_in_background(container: Running, pod_spec: PodSpec) -> threading.Thread:
+    """`podman stop`: the image's STOPSIGNAL, then SIGKILL after the grace period, as the kubelet does."""
+    grace = pod_spec.grace_period_s
+    thread = threading.Thread(target=podman, args=(container.env, "stop", "--time", str(grace), container.name),
+                              kwargs={"timeout": grace + 60})
+    thread.start()
+    return thread
+
+
 def test_sigterm_with_streams_in_flight_drains_and_exits_zero(container: Running, pod_spec: PodSpec) -> None:
+    """In flight at SIGTERM by construction, not by a guess at the host's speed. Each stream has its own
+    connection, with BDP probing off so that its HTTP/2 window keeps its initial size, and asks for as many tokens
+    as the server allows, each with logprobs of its top alternatives: hundreds of kilobytes, several times what a
+    window and the server's buffers hold. Its reader takes the first message and no more until the server has
+    taken SIGTERM (health NOT_SERVING), so no handler can have taken its final message by then, however fast the
+    host: the metrics say so, read before the readers go on. Then the drain must deliver every final message."""
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.use_local_subchannel_pool", 1)]  # one connection per stream
     with grpc.insecure_channel(container.target(pod_spec.grpc_port)) as channel:
-        stub = pb_grpc.GenerationServiceStub(channel)
-        info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10, metadata=pod_spec.auth)
-        # Long enough to be running at SIGTERM; EOS held off so each one runs to its limit or is cut.
-        n = min(128, info.max_context_length - 32)
+        info = pb_grpc.GenerationServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10,
+                                                                   metadata=pod_spec.auth)
+        n = min(info.max_new_tokens, info.max_context_length - 32)
+        request = pb.GenerateRequest(stopping=pb.StoppingCriteria(max_new_tokens=n, min_new_tokens=n),
+                                     response=pb.ResponseOptions(logprobs=True, top_n=info.max_top_n))
+        finished_before = finished_calls(container)
         started = [threading.Event() for _ in range(DRAIN_STREAMS)]
-        finals: list[pb.GenerateResponse | None] = [None] * DRAIN_STREAMS
+        sigterm_taken = threading.Event()
+        streams: list[list[pb.GenerateResponse]] = [[] for _ in range(DRAIN_STREAMS)]
         errors: list[BaseException] = []
-        lock = threading.Lock()
 
         def run(i: int) -> None:
+            request_i = pb.GenerateRequest(prompt=f"stream {i}: once upon a time")
+            request_i.MergeFrom(request)
             try:
-                for msg in stub.Generate(pb.GenerateRequest(prompt=f"stream {i}: once upon a time",
-                                                            stopping=pb.StoppingCriteria(max_new_tokens=n,
-                                                                                         min_new_tokens=n)),
-                                         timeout=pod_spec.grace_period_s + 60, metadata=pod_spec.auth):
+                with grpc.insecure_channel(container.target(pod_spec.grpc_port), options=options) as own:
+                    call = pb_grpc.GenerationServiceStub(own).Generate(
+                        request_i, timeout=pod_spec.grace_period_s + HANG_S, metadata=pod_spec.auth)
+                    streams[i].append(next(call))
                     started[i].set()
-                    if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-                        with lock:
-                            finals[i] = msg
+                    sigterm_taken.wait(HANG_S)
+                    streams[i].extend(call)
             except BaseException as exc:
                 errors.append(exc)
                 started[i].set()
@@ -454,24 +481,32 @@ def test_sigterm_with_streams_in_flight_drains_and_exits_zero(container: Running
         threads = [threading.Thread(target=run, args=(i,)) for i in range(DRAIN_STREAMS)]
         for t in threads:
             t.start()
-        for event in started:
-            assert event.wait(120)
-        with lock:
-            done_before = sum(f is not None for f in finals)
-        assert not errors, errors
-        assert done_before == 0, f"{done_before} streams ended before SIGTERM: make them longer"
-        start = time.monotonic()
-        # `podman stop` sends the image's STOPSIGNAL, then SIGKILL after the grace period, as the kubelet does.
-        podman(container.env, "stop", "--time", str(pod_spec.grace_period_s), container.name,
-               timeout=pod_spec.grace_period_s + 60)
-        stop_s = time.monotonic() - start
+        try:
+            assert all(event.wait(HANG_S) for event in started)
+            assert not errors, errors
+            health = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=HANG_S)
+            assert next(health).status == SERVING
+            start = time.monotonic()
+            stop = stop_in_background(container, pod_spec)
+            assert next(health).status == NOT_SERVING  # the server has taken SIGTERM and is draining
+            try:
+                in_flight = DRAIN_STREAMS - (finished_calls(container) - finished_before)
+            except OSError as exc:  # with nothing to drain, the server exits at once
+                raise AssertionError(f"no stream in flight at SIGTERM: the server had exited ({exc})") from exc
+        finally:  # the readers go on, whatever happened
+            sigterm_taken.set()
         for t in threads:
-            t.join(60)
+            t.join(HANG_S)
+        stop.join(HANG_S)
+        stop_s = time.monotonic() - start
     assert not errors, errors
+    assert in_flight == DRAIN_STREAMS, f"{DRAIN_STREAMS - in_flight} streams finished before SIGTERM"
     state = json.loads(podman(container.env, "inspect", "--format", "{{json .State}}", container.name).stdout)
-    reasons = [pb.FinishReason.Name(f.finish_reason) if f else None for f in finals]
-    report("sigterm_drain", {"streams": DRAIN_STREAMS, "max_new_tokens": n, "exit_s": round(stop_s, 2),
-                             "exit_code": state["ExitCode"], "finish_reasons": reasons,
-                             "completion_tokens": [f.usage.completion_tokens if f else None for f in finals]})
-    assert all(f is not None for f in finals), f"streams without a final message: {reasons}"
+    finals = [msgs[-1] for msgs in streams]
+    reasons = [pb.FinishReason.Name(f.finish_reason) for f in finals]
+    report("sigterm_drain", {"streams": DRAIN_STREAMS, "in_flight": in_flight, "max_new_tokens": n,
+                             "exit_s": round(stop_s, 2), "exit_code": state["ExitCode"], "finish_reasons": reasons,
+                             "completion_tokens": [f.usage.completion_tokens for f in finals],
+                             "kilobytes": [round(sum(m.ByteSize() for m in msgs) / 1e3) for msgs in streams]})
+    assert all(f.finish_reason != pb.FINISH_REASON_UNSPECIFIED for f in finals), f"without a final message: {reasons}"
     assert state["ExitCode"] == 0

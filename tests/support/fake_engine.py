@@ -2,8 +2,8 @@
 
 Each request's stream is scripted by the test (`script`), or by default echoes the prompt's tokens back one chunk
 per token. The real tokenizer of the test model does the validation's encoding, so requests are validated as in
-production. Every feature is also tested against the real engine; this only makes the transport's own cases
-(status mapping, cancellation, admission, drain) fast and exact.
+production. It only makes the transport's own cases (status mapping, cancellation, admission, drain) fast and
+exact; each is also tested against the real engine (tests/test_transport.py's docstring says where).
 """
 
 from __future__ import annotations

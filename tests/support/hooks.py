@@ -13,6 +13,8 @@ class EngineKilled(BaseException):
     """Raised on the engine thread by StepGate.kill(): not an Exception, so nothing in the loop catches it."""
 
 GATE_POLL_S = 0.02  # how long a closed gate holds the engine before letting it look at deadlines and cancels again
+# In every injected exception's text: what Paddle's errors carry (paths, shapes), which only the server's log may show.
+FAULT_TEXT = "at /opt/paddle/kernels/secret_op.cc:42, tensor shape [3, 7]"
 
 
 class StepGate:
@@ -32,6 +34,7 @@ class StepGate:
         self.step_delay_s = step_delay_s  # a floor under each step's measured time, for admission-estimate tests
         self._faults: dict[str, str] = {}
         self._killed = False
+        self._break_iteration = False
         self.decode_steps = 0  # decode steps allowed so far (engine thread)
         self.first_token_step: dict[str, int] = {}  # request id -> decode_steps when it took its first token
 
@@ -65,14 +68,24 @@ class StepGate:
             self._cond.notify_all()
 
     def fail(self, request_id: str, fault: str) -> None:
-        """`prefill_oom` (MemoryError in prefill) or `error_at_N` (the N-th generated token raises)."""
+        """A fault for one request, raised where the engine handles that request: `prefill_oom` (MemoryError in its
+        prefill), `prefill_error` (RuntimeError there: the whole iteration fails), `error_at_N` (RuntimeError as it
+        accepts its N-th generated token) or `oom_at_N` (MemoryError there). The last two end that sequence alone."""
         self._faults[request_id] = fault
+
+    def break_iteration(self) -> None:
+        """Make the engine's next iteration raise a RuntimeError outside any one sequence (as a failed step's Paddle
+        error would): the engine ends every stream it holds with an error, and goes on serving."""
+        self._break_iteration = True
 
     # -- the engine's side (EngineHooks) -----------------------------------------------------------
 
     def before_iteration(self) -> None:
         if self._killed:
             raise EngineKilled("killed by the test")
+        if self._break_iteration:
+            self._break_iteration = False
+            raise RuntimeError(f"injected failure of an iteration {FAULT_TEXT}")
         if not self._thawed.is_set():
             self.frozen.set()
             self._thawed.wait()
@@ -95,10 +108,15 @@ class StepGate:
 
     def before_prefill(self, request_id: str) -> None:
         if self._faults.get(request_id) == "prefill_oom":
-            raise MemoryError("injected out-of-memory in prefill")
+            raise MemoryError(f"injected out-of-memory in prefill {FAULT_TEXT}")
+        if self._faults.get(request_id) == "prefill_error":
+            raise RuntimeError(f"injected failure in prefill {FAULT_TEXT}")
 
     def before_accept(self, request_id: str, index: int) -> None:
         if index == 0:
             self.first_token_step.setdefault(request_id, self.decode_steps)
-        if self._faults.get(request_id) == f"error_at_{index}":
-            raise RuntimeError(f"injected fault at token {index}")
+        fault = self._faults.get(request_id)
+        if fault == f"error_at_{index}":
+            raise RuntimeError(f"injected fault at token {index} {FAULT_TEXT}")
+        if fault == f"oom_at_{index}":
+            raise MemoryError(f"injected out-of-memory at token {index} {FAULT_TEXT}")

@@ -171,10 +171,22 @@ class Subprocess:
             self.proc.wait(30)
 
 
-def wait_serving(target: str, timeout: float = 300) -> None:
-    """Block on Health.Watch until the server reports SERVING (the model is loaded and warm)."""
+class NotServingError(RuntimeError):
+    """The health Watch ended, or failed, before the server reported SERVING."""
+
+
+def wait_serving(target: str, timeout: float = 300, service: str = "") -> None:
+    """Block on Health.Watch until `service` is SERVING (the model is loaded and warm). Raises NotServingError,
+    naming the last status seen, when the Watch ends or fails (its deadline included) before that."""
+    last = "no status"
     with grpc.insecure_channel(target) as channel:
-        for msg in health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=timeout,
-                                                             wait_for_ready=True):
-            if msg.status == health_pb2.HealthCheckResponse.SERVING:
-                return
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=service),
+                                                          timeout=timeout, wait_for_ready=True)
+        try:
+            for msg in watch:
+                if msg.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(msg.status)
+        except grpc.RpcError as err:
+            raise NotServingError(f"health Watch of {target}: {err.code().name} at {last}") from err
+    raise NotServingError(f"health Watch of {target} ended at {last}, never SERVING")
