@@ -6,6 +6,8 @@
                           batch-1 figure as a marker)
   arrivals-<model>.png    TTFT and inter-token latency under arrivals at 8 streams, as empirical CDFs, for our
                           server and llama-server on the same plan
+  prefix-<model>.png      prefix reuse (bench/multiturn.py): median TTFT per turn of the chats with reuse on, off and
+                          llama-server's cache_prompt; the callers sharing a system prompt, first and later ones
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 
-from bench.common import engines, quiet_run
+from bench.common import engines, prefix_summary, quiet_run
 
 STYLE: dict[str, dict[str, Any]] = {  # engine label (bench.common.engines) -> line style
     "tokenstream, in-process": {"color": "tab:blue", "marker": "o"},
@@ -124,15 +126,74 @@ def arrivals(key: str, res: dict[str, Any], path: Path, host: dict[str, Any]) ->
     return path
 
 
+PREFIX_STYLE: dict[str, dict[str, Any]] = {  # prefix_summary's series -> label and style
+    "on": {"label": "tokenstream, reuse on", "color": "tab:blue", "marker": "o"},
+    "off": {"label": "tokenstream, reuse off", "color": "tab:gray", "marker": "s", "linestyle": "--"},
+    "llama": {"label": "llama-server F32, cache_prompt", "color": "tab:green", "marker": "D"},
+}
+CALLER_BARS = (("shared", "shared scope"), ("on", "per-caller scope"), ("off", "reuse off"))
+
+
+def prefix(key: str, res: dict[str, Any], path: Path, host: dict[str, Any]) -> Path | None:
+    s = prefix_summary(res)
+    if not s or not s["turns"]:
+        return None
+    p = res["prefix"]["plan"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120, gridspec_kw={"width_ratios": [3, 2]})
+    for name, style in PREFIX_STYLE.items():
+        pts = [(row["turn"], row[name]["ttft_ms"], row[name]["quiet"]) for row in s["turns"] if row.get(name)]
+        if not pts:
+            continue
+        kw = {k: v for k, v in style.items() if k != "label"}
+        ax1.plot([t for t, _, _ in pts], [v for _, v, _ in pts], label=style["label"], **kw)
+        hollow = [(t, v) for t, v, q in pts if not q]
+        if hollow:
+            ax1.plot([t for t, _ in hollow], [v for _, v in hollow], linestyle="none", marker=kw.get("marker"),
+                     color=kw.get("color"), markerfacecolor="white")
+    first_on = (s["turns"][0].get("on") or {}).get("ttft_ms")
+    if first_on:
+        ax1.axhline(1.5 * first_on, color="tab:red", linewidth=0.8, linestyle=":",
+                    label="goal: 1.5x turn 1 with reuse on")
+    ax1.set_xticks([row["turn"] for row in s["turns"]])
+    ax1.set_xlabel(f"turn (+{p['user_tokens']} user tokens and a {p['reply_tokens']}-token reply each)")
+    ax1.set_ylabel("time to first token, ms (median)")
+    ax1.set_ylim(bottom=0)
+    ax1.grid(True, alpha=0.3)
+    ax1.legend(fontsize=7, loc="upper left")
+    ax1.set_title(f"{p['conversations']} chat(s), prompts to {s['turns'][-1]['on']['prompt_tokens']:.0f} tokens"
+                  if s["turns"][-1].get("on") else "chats", fontsize=9)
+    callers = s["callers"]
+    width = 0.8 / len(CALLER_BARS)
+    for i, (name, label) in enumerate(CALLER_BARS):
+        for j, part in enumerate(("first", "others")):
+            cell = (callers.get(name) or {}).get(part) or {}
+            ax2.bar(j + (i - 1) * width, cell.get("ttft_ms") or 0, width, label=label if j == 0 else None,
+                    color=PREFIX_STYLE["off" if name == "off" else "on"]["color"], alpha=0.5 if name == "on" else 1.0,
+                    hatch="" if cell.get("quiet", True) else "//", edgecolor="white")
+    ax2.set_xticks([0, 1], ["first caller", f"callers 2-{p['callers']}"])
+    ax2.set_ylabel("time to first token, ms (median)")
+    ax2.grid(True, axis="y", alpha=0.3)
+    ax2.legend(fontsize=7, loc="upper right")
+    ax2.set_title(f"{p['callers']} callers, one {p['system_tokens']}-token system prompt", fontsize=9)
+    fig.suptitle(f"{key}: prefix reuse, greedy, client TTFT", fontsize=10)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    footer(fig, host, "hollow markers / hatched bars: not quiet; ")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_charts(all_res: dict[str, Any], outdir: Path) -> list[Path]:
     outdir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for key, res in all_res["models"].items():
         host = all_res.get("host") or {}
-        paths.append(throughput(key, res, outdir / f"throughput-{key}.png", host))
-        p = arrivals(key, res, outdir / f"arrivals-{key}.png", host)
-        if p:
-            paths.append(p)
+        if engines(res):
+            paths.append(throughput(key, res, outdir / f"throughput-{key}.png", host))
+        for chart in (arrivals, prefix):
+            p = chart(key, res, outdir / f"{chart.__name__}-{key}.png", host)
+            if p:
+                paths.append(p)
     return paths
 
 

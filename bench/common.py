@@ -352,6 +352,46 @@ def engines(res: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
+def prefix_summary(res: dict[str, Any]) -> dict[str, Any] | None:
+    """The prefix phase (bench/multiturn.py) of one model, as the table and the chart show it: per turn, the median
+    over the conversations of each engine's TTFT, cached and prompt tokens ("on", "off", "llama"); per server, the
+    first caller's and the later callers' medians; whether every sample was quiet."""
+    ours = res.get("prefix") or {}
+    chat = ours.get("chat") or {}
+    if not chat:
+        return None
+    series = {"on": chat.get("on") or [], "off": chat.get("off") or [],
+              "llama": (res.get("prefix_llamacpp") or {}).get("chat") or []}
+    turns = []
+    for t in range(max((len(conv) for convs in series.values() for conv in convs), default=0)):
+        row: dict[str, Any] = {"turn": t + 1}
+        for name, convs in series.items():
+            samples = [conv[t] for conv in convs if len(conv) > t]
+            if samples:
+                row[name] = _medians(samples)
+        turns.append(row)
+    pairs = [(a, b) for ca, cb in zip(series["on"], series["off"], strict=False) for a, b in zip(ca, cb, strict=False)]
+    llama = [r for conv in series["llama"] for r in conv]
+    out: dict[str, Any] = {
+        "turns": turns, "on_off_identical": (sum(a["ids"] == b["ids"] for a, b in pairs), len(pairs)),
+        "llama_identical": (sum(bool(r.get("same_reply_as_ours")) for r in llama), len(llama)),
+        "llama_same_prompt_tokens": (sum(bool(r.get("same_prompt_tokens_as_ours")) for r in llama), len(llama)),
+        "callers": {}}
+    for name, rounds in (ours.get("callers") or {}).items():
+        out["callers"][name] = {"first": _medians([r[0] for r in rounds if r]),
+                                "others": _medians([x for r in rounds for x in r[1:]])}
+    return out
+
+
+def _medians(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    if not samples:
+        return {"n": 0}
+    return {"n": len(samples), "ttft_ms": median([s["ttft_ms"] for s in samples]),
+            "cached": median([s["cached"] for s in samples]),
+            "prompt_tokens": median([s["prompt_tokens"] for s in samples]),
+            "quiet": all(quiet_run(s) is not False for s in samples)}
+
+
 # -- streams ---------------------------------------------------------------------------------------
 
 def aggregate(results: list[dict[str, Any]], concurrency: int, samples: bool = False) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import dataclasses
 import gc
 import pstats
 import sys
@@ -47,7 +48,7 @@ from bench.measure import (  # noqa: E402
     weight_bytes,
 )
 from bench.revisions import unsplit  # noqa: E402
-from service.engine.api import EngineConfig  # noqa: E402
+from service.config import load_config  # noqa: E402
 from service.engine.checkpoints.loader import LoadedModel, load_model  # noqa: E402
 from service.engine.kv_cache import SlotKVCache  # noqa: E402
 from service.engine.scheduler import Engine  # noqa: E402
@@ -56,7 +57,10 @@ from tests.support.load import StreamTimer  # noqa: E402
 
 
 def make_engine(model: LoadedModel, max_slots: int, max_context: int) -> Engine:
-    eng = Engine(model, EngineConfig(max_slots=max_slots, max_context=max_context))
+    # The server's engine settings, TOKENSTREAM_* variables included (e.g. TOKENSTREAM_DECODE_THREADS=1), so the
+    # in-process figures and the served ones compare the same engine.
+    settings = dataclasses.replace(load_config([]).engine, max_slots=max_slots, max_context=max_context)
+    eng = Engine(model, settings)
     eng.start(warmup=True)
     return eng
 

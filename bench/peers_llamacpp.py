@@ -11,7 +11,8 @@ identical to the ones our engine loads, and the shipped Q4_1 itself):
              stagger_s apart, long prompts, lengths jittered, timed the same way.
 Requests send the prompt as token ids (our tokenizer's, so every engine starts from the same ids), greedy
 (temperature 0, top_k 1), ignore_eos so each generates exactly N tokens, cache_prompt off, and return_tokens so
-the generated ids can be compared with ours. The server's prompt cache (--cache-ram) is off. Each server gets one
+the generated ids can be compared with ours. The server's prompt cache (--cache-ram) is off (bench/multiturn.py
+starts its own llama-server with it on, and cache_prompt, for prefix reuse). Each server gets one
 warm-up request; each timing an idle check before it. Also recorded: whether llama.cpp's own tokenizer gives
 our ids for every prompt text (/tokenize), and whether the F32 GGUF's tensors equal our safetensors bit for bit.
 """
@@ -22,6 +23,7 @@ import argparse
 import http.client
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -133,16 +135,29 @@ def llama_bench(bin_dir: Path, gguf: Path, n: int, threads: int, reps: int) -> d
             "type": r.get("model_type"), "idle": idle, "during": during}
 
 
+def die_with_parent() -> None:
+    """In llama-server's process before exec: SIGTERM when the phase that started it dies, even by the SIGKILL of
+    bench.run's phase timeout, so no llama-server outlives its phase (Linux: PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
 class LlamaServer:
-    def __init__(self, bin_dir: Path, gguf: Path, slots: int, threads: int, log_path: Path) -> None:
+    def __init__(self, bin_dir: Path, gguf: Path, slots: int, threads: int, log_path: Path,
+                 slot_context: int = SLOT_CONTEXT, prompt_cache: bool = False) -> None:
+        """`prompt_cache`: keep llama-server's prompt cache (--cache-ram at its default) for the prefix phase
+        (bench/multiturn.py); the throughput runs turn it off, as their requests turn cache_prompt off."""
         self.port = free_port()
         self.cmd = [str(bin_dir / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port),
-                    "-np", str(slots), "-c", str(slots * SLOT_CONTEXT), "-t", str(threads), "-tb", str(threads),
-                    "--cache-ram", "0", "--no-webui"]
+                    "-np", str(slots), "-c", str(slots * slot_context), "-t", str(threads), "-tb", str(threads),
+                    *([] if prompt_cache else ["--cache-ram", "0"]), "--no-webui"]
         self.log = open(log_path, "a")  # noqa: SIM115
         self.log.write(f"\n$ {' '.join(self.cmd)}\n")
         self.log.flush()
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        # preexec_fn is safe here: servers start from the main thread, while no client thread runs.
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=die_with_parent)  # noqa: PLW1509
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         t = time.monotonic()
@@ -172,13 +187,15 @@ class LlamaServer:
         stop_process(self.proc, self.log)
 
 
-def stream(port: int, ids: list[int], index: int, n: int) -> dict[str, Any]:
-    """One streaming /completion request, timed by StreamTimer from the moment it is sent."""
+def stream(port: int, ids: list[int], index: int, n: int, cache_prompt: bool = False) -> dict[str, Any]:
+    """One streaming /completion request, timed by StreamTimer from the moment it is sent; with its text and
+    llama-server's own account of it (`timings`: cache_n prompt positions reused, prompt_n computed, prompt_ms)."""
     body = {"prompt": ids, "n_predict": n, "stream": True, "temperature": 0.0, "top_k": 1, "ignore_eos": True,
-            "cache_prompt": False, "return_tokens": True}
+            "cache_prompt": cache_prompt, "return_tokens": True}
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     timer = StreamTimer(index)
     final: dict[str, Any] = {}
+    text: list[str] = []
     try:
         conn.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
         resp = conn.getresponse()
@@ -195,6 +212,7 @@ def stream(port: int, ids: list[int], index: int, n: int) -> dict[str, Any]:
                 if not event.startswith(b"data: "):
                     continue
                 msg = json.loads(event[6:])
+                text.append(msg.get("content") or "")
                 if msg.get("stop"):
                     final = msg  # the final event repeats nothing already streamed
                 else:
@@ -202,7 +220,8 @@ def stream(port: int, ids: list[int], index: int, n: int) -> dict[str, Any]:
     finally:
         conn.close()
     assert final, "the stream ended without a final event"
-    return timer.done(tokens_predicted=final.get("tokens_predicted"), timings=final.get("timings"))
+    return timer.done(tokens_predicted=final.get("tokens_predicted"), timings=final.get("timings"),
+                      tokens_cached=final.get("tokens_cached"), text="".join(text))
 
 
 def run_clients(port: int, prompts: list[list[int]], plan: list[list[int]], stagger_s: float) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from bench.common import (
     median,
     param_counts,
     peer_model_dir,
+    prefix_summary,
     quiet_run,
     rss_bytes,
     stop_process,
@@ -41,7 +42,14 @@ from bench.host import cpu_name
 
 PY = sys.executable
 PEERS = ("llamacpp", "hf", "paddle")
+# What `--only` selects: our main server's phases (RSS, sweep, bound, GIL, structured output, arrivals, sequence),
+# prefix reuse (bench/multiturn.py: ours, and llama-server's with --peers llamacpp), the peers' throughput phases.
+STAGES = ("server", "prefix", "peers")
 MIN_PHASE_S = 120.0  # a phase that starts past the budget still gets this long
+# The prefix phase's servers, one model each: reuse on (the default per-caller scope), shared across callers, off.
+PREFIX_SERVERS = {"on": [], "shared": ["--prefix-cache-scope", "shared"], "off": ["--prefix-cache-mb", "0"]}
+CALLER_KEY = "x-bench-caller"  # they take each caller's name from this metadata key, trusted from 127.0.0.1
+CALLER_CASES = (("shared", "shared"), ("on", "per-caller"), ("off", "off"))  # the servers as the callers see them
 
 
 # -- plans -----------------------------------------------------------------------------------------
@@ -49,11 +57,17 @@ MIN_PHASE_S = 120.0  # a phase that starts past the budget still gets this long
 SMOKE = {"sweep": [1, 2], "new_tokens": 4, "rounds": 1, "ratio_rounds": 1, "arrivals_requests": 1,
          "inproc_parts": "sweep,steps,profile,gil", "step_length": 16, "reps": 1, "iter_steps": 2, "gil_seconds": 0.2,
          "llamacpp_variants": "f32", "bench_reps": 0, "rss_requests": 8, "rss_warmup": 8, "rss_new_tokens": 2,
-         "naive": [4], "seq_rounds": 1, "streamer_requests": 1}
+         "naive": [4], "seq_rounds": 1, "streamer_requests": 1,
+         "prefix": {"conversations": 1, "turns": 3, "user_tokens": 24, "reply_tokens": 4, "callers": 3,
+                    "caller_rounds": 1, "system_tokens": 64, "question_tokens": 8, "caller_reply_tokens": 2}}
+# The prefix phase (issue #23): chats of 10 turns growing by ~150 tokens a turn to ~1,500; 8 callers, 600-token system.
+PREFIX = {"conversations": 3, "turns": 10, "user_tokens": 120, "reply_tokens": 30, "callers": 8, "caller_rounds": 2,
+          "system_tokens": 600, "question_tokens": 40, "caller_reply_tokens": 8}
 
 
 def plan_for(model: str, quick: bool, smoke: bool = False) -> dict[str, Any]:
-    common = {"arrivals_stagger_s": 0.2, "arrivals_jitter": 0.25, "max_slots": 32}
+    common = {"arrivals_stagger_s": 0.2, "arrivals_jitter": 0.25, "max_slots": 32,
+              "prefix": {**PREFIX, "conversations": 1, "caller_rounds": 1} if quick else PREFIX}
     if smoke:  # every phase once, as small as it goes: that the harness runs (`make test`), no figures
         return {**common, **SMOKE}
     if model == "smollm2":
@@ -82,13 +96,13 @@ def plan_for(model: str, quick: bool, smoke: bool = False) -> dict[str, Any]:
 # -- processes -------------------------------------------------------------------------------------
 
 class Server:
-    def __init__(self, model_dir: Path, logdir: Path, name: str) -> None:
+    def __init__(self, model_dir: Path, logdir: Path, name: str, extra: list[str] | None = None) -> None:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log = open(logdir / f"server-{name}.log", "w")  # noqa: SIM115
         cmd = [PY, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port), "--model-dir", str(model_dir),
                "--max-slots", "32", "--max-context", "2048", "--max-queue", "64", "--max-new-tokens-limit", "2048",
-               "--grace-s", "1"]
+               "--grace-s", "1", *(extra or [])]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=bench_env(), stdout=self.log, stderr=subprocess.STDOUT)
         self.pid = self.proc.pid
 
@@ -170,7 +184,8 @@ def prepare(key: str, peers: set[str]) -> dict[str, Any]:
 
 
 def bench_model(key: str, quick: bool, peers: set[str], raw: Path, budget_end: float,
-                smoke: bool = False) -> dict[str, Any]:
+                smoke: bool = False, stages: set[str] | None = None) -> dict[str, Any]:
+    stages = set(STAGES) if stages is None else stages
     plan = plan_for(key, quick, smoke)
     res: dict[str, Any] = {"model": key, "params": param_counts(key), "plan": plan}
     res["prepare"] = prepare(key, peers)
@@ -182,6 +197,44 @@ def bench_model(key: str, quick: bool, peers: set[str], raw: Path, budget_end: f
     left = lambda: max(MIN_PHASE_S, budget_end - time.monotonic())  # noqa: E731
     random_model = MODELS[key].source == "random"
 
+    if "server" in stages:
+        server_phases(key, res, mdir, raw, left)
+
+    if "prefix" in stages:
+        res.update(prefix_phase(key, mdir, plan["prefix"], res["prepare"], peers, raw, left))
+    if "peers" not in stages:
+        peers = set()
+    if "hf" in peers:
+        res["hf"] = run_py("bench.peers_hf", [
+            "--model-dir", str(pdir), "--new-tokens", str(n), "--batches", *map(str, plan["sweep"]),
+        ], raw / f"{key}-hf.json", raw, left())
+    if "llamacpp" in peers:
+        if random_model:
+            log(f"[{key}] llama.cpp peer: skipped (it runs the SmolLM2 GGUF only)")
+        else:
+            res["llamacpp"] = run_py("bench.peers_llamacpp", [
+                "--model-dir", str(pdir), "--variants", plan["llamacpp_variants"], "--new-tokens", str(n),
+                "--concurrency", *map(str, plan["sweep"]), "--bench-reps", str(plan["bench_reps"]),
+                "--arrivals-requests", str(plan["arrivals_requests"]),
+                "--stagger-s", str(plan["arrivals_stagger_s"]), "--jitter", str(plan["arrivals_jitter"]),
+            ], raw / f"{key}-llamacpp.json", raw, left())
+    if "paddle" in peers or (random_model and "peers" in stages):
+        if not random_model:
+            log(f"[{key}] paddleformers peer: skipped (its Qwen2 tokenizer path fits the random models only)")
+        else:
+            res["paddleformers"] = run_py("bench.peers_paddle", [
+                "--model-dir", str(pdir), "--naive", *map(str, plan["naive"]),
+                "--streamer", str(plan["streamer_requests"]), "--new-tokens", str(n),
+            ], raw / f"{key}-paddleformers.json", raw, left())
+    res["agreement"] = agreement(res)
+    return res
+
+
+def server_phases(key: str, res: dict[str, Any], mdir: Path, raw: Path, left: Any) -> None:
+    """Everything timed against our main server (RSS, the sweep, the bound, GIL, structured output, arrivals,
+    the sequence), into `res`."""
+    plan = res["plan"]
+    n = plan["new_tokens"]
     server = Server(mdir, raw, key)
     try:
         res["server_ready_s"] = server.wait_ready()
@@ -222,7 +275,7 @@ def bench_model(key: str, quick: bool, peers: set[str], raw: Path, budget_end: f
                                      prompts="long", stagger_s=plan["arrivals_stagger_s"],
                                      jitter=plan["arrivals_jitter"], warmup=True)
 
-        if random_model and plan["naive"]:
+        if MODELS[key].source == "random" and plan["naive"]:
             lengths = sorted(set(plan["naive"]) | {n})
             res["sequence"] = load_phase(server, raw / f"{key}-sequence.json", raw, left(), kind="sequence",
                                          lengths=lengths, requests=plan["seq_rounds"], warmup=True)
@@ -230,30 +283,36 @@ def bench_model(key: str, quick: bool, peers: set[str], raw: Path, budget_end: f
     finally:
         server.stop()
 
-    if "hf" in peers:
-        res["hf"] = run_py("bench.peers_hf", [
-            "--model-dir", str(pdir), "--new-tokens", str(n), "--batches", *map(str, plan["sweep"]),
-        ], raw / f"{key}-hf.json", raw, left())
-    if "llamacpp" in peers:
-        if random_model:
-            log(f"[{key}] llama.cpp peer: skipped (it runs the SmolLM2 GGUF only)")
-        else:
-            res["llamacpp"] = run_py("bench.peers_llamacpp", [
-                "--model-dir", str(pdir), "--variants", plan["llamacpp_variants"], "--new-tokens", str(n),
-                "--concurrency", *map(str, plan["sweep"]), "--bench-reps", str(plan["bench_reps"]),
-                "--arrivals-requests", str(plan["arrivals_requests"]),
-                "--stagger-s", str(plan["arrivals_stagger_s"]), "--jitter", str(plan["arrivals_jitter"]),
-            ], raw / f"{key}-llamacpp.json", raw, left())
-    if random_model or "paddle" in peers:
-        if not random_model:
-            log(f"[{key}] paddleformers peer: skipped (its Qwen2 tokenizer path fits the random models only)")
-        else:
-            res["paddleformers"] = run_py("bench.peers_paddle", [
-                "--model-dir", str(pdir), "--naive", *map(str, plan["naive"]),
-                "--streamer", str(plan["streamer_requests"]), "--new-tokens", str(n),
-            ], raw / f"{key}-paddleformers.json", raw, left())
-    res["agreement"] = agreement(res)
-    return res
+
+def prefix_phase(key: str, mdir: Path, plan: dict[str, Any], prep: dict[str, Any], peers: set[str], raw: Path,
+                 left: Any) -> dict[str, Any]:
+    """Prefix reuse (bench/multiturn.py): our three servers (PREFIX_SERVERS) started together, the chats and the
+    callers over gRPC; then llama-server with its prompt cache on the same chats, with --peers llamacpp."""
+    trust = ["--caller-key", CALLER_KEY, "--trusted-proxies", "127.0.0.1"]
+    servers = {n: Server(mdir, raw, f"{key}-prefix-{n}", trust + extra) for n, extra in PREFIX_SERVERS.items()}
+    out: dict[str, Any] = {}
+    ours = raw / f"{key}-prefix.json"
+    try:
+        for srv in servers.values():
+            srv.wait_ready()
+        args = ["ours", "--targets", *(f"{n}={srv.target}" for n, srv in servers.items()), "--caller-key",
+                CALLER_KEY, "--server-pid", *(str(srv.pid) for srv in servers.values())]
+        args += [a for k, v in plan.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+        out["prefix"] = run_py("bench.multiturn", args, ours, raw, left())
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    if "llamacpp" not in peers:
+        return out
+    if not prep.get("f32_gguf"):
+        log(f"[{key}] llama-server's prefix reuse: skipped (it runs the SmolLM2 GGUF only)")
+    elif not out["prefix"]:
+        log(f"[{key}] llama-server's prefix reuse: skipped (our phase wrote no chats to replay)")
+    else:
+        out["prefix_llamacpp"] = run_py("bench.multiturn", [
+            "llamacpp", "--script", str(ours), "--bin", prep["llamacpp_bin"], "--gguf", prep["f32_gguf"],
+        ], raw / f"{key}-prefix-llamacpp.json", raw, left())
+    return out
 
 
 # -- derived figures -------------------------------------------------------------------------------
@@ -326,6 +385,129 @@ def describe(key: str) -> str:
             f"({p['layers'] / 1e6:.1f}M in layers + {p['embedding_tied'] / 1e6:.1f}M tied embedding), fp32")
 
 
+def throughput_tables(res: dict[str, Any], eng: dict[str, dict[str, dict[str, Any]]], w: Any) -> None:
+    """The engines' table at 1, 8 and 32 streams, and every engine at every concurrency."""
+    n = res["plan"]["new_tokens"]
+    ours, grpc_ = eng.get("tokenstream, in-process") or {}, eng.get("tokenstream over gRPC") or {}
+    hf = eng.get("transformers generate()") or {}
+    lc = res.get("llamacpp") or {}
+    lcf, lcq = lc.get("f32") or {}, lc.get("q4_1") or {}
+    prompt_tokens = ((((res.get("inproc") or {}).get("sweep")) or {}).get("prompt_tokens")) or []
+    w(f"greedy, {min(prompt_tokens, default=0)}-{max(prompt_tokens, default=0)}-token prompts, {n} new tokens "
+      "per stream (end-of-sequence suppressed), every engine on the same weights and prompt ids; "
+      "N streams started together, aggregate tok/s = all tokens / wall time.")
+    w("")
+
+    def cell(run: dict[str, Any] | None, step_ms: float | None = None) -> str:
+        if not run or tps(run) is None:
+            return "-"
+        s = f"{tps(run):.1f}{busy_mark(run)}"
+        return s + (f" ({step_ms:.1f} ms/step)" if step_ms else "")
+
+    def step(run: dict[str, Any] | None) -> float | None:
+        return ((run or {}).get("itl_ms") or {}).get("p50")
+
+    rows = [("tokenstream engine, in-process", ours), ("tokenstream server over gRPC (client in another process)",
+                                                           grpc_)]
+    if hf:
+        h = res.get("hf") or {}
+        rows.append((f"transformers {h.get('transformers', '')} + torch {h.get('torch', '')} CPU, `generate()` "
+                     "(fixed batch, left-padded)", hf))
+    w("| engine | batch 1 tok/s | 8 streams, aggregate tok/s | 32 streams, aggregate tok/s |")
+    w("|---|---|---|---|")
+    for label, runs in rows:
+        w(f"| {label} | {cell(runs.get('1'), step(runs.get('1')))} | {cell(runs.get('8'), step(runs.get('8')))}"
+          f" | {cell(runs.get('32'), step(runs.get('32')))} |")
+    for v, label in ((lcf, "llama.cpp F32 (`llama-bench` at batch 1; `llama-server -np N` for streams)"),
+                     (lcq, "llama.cpp with the shipped Q4_1 weights")):
+        if not v:
+            continue
+        b = v.get("bench") or {}
+        srv = v.get("server") or {}
+        first = f"{b['tokens_per_s']:.1f}{busy_mark(b)} ({b['ms_per_token']:.1f} ms)" if b else cell(srv.get("1"))
+        w(f"| {label} | {first} | {cell(srv.get('8'))} | {cell(srv.get('32'))} |")
+    w("")
+
+    # Every engine at every concurrency.
+    cs = [str(c) for c in res["plan"]["sweep"]]
+    w("aggregate tok/s by concurrent streams (~ = not quiet: the machine was busy before that timing, or other "
+      "processes took CPU during it):")
+    w(f"  {'engine':<32}" + "".join(f"{c:>12}" for c in cs))
+    for label, runs in eng.items():
+        w(f"  {label:<32}" + "".join(f"{cell(runs.get(c)):>12}" for c in cs))
+    for what in ("ttft_ms", "itl_ms"):
+        def pair(c: str, what: str = what, runs: dict[str, Any] = grpc_) -> str:
+            s = (runs.get(c) or {}).get(what) or {}
+            return f"{f(s.get('p50'), '.0f')}/{f(s.get('p99'), '.0f')}"
+        label = f"(ours over gRPC) {what[:-3].upper()} p50/p99 ms"
+        w(f"  {label:<32}" + "".join(f"{pair(c):>12}" for c in cs))
+    w("")
+
+
+def prefix_report(key: str, res: dict[str, Any], w: Any, check: Any) -> None:
+    """The prefix phase's table (bench/multiturn.py): TTFT per turn with reuse on, off and llama-server's prompt
+    cache; the issue's goals at the last turn; the callers sharing a system prompt."""
+    s = prefix_summary(res)
+    if not s or not s["turns"]:
+        return
+    ours, llama = res["prefix"], res.get("prefix_llamacpp") or {}
+    p = ours["plan"]
+    w(f"Prefix reuse (issue #23): {p['conversations']} chat(s) of {p['turns']} turns over gRPC, each turn the previous "
+      f"prompt + its reply ({p['reply_tokens']} tokens, greedy, EOS suppressed) + {p['user_tokens']} user tokens; "
+      "our servers with reuse on and off alternated request by request"
+      + (f"; llama-server F32 with cache_prompt (`{llama['cmd']}`) on the same turns" if llama.get("cmd") else "")
+      + ". Median client TTFT per turn (~ = not quiet):")
+    w(f"  {'turn':>4} {'prompt':>6} {'cached':>6} {'on ms':>9} {'off ms':>9} {'on/off':>6} {'llama ms':>9} "
+      f"{'cached':>6} {'on/llama':>8}")
+
+    def ms(cell: dict[str, Any] | None) -> str:
+        return "-" if not cell else f"{cell['ttft_ms']:.0f}{'' if cell['quiet'] else '~'}"
+
+    def ttft(cell: dict[str, Any] | None) -> float | None:
+        return (cell or {}).get("ttft_ms")
+
+    for row in s["turns"]:
+        on, off, lm = row.get("on"), row.get("off"), row.get("llama")
+        w(f"  {row['turn']:>4} {f((on or {}).get('prompt_tokens'), '.0f'):>6} {f((on or {}).get('cached'), '.0f'):>6} "
+          f"{ms(on):>9} {ms(off):>9} {f(div(ttft(on), ttft(off)), '.2f'):>6} {ms(lm):>9} "
+          f"{f((lm or {}).get('cached'), '.0f'):>6} {f(div(ttft(on), ttft(lm)), '.2f'):>8}")
+    first, last = s["turns"][0], s["turns"][-1]
+    t = last["turn"]
+    growth = div(ttft(last.get("on")), ttft(first.get("on")))
+    w(f"  turn {t} / turn 1 with reuse on: {f(ttft(last.get('on')), '.0f')} / {f(ttft(first.get('on')), '.0f')} ms = "
+      f"{f(growth, '.2f')}x  [target <= 1.5: {check(key, f'prefix: turn {t} / turn 1', growth, '<= 1.5', lambda x: x <= 1.5)}]")  # noqa: E501
+    saved = div(ttft(last.get("on")), ttft(last.get("off")))
+    w(f"  turn {t} reuse on / off: {f(ttft(last.get('on')), '.0f')} / {f(ttft(last.get('off')), '.0f')} ms = "
+      f"{f(saved, '.2f')}x  [target <= 0.25: {check(key, f'prefix: turn {t} on / off', saved, '<= 0.25', lambda x: x <= 0.25)}]")  # noqa: E501
+    if last.get("llama"):
+        w(f"  turn {t} ours (reuse on) / llama-server (cache_prompt): {f(ttft(last.get('on')), '.0f')} / "
+          f"{f(ttft(last['llama']), '.0f')} ms = {f(div(ttft(last.get('on')), ttft(last['llama'])), '.2f')}x; turn 1: "
+          f"{f(div(ttft(first.get('on')), ttft(first.get('llama'))), '.2f')}x  (reported; the issue sets no bound)")
+    same, pairs = s["on_off_identical"]
+    line = f"  greedy replies: reuse on = off in {same}/{pairs} turns"
+    if s["llama_identical"][1]:
+        line += (f"; llama-server's = ours in {s['llama_identical'][0]}/{s['llama_identical'][1]} (its prompt token "
+                 f"counts = ours in {s['llama_same_prompt_tokens'][0]}/{s['llama_same_prompt_tokens'][1]})")
+    w(line)
+    c = s["callers"]
+    if c:
+        w(f"  {p['callers']} callers sharing a {p['system_tokens']}-token system prompt, {p['caller_rounds']} round(s) "
+          f"(a new system prompt each; callers one after another, {p['question_tokens']}-token question, "
+          f"{p['caller_reply_tokens']} new tokens): median client TTFT ms (cached tokens)")
+        for part, label in (("first", "first caller"), ("others", f"callers 2-{p['callers']}")):
+            cells = ", ".join(f"{label2} {ms(c[name][part])} ({f(c[name][part].get('cached'), '.0f')})"
+                              for name, label2 in CALLER_CASES if (c.get(name) or {}).get(part, {}).get("n"))
+            w(f"    {label:<14} {cells}")
+        others = {n: ttft(v["others"]) for n, v in c.items()}
+        w(f"    callers 2-{p['callers']}: shared / off {f(div(others.get('shared'), others.get('off')), '.2f')}x, "
+          f"per-caller (isolated) / off {f(div(others.get('on'), others.get('off')), '.2f')}x")
+    pol = ours.get("policy") or {}
+    w("  servers (GetModelInfo): " + "; ".join(
+        f"{n} {v['budget_bytes'] >> 20} MiB in {v['block_positions']}-position blocks, scope {v['scope']}"
+        for n, v in pol.items()))
+    w("")
+
+
 def report(all_res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     lines: list[str] = []
     targets: list[dict[str, Any]] = []
@@ -346,57 +528,10 @@ def report(all_res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         lc = res.get("llamacpp") or {}
         lcf, lcq = lc.get("f32") or {}, lc.get("q4_1") or {}
         inproc = res.get("inproc") or {}
-        prompt_tokens = ((inproc.get("sweep") or {}).get("prompt_tokens")) or []
         w(f"== {describe(key)} ==")
-        w(f"greedy, {min(prompt_tokens, default=0)}-{max(prompt_tokens, default=0)}-token prompts, {n} new tokens "
-          "per stream (end-of-sequence suppressed), every engine on the same weights and prompt ids; "
-          "N streams started together, aggregate tok/s = all tokens / wall time.")
-        w("")
-
-        def cell(run: dict[str, Any] | None, step_ms: float | None = None) -> str:
-            if not run or tps(run) is None:
-                return "-"
-            s = f"{tps(run):.1f}{busy_mark(run)}"
-            return s + (f" ({step_ms:.1f} ms/step)" if step_ms else "")
-
-        def step(run: dict[str, Any] | None) -> float | None:
-            return ((run or {}).get("itl_ms") or {}).get("p50")
-
-        rows = [("tokenstream engine, in-process", ours), ("tokenstream server over gRPC (client in another process)",
-                                                               grpc_)]
-        if hf:
-            h = res.get("hf") or {}
-            rows.append((f"transformers {h.get('transformers', '')} + torch {h.get('torch', '')} CPU, `generate()` "
-                         "(fixed batch, left-padded)", hf))
-        w("| engine | batch 1 tok/s | 8 streams, aggregate tok/s | 32 streams, aggregate tok/s |")
-        w("|---|---|---|---|")
-        for label, runs in rows:
-            w(f"| {label} | {cell(runs.get('1'), step(runs.get('1')))} | {cell(runs.get('8'), step(runs.get('8')))}"
-              f" | {cell(runs.get('32'), step(runs.get('32')))} |")
-        for v, label in ((lcf, "llama.cpp F32 (`llama-bench` at batch 1; `llama-server -np N` for streams)"),
-                         (lcq, "llama.cpp with the shipped Q4_1 weights")):
-            if not v:
-                continue
-            b = v.get("bench") or {}
-            srv = v.get("server") or {}
-            first = f"{b['tokens_per_s']:.1f}{busy_mark(b)} ({b['ms_per_token']:.1f} ms)" if b else cell(srv.get("1"))
-            w(f"| {label} | {first} | {cell(srv.get('8'))} | {cell(srv.get('32'))} |")
-        w("")
-
-        # Every engine at every concurrency.
         cs = [str(c) for c in res["plan"]["sweep"]]
-        w("aggregate tok/s by concurrent streams (~ = not quiet: the machine was busy before that timing, or other "
-          "processes took CPU during it):")
-        w(f"  {'engine':<32}" + "".join(f"{c:>12}" for c in cs))
-        for label, runs in eng.items():
-            w(f"  {label:<32}" + "".join(f"{cell(runs.get(c)):>12}" for c in cs))
-        for what in ("ttft_ms", "itl_ms"):
-            def pair(c: str, what: str = what, runs: dict[str, Any] = grpc_) -> str:
-                s = (runs.get(c) or {}).get(what) or {}
-                return f"{f(s.get('p50'), '.0f')}/{f(s.get('p99'), '.0f')}"
-            label = f"(ours over gRPC) {what[:-3].upper()} p50/p99 ms"
-            w(f"  {label:<32}" + "".join(f"{pair(c):>12}" for c in cs))
-        w("")
+        if eng:
+            throughput_tables(res, eng, w)
 
         # Targets against the peers.
         b1 = tps(ours.get("1"))
@@ -462,10 +597,10 @@ def report(all_res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
 
         # Same greedy tokens?
         ag = res.get("agreement") or {}
-        if ag:
-            parts = [f"{label}{' at other batch sizes' if v.get('note') else ''} {v['identical']}/{v['streams']}"
-                     + ("" if v["first_divergence"] is None else f" (first differs at token {v['first_divergence']})")
-                     for label, v in ag.items() if isinstance(v, dict)]
+        parts = [f"{label}{' at other batch sizes' if v.get('note') else ''} {v['identical']}/{v['streams']}"
+                 + ("" if v["first_divergence"] is None else f" (first differs at token {v['first_divergence']})")
+                 for label, v in ag.items() if isinstance(v, dict)]
+        if parts:
             w(f"greedy token agreement with ours in-process (identical {n}-token streams / streams): "
               + "; ".join(parts))
         wc = lc.get("weights_check")
@@ -566,6 +701,7 @@ def report(all_res: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
             starved = min(p99s) > 5.0
             w(f"  verdict at the server's 5 ms setting: {'loop STARVED' if starved else 'no starvation'} "
               f"(p99 lateness {'>' if starved else '<='} 5 ms)")
+        prefix_report(key, res, w, check)
         timed = [r for runs in eng.values() for r in runs.values() if r.get("idle")]
         timed += [x for x in (lcf.get("bench"), lcq.get("bench"), a) if x and x.get("idle")]
         if timed:
@@ -589,6 +725,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="", help=f"comma-separated subset of {','.join(MODELS)} "
                    f"(default: {DEFAULT_MODEL}; tiny and base are random-weight models for scale tests)")
     p.add_argument("--peers", default="", help=f"optional peers, comma-separated: {','.join(PEERS)}")
+    p.add_argument("--only", default="", help=f"run only these stages, comma-separated: {','.join(STAGES)} (server: "
+                   "our main server's phases; prefix: prefix reuse, with llama-server's under --peers llamacpp; "
+                   "peers: the peers' throughput)")
     p.add_argument("--budget-min", type=float, default=0, help="soft time budget, building excluded (default 10 "
                    f"quick, 40 full): a phase's timeout is the time left, at least {MIN_PHASE_S:.0f} s")
     p.add_argument("--idle", default="", help="idle check: THRESHOLD,MAX_WAIT_S (default "
@@ -609,9 +748,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     models = [m for m in (args.models or DEFAULT_MODEL).split(",") if m]
     peers = {x for x in args.peers.split(",") if x}
-    unknown = [m for m in models if m not in MODELS] + [x for x in peers if x not in PEERS]
+    stages = {x for x in args.only.split(",") if x} or set(STAGES)
+    unknown = [m for m in models if m not in MODELS] + [x for x in peers if x not in PEERS] + \
+        [x for x in stages if x not in STAGES]
     if unknown:
-        p.error(f"unknown model or peer: {unknown}; models: {', '.join(MODELS)}; peers: {', '.join(PEERS)}")
+        p.error(f"unknown model, peer or stage: {unknown}; models: {', '.join(MODELS)}; peers: {', '.join(PEERS)}; "
+                f"stages: {', '.join(STAGES)}")
     idle = dict(IDLE_DEFAULTS)
     if args.idle:
         try:
@@ -626,13 +768,13 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget_min or (10 if args.quick else 40)
     t0 = time.monotonic()
     all_res: dict[str, Any] = {
-        "mode": mode, "models": {}, "peers": sorted(peers), "started": stamp, "idle": idle,
+        "mode": mode, "models": {}, "peers": sorted(peers), "stages": sorted(stages), "started": stamp, "idle": idle,
         "host": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg(), "python": sys.version.split()[0],
                  "cpu": cpu_name()},
     }
     for key in models:
         log(f"[{key}] start ({mode})")
-        all_res["models"][key] = bench_model(key, args.quick, peers, raw, t0 + budget * 60, args.smoke)
+        all_res["models"][key] = bench_model(key, args.quick, peers, raw, t0 + budget * 60, args.smoke, stages)
         write_json(raw.with_suffix(".json"), all_res)
     all_res["host"]["loadavg_end"] = os.getloadavg()
     all_res["seconds"] = time.monotonic() - t0

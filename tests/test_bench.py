@@ -3,7 +3,8 @@ model, and must exit 0 and write its output. Nothing about speed is asserted (th
 nothing): this only keeps a bench that crashes from passing CI.
 
 Not covered: bench.peers_llamacpp, which runs the SmolLM2 GGUF only (its F32 conversion and the HF directory its
-tokenizer comes from take minutes the first time); `make bench PEERS=llamacpp` runs it.
+tokenizer comes from take minutes the first time); `make bench PEERS=llamacpp` runs it. The prefix phase's
+llama-server part (bench.multiturn llamacpp) is covered, on the shipped Q4_1 SmolLM2 file.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bench.common import REPO, bench_env, random_model_dir
+from tests.gguf_files import llamacpp_bin, smollm2_file
 
 TIMEOUT_S = 420
 
@@ -43,18 +45,73 @@ def read_json(path: Path) -> dict:
 
 def test_run_and_report(tiny: Path, tmp_path: Path) -> None:
     """bench.run with every phase of a random model (server, in-process sweep, steps, profile, GIL, RSS, arrivals,
-    sequence, the paddleformers peer), its table and charts; then --report on its results."""
+    sequence, prefix reuse, the paddleformers peer), its table and charts; then --report on its results."""
     out = run("-m", "bench.run", "--smoke", "--models", "tiny", "--idle", "1,0", "--out", str(tmp_path),
               "--charts", str(tmp_path / "charts"))
     results = sorted(tmp_path.glob("*-smoke.json"))
     assert len(results) == 1
     res = read_json(results[0])["models"]["tiny"]
-    for phase in ("inproc", "constrained", "arrivals", "sequence", "paddleformers"):
+    for phase in ("inproc", "constrained", "arrivals", "sequence", "prefix", "paddleformers"):
         assert res.get(phase), f"phase {phase} left no results: {out[-2000:]}"
         assert res[phase]["_meta"]["rc"] == 0, phase
     assert set(res["inproc"]) >= {"sweep", "steps", "profile", "gil"}
-    assert sorted(p.name for p in (tmp_path / "charts").glob("*.png")) == ["arrivals-tiny.png", "throughput-tiny.png"]
-    assert "Targets:" in run("-m", "bench.run", "--report", str(results[0]), "--charts", "")
+    assert sorted(p.name for p in (tmp_path / "charts").glob("*.png")) == ["arrivals-tiny.png", "prefix-tiny.png",
+                                                                          "throughput-tiny.png"]
+    report = run("-m", "bench.run", "--report", str(results[0]), "--charts", "")
+    assert "Targets:" in report
+    assert "tiny:prefix: turn 3 / turn 1=" in report
+    assert "tiny:prefix: turn 3 on / off=" in report
+
+
+@pytest.fixture(scope="module")
+def prefix_only(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`bench.run --smoke --only prefix` on the tiny model: the results of its one model."""
+    out = tmp_path_factory.mktemp("prefix")
+    run("-m", "bench.run", "--smoke", "--models", "tiny", "--only", "prefix", "--idle", "1,0", "--out", str(out),
+        "--charts", str(out / "charts"))
+    results = sorted(out.glob("*-smoke.json"))
+    assert len(results) == 1
+    return read_json(results[0])["models"]["tiny"]
+
+
+def test_run_only_prefix(prefix_only: dict) -> None:
+    """--only prefix runs the prefix phase and nothing else: no main server, no peers."""
+    assert prefix_only["prefix"]["_meta"]["rc"] == 0
+    assert not {"inproc", "constrained", "arrivals", "sequence", "rss", "paddleformers"} & set(prefix_only)
+
+
+def test_prefix_phase_servers(prefix_only: dict) -> None:
+    """The prefix phase's three servers are what its table says: reuse on reuses a chat's earlier turns, off never
+    does, both give the same greedy replies; shared scope lets callers reuse the first caller's system prompt, the
+    default per-caller scope does not."""
+    prefix = prefix_only["prefix"]
+    assert [p["scope"] for p in prefix["policy"].values()] == ["caller", "shared", "caller"]
+    assert prefix["policy"]["off"]["budget_bytes"] == 0 < prefix["policy"]["on"]["budget_bytes"]
+    on, off = prefix["chat"]["on"][0], prefix["chat"]["off"][0]
+    assert [r["turn"] for r in on] == [1, 2, 3]
+    assert on[-1]["cached"] >= prefix["policy"]["on"]["block_positions"]
+    assert [r["cached"] for r in off] == [0, 0, 0]
+    assert [r["ids"] for r in on] == [r["ids"] for r in off]
+    callers = {name: rounds[0] for name, rounds in prefix["callers"].items()}
+    assert [r["caller"] for r in callers["shared"]] == [0, 1, 2]
+    assert callers["shared"][0]["cached"] == 0
+    assert min(r["cached"] for r in callers["shared"][1:]) >= prefix["policy"]["shared"]["block_positions"]
+    assert [r["cached"] for r in callers["on"]] == [0, 0, 0]
+    assert [r["cached"] for r in callers["off"]] == [0, 0, 0]
+
+
+def test_prefix_llamacpp(prefix_only: dict, tmp_path: Path) -> None:
+    """The prefix phase's llama-server part (bench.multiturn llamacpp) replays the smoke's chat with cache_prompt:
+    every turn after the first reuses more than the previous turn's prompt (its reply is in the next prompt)."""
+    script = tmp_path / "tiny-prefix.json"
+    script.write_text(json.dumps(prefix_only["prefix"]))
+    result = tmp_path / "prefix-llamacpp.json"
+    run("-m", "bench.multiturn", "llamacpp", "--script", str(script), "--bin", str(llamacpp_bin()), "--gguf",
+        str(smollm2_file()), "--threads", "1", "--out", str(result))
+    chat = read_json(result)["chat"]
+    assert [r["turn"] for r in chat[0]] == [1, 2, 3]
+    for before, turn in zip(chat[0], chat[0][1:], strict=False):
+        assert turn["cached"] > before["prompt_tokens"], turn
 
 
 def test_profile_step(tiny: Path, tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ multi-turn chat with the prefix cache on and off, in one run, on SmolLM2-135M th
 
 Each turn's prompt is the previous prompt, its reply (exactly --reply-tokens, EOS suppressed) and a new user message;
 the two engines alternate turn by turn so host noise falls on both alike. Also times the copy of the last turn's
-reused positions into a slot against the prefill they save.
+reused positions into a slot against the prefill they save. Through the server, with several chats, callers sharing
+a system prompt and llama-server's prompt cache beside it: bench/multiturn.py (`bench.run --only prefix`).
 """
 
 from __future__ import annotations
