@@ -7,6 +7,7 @@ import contextvars
 import dataclasses
 import enum
 import functools
+import logging
 import time
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from service.validation import GenerateParams, to_generation_request
 # Validation with template rendering and tokenizing, for both fronts: a few threads, so that a burst of huge prompts
 # queues here instead of taking every core (and requests with small prompts pass through in microseconds).
 T = TypeVar("T")
+log = logging.getLogger("tokenstream.generation")
 _TOKENIZING = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tokenstream-tokenize")
 
 
@@ -147,6 +149,8 @@ class GenerateLifecycle:
             raise
         except Exception as exc:
             code = code_name(exc)
+            if code == "INTERNAL":  # unmapped: the caller is told its type only (errors.py), the operator all of it
+                log.error("request %s failed", self.record.call.request_id, exc_info=exc)
             raise
         finally:
             self._end(code)

@@ -19,6 +19,7 @@ pytest.register_assert_rewrite("tests.support.properties")  # its checks' failur
 
 from service.config import Config  # noqa: E402
 from service.engine.checkpoints.loader import LoadedModel, load_model  # noqa: E402
+from service.engine.tokenizer import Tokenizer  # noqa: E402
 from tests.support.hooks import StepGate  # noqa: E402
 from tests.support.properties import Reach  # noqa: E402
 from tests.support.servers import ServerThread, base_config, started, suite_model_dir  # noqa: E402
@@ -43,6 +44,12 @@ def model_dir() -> Path:
 @pytest.fixture(scope="session")
 def loaded_model(model_dir: Path) -> LoadedModel:
     return load_model(model_dir)
+
+
+@pytest.fixture(scope="session")
+def tok(model_dir: Path) -> Tokenizer:
+    """The suite model's tokenizer (a module serving another model overrides this)."""
+    return Tokenizer.from_dir(model_dir)
 
 
 @pytest.fixture(scope="module")

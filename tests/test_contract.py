@@ -37,10 +37,6 @@ from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 # `make test`, many random ones in `make test-deep`.
 
 
-@pytest.fixture(scope="module")
-def tok(loaded_model):
-    return loaded_model.tokenizer
-
 
 @pytest.fixture(scope="module")
 def demo() -> Iterator[ServerThread]:

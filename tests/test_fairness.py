@@ -28,10 +28,6 @@ from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 # -- the rules, on plain sequences ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tok(model_dir: Path) -> Tokenizer:
-    return Tokenizer.from_dir(model_dir)
-
 
 def seq(tok: Tokenizer, caller: str, generated: int = 0, prompt: str = "hi") -> SequenceState:
     s = SequenceState(GenerationRequest(tok.encode(prompt), 50, caller=caller), tok, (), 512, 0,

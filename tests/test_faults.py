@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import grpc
 import pytest
 
+from service.config import Config
 from tests.support.callers import TOKENS, Reader, as_caller
 from tests.support.hooks import FAULT_TEXT, StepGate
 from tests.support.http_front import DONE, RawCall
@@ -37,11 +37,9 @@ FRONTS = ["grpc", "sse", "json"]  # gRPC, HTTP streamed, HTTP whole
 
 
 @pytest.fixture(scope="module")
-def gated_server(model_dir: Path) -> Iterator[ServerThread]:
-    """conftest's gated server with the HTTP front too (conftest's `gate` and `gated_stub` take this one here)."""
-    srv = started(base_config(model_dir, http_port=-1), hooks=StepGate(gated=True))
-    yield srv
-    srv.close()
+def gated_config(model_dir: Path) -> Config:
+    """conftest's gated server with the HTTP front too (conftest's `gated_server`, `gate` and `gated_stub`)."""
+    return base_config(model_dir, http_port=-1)
 
 
 def request(prompt: str, n: int) -> pb.GenerateRequest:
@@ -288,3 +286,28 @@ def test_a_prompt_taken_for_prefill_when_the_iteration_fails_ends_and_frees_its_
         assert srv.engine.wait_until(lambda s: s.running == 0 and s.waiting == 0, 60)
     finally:
         srv.close()
+
+
+def test_an_unexpected_exception_at_submit_is_internal_with_its_text_hidden(
+    gated_server: ServerThread, gate: StepGate, gated_stub: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The engine's submit raises something no front maps: gRPC INTERNAL and HTTP 500, naming the exception's type
+    only, before any message; the engine serves the next request."""
+    caplog.set_level(logging.ERROR, logger="tokenstream")
+    gate.fail("submit-grpc", "submit_error")
+    gate.fail("submit-http", "submit_error")
+    with pytest.raises(grpc.RpcError) as err:
+        list(gated_stub.Generate(request("refused at submit", 4), timeout=120,
+                                 metadata=[("x-request-id", "submit-grpc")]))
+    assert (err.value.code(), err.value.details()) == (grpc.StatusCode.INTERNAL, internal("RuntimeError"))
+    call = RawCall(gated_server.running.http_port, "/v1/completions",
+                   {"prompt": "refused at submit", "max_tokens": 4, "stream": True}, {"x-request-id": "submit-http"})
+    status, raw = call.response.status, call.response.read()
+    call.close()
+    assert status == 500, raw
+    body = json.loads(raw)
+    assert (body["error"]["type"], body["error"]["message"]) == ("server_error", internal("RuntimeError"))
+    assert FAULT_TEXT not in raw.decode() and FAULT_TEXT in caplog.text
+    gate.open()
+    msgs = list(gated_stub.Generate(request("served next", 4), timeout=120))
+    assert (msgs[-1].finish_reason, len(ids_of(msgs))) == (pb.FINISH_REASON_MAX_TOKENS, 4)

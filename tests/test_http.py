@@ -30,6 +30,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.config import Config
 from tests.support.certs import certificates
 from tests.support.hooks import StepGate
 from tests.support.http_front import (
@@ -60,21 +61,9 @@ def http_server(model_dir: Path) -> Iterator[ServerThread]:
 
 
 @pytest.fixture(scope="module")
-def held_server(model_dir: Path) -> Iterator[ServerThread]:
-    """Both fronts, and an engine that takes decode steps only when the test permits them."""
-    srv = started(base_config(model_dir, http_port=-1, metrics_port=-1), hooks=StepGate(gated=True))
-    yield srv
-    srv.close()
-
-
-@pytest.fixture
-def held_gate(held_server: ServerThread) -> Iterator[StepGate]:
-    gate = held_server.hooks
-    assert gate is not None
-    gate.close()
-    yield gate
-    gate.close()
-    assert held_server.engine.wait_until(lambda s: s.active + s.waiting == 0, 30), "a test left a stream behind"
+def gated_config(model_dir: Path) -> Config:
+    """Both fronts and metrics on conftest's gated server (conftest's `gated_server` and `gate` take this one)."""
+    return base_config(model_dir, http_port=-1, metrics_port=-1)
 
 
 @pytest.fixture(scope="module")
@@ -254,21 +243,21 @@ def test_min_tokens_keeps_the_end_of_sequence_away(smollm2_http: ServerThread) -
     assert text == grpc_answer
 
 
-def test_continuous_usage_stats_count_the_tokens_so_far_in_every_chunk(held_server: ServerThread,
-                                                                        held_gate: StepGate) -> None:
+def test_continuous_usage_stats_count_the_tokens_so_far_in_every_chunk(gated_server: ServerThread,
+                                                                        gate: StepGate) -> None:
     """One decode step at a time, so chunk k carries exactly k tokens; without include_usage there is no separate
     usage chunk after the last."""
-    _, prefilled = grpc_text(held_server, pb.GenerateRequest(  # one token: prefill's, no decode step needed
+    _, prefilled = grpc_text(gated_server, pb.GenerateRequest(  # one token: prefill's, no decode step needed
         messages=[pb.ChatMessage(**m) for m in CHAT], stopping=pb.StoppingCriteria(max_new_tokens=1)))
     prompt_tokens = prefilled.usage.prompt_tokens
-    call = RawCall(held_server.running.http_port, "/v1/chat/completions", {
+    call = RawCall(gated_server.running.http_port, "/v1/chat/completions", {
         "messages": CHAT, "max_tokens": 4, "temperature": 0, "stream": True,
         "stream_options": {"continuous_usage_stats": True}})
     events = call.payloads()
     try:
         chunks = [next(events)]  # prefill's token
         for _ in range(3):
-            held_gate.permit(1)
+            gate.permit(1)
             chunks.append(next(events))
         rest = list(events)
     finally:
@@ -448,25 +437,25 @@ def held_stream(server: ServerThread, front: str) -> Any:
 
 
 @pytest.mark.parametrize("front", ["http", "grpc"])
-def test_a_client_that_leaves_frees_its_slot_without_another_step(held_server: ServerThread, held_gate: StepGate,
+def test_a_client_that_leaves_frees_its_slot_without_another_step(gated_server: ServerThread, gate: StepGate,
                                                                    front: str) -> None:
-    engine = held_server.engine
-    leave = held_stream(held_server, front)
+    engine = gated_server.engine
+    leave = held_stream(gated_server, front)
     assert engine.wait_until(lambda s: s.active == 1, 30)
     steps = engine.stats().steps
     leave()
     # The gate permits no step, so the slot is freed by the cancellation itself, not by the stream running out.
     assert engine.wait_until(lambda s: s.active == 0, 30)
     assert engine.stats().steps == steps
-    assert held_server.call(_active_streams(held_server)) == 0  # read on the loop, where streams are counted
+    assert gated_server.call(_active_streams(gated_server)) == 0  # read on the loop, where streams are counted
 
 
-def test_a_non_streaming_client_that_leaves_frees_its_slot(held_server: ServerThread, held_gate: StepGate) -> None:
-    call = RawCall(held_server.running.http_port, "/v1/completions",
+def test_a_non_streaming_client_that_leaves_frees_its_slot(gated_server: ServerThread, gate: StepGate) -> None:
+    call = RawCall(gated_server.running.http_port, "/v1/completions",
                    {"prompt": "wait for me", "max_tokens": 400, "temperature": 0})
-    assert held_server.engine.wait_until(lambda s: s.active == 1, 30)
+    assert gated_server.engine.wait_until(lambda s: s.active == 1, 30)
     call.close()
-    assert held_server.engine.wait_until(lambda s: s.active == 0, 30)
+    assert gated_server.engine.wait_until(lambda s: s.active == 0, 30)
 
 
 def test_a_client_that_leaves_while_queued_is_dropped(model_dir: Path) -> None:

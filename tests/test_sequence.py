@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import paddle
-import pytest
 
 from service.engine.api import EngineConfig
 from service.engine.checkpoints.loader import LoadedModel
@@ -19,10 +18,6 @@ from service.engine.types import Finish, GenerationRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module")
-def tok(model_dir: Path) -> Tokenizer:
-    return Tokenizer.from_dir(model_dir)
 
 
 def seq_for(tok: Tokenizer, prompt: str = "hi", max_new: int = 8, max_context: int = 512, eos: tuple[int, ...] = (),

@@ -95,10 +95,6 @@ def srv(model_dir: Path) -> Iterator[ServerThread]:
         server.close()
 
 
-@pytest.fixture(scope="module")
-def tok(model_dir: Path) -> Tokenizer:
-    return Tokenizer.from_dir(model_dir)
-
 
 def _request(constraint: pb.OutputConstraint, seed: int, prompt: str = "Answer in JSON:",
              max_new: int = BUDGET) -> pb.GenerateRequest:

@@ -40,10 +40,6 @@ from tokenstream_client.retry import RetryPolicy
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-@pytest.fixture(scope="module")
-def tok(model_dir: Path) -> Tokenizer:
-    return Tokenizer.from_dir(model_dir)
-
 
 def seq(tok: Tokenizer, caller: str, generated: int = 0, prompt: str = "hi", **kw: object) -> SequenceState:
     s = SequenceState(GenerationRequest(tok.encode(prompt), 50, caller=caller, **kw), tok, (), 512, 0,  # type: ignore[arg-type]

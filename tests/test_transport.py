@@ -27,11 +27,6 @@ from tokenstream.v1 import generation_pb2 as pb
 from tokenstream.v1 import generation_pb2_grpc as pb_grpc
 
 
-@pytest.fixture(scope="module")
-def tok(model_dir: Path) -> Tokenizer:
-    return Tokenizer.from_dir(model_dir)
-
-
 @pytest.fixture
 def fake(tok: Tokenizer) -> FakeEngine:
     return FakeEngine(tok)

@@ -10,6 +10,9 @@ from typing import Protocol
 
 
 class EngineHooks(Protocol):
+    def before_submit(self, request_id: str) -> None:
+        """Called in submit, on the caller's thread, before the request is admitted; may raise (a failed submit)."""
+
     def before_iteration(self) -> None:
         """Called on the engine thread at the start of every iteration; may block (a frozen engine)."""
 

@@ -183,6 +183,8 @@ class Engine:
         EngineStoppedError when the engine loop has ended (checked again at the loop's end: none is left)."""
         if self._dead:
             raise EngineStoppedError("the engine has stopped")
+        if self._hooks is not None:
+            self._hooks.before_submit(req.request_id)
         self._admission.admit(req.caller, self._running())  # or refused: QueueFullError, CallerQuotaError
         handle = StreamHandle(deliver, loop, paced)
         now = time.time_ns()

@@ -69,7 +69,8 @@ class StepGate:
 
     def fail(self, request_id: str, fault: str) -> None:
         """A fault for one request, raised where the engine handles that request: `prefill_oom` (MemoryError in its
-        prefill), `prefill_error` (RuntimeError there: the whole iteration fails), `error_at_N` (RuntimeError as it
+        prefill), `prefill_error` (RuntimeError there: the whole iteration fails), `submit_error` (RuntimeError from
+        submit, before the engine takes the request), `error_at_N` (RuntimeError as it
         accepts its N-th generated token) or `oom_at_N` (MemoryError there). The last two end that sequence alone."""
         self._faults[request_id] = fault
 
@@ -105,6 +106,10 @@ class StepGate:
     def in_step(self) -> None:
         if self.step_delay_s:
             time.sleep(self.step_delay_s)  # the injected step time, which the engine's estimates see; not a wait
+
+    def before_submit(self, request_id: str) -> None:
+        if self._faults.get(request_id) == "submit_error":
+            raise RuntimeError(f"injected failure at submit {FAULT_TEXT}")
 
     def before_prefill(self, request_id: str) -> None:
         if self._faults.get(request_id) == "prefill_oom":
