@@ -168,6 +168,13 @@ def test_lever_threads(tmp_path: Path) -> None:
     assert set(pairs) == {"paddle1/paddle2", "paddle1/split2", "numpy1/numpy2"}
 
 
+def test_lever_threads_serving(tmp_path: Path) -> None:
+    out = tmp_path / "threads_serving.json"
+    run("-m", "bench.levers.threads_serving", "--model", "tiny", "--rounds", "1", "--streams", "1", "--new-tokens",
+        "2", "--variants", "t1,t2", "--json", str(out))
+    assert set(read_json(out)["table"]["1"]) == {"t1", "t2"}
+
+
 def test_http_vs_grpc(tmp_path: Path) -> None:
     out = tmp_path / "http_vs_grpc.json"
     run("-m", "bench.http_vs_grpc", "--streams", "1", "--rounds", "1", "--new-tokens", "2", "--out", str(out))

@@ -27,6 +27,7 @@ from typing import Any
 
 from bench.common import REPO, bench_env, engine_model_path, free_port, median, quiet_run, stop_process
 from bench.host import cpu_name, loadavg
+from tests.support.servers import wait_serving
 
 VARIANTS: dict[str, dict[str, str]] = {
     "t1": {"TOKENSTREAM_DECODE_THREADS": "1"},
@@ -45,15 +46,7 @@ class Served:
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait(self) -> None:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            for change in stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=300, wait_for_ready=True):
-                if change.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        raise RuntimeError(f"server on {self.port} never SERVING; see {self.log.name}")
+        wait_serving(f"127.0.0.1:{self.port}")
 
 
 def load(served: Served, streams: int, new_tokens: int, logdir: Path) -> dict[str, Any]:

@@ -36,33 +36,35 @@ def _sorted(z: np.ndarray, pool: np.ndarray) -> np.ndarray:
 
 
 def _candidates(z: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate ids and their unnormalised probabilities after top-k, then top-p (as HF warpers apply them)."""
+    """Candidate ids in id order (see the module's docstring) and their unnormalised probabilities after top-k, then
+    top-p (as HF warpers apply them)."""
     v = z.shape[0]
     z = z - z.max()
     if 0 < top_k < v:
         pool = np.argpartition(-z, top_k - 1)[:top_k]
     elif top_p >= 1.0:
-        return np.arange(v), np.exp(z)  # plain sampling: id order is fixed already
+        return np.arange(v), np.exp(z)  # plain sampling
     else:
         pool = np.arange(v)
     if top_p >= 1.0:
-        ids = _sorted(z, pool)
+        ids = np.sort(pool)
         return ids, np.exp(z[ids])
+    # The nucleus (most likely first, ties by id) is usually small: look at the most likely few first, and sort
+    # everything only if needed.
     total = np.exp(z[pool]).sum()
-    # The nucleus is usually small: look at the most likely few first, and sort everything only if needed.
     if pool.size > _NUCLEUS_FIRST_TRY:
-        few = pool[np.argpartition(-z[pool], _NUCLEUS_FIRST_TRY - 1)[:_NUCLEUS_FIRST_TRY]]
-        ids = _sorted(z, few)
-        probs = np.exp(z[ids])
-        cum = np.cumsum(probs) / total
+        few = _sorted(z, pool[np.argpartition(-z[pool], _NUCLEUS_FIRST_TRY - 1)[:_NUCLEUS_FIRST_TRY]])
+        cum = np.cumsum(np.exp(z[few])) / total
         if cum[-1] >= top_p:
-            cut = int(np.searchsorted(cum, top_p, side="left")) + 1
-            return ids[:cut], probs[:cut]
+            return _by_id(z, few[: int(np.searchsorted(cum, top_p, side="left")) + 1])
     ids = _sorted(z, pool)
-    probs = np.exp(z[ids])
-    cum = np.cumsum(probs) / total
-    cut = min(int(np.searchsorted(cum, top_p, side="left")) + 1, ids.size)
-    return ids[:cut], probs[:cut]
+    cum = np.cumsum(np.exp(z[ids])) / total
+    return _by_id(z, ids[: min(int(np.searchsorted(cum, top_p, side="left")) + 1, ids.size)])
+
+
+def _by_id(z: np.ndarray, nucleus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.sort(nucleus)
+    return ids, np.exp(z[ids])
 
 
 def sample_row(logits: np.ndarray, opts: SamplingOptions, rng: np.random.Generator) -> int:
@@ -71,8 +73,6 @@ def sample_row(logits: np.ndarray, opts: SamplingOptions, rng: np.random.Generat
         return int(np.argmax(logits))
     z = logits / opts.temperature
     ids, probs = _candidates(z, opts.top_k, opts.top_p)
-    order = np.argsort(ids, kind="stable")  # id order: see the module's docstring
-    ids, probs = ids[order], probs[order]
     cdf = np.cumsum(probs)
     u = rng.random() * cdf[-1]
     return int(ids[min(int(np.searchsorted(cdf, u, side="right")), len(ids) - 1)])

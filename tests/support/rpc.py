@@ -44,17 +44,15 @@ def error_details(err: grpc.RpcError) -> ErrorDetails:
     return out
 
 
-def bad_fields(err: grpc.RpcError) -> list[str]:
-    details = error_details(err)
-    assert details.has_status, "the error must carry google.rpc.Status details"
-    return list(details.bad_fields)
-
-
 def violations(err: grpc.RpcError) -> dict[str, str]:
     """BadRequest's field -> description."""
     details = error_details(err)
     assert details.has_status, "the error must carry google.rpc.Status details"
     return details.bad_fields
+
+
+def bad_fields(err: grpc.RpcError) -> list[str]:
+    return list(violations(err))
 
 
 def retry_delay_s(err: grpc.RpcError) -> float | None:
